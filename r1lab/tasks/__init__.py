@@ -1,0 +1,5 @@
+"""Tasks: questions with reference answers and the rule that checks them."""
+
+from r1lab.tasks.base import Example, Task, get_task, register_task, task_names
+
+__all__ = ["Example", "Task", "get_task", "register_task", "task_names"]

@@ -1,0 +1,68 @@
+"""What a task is: examples with reference answers, and a rule that checks an answer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+AnswerKind = Literal["math", "exact", "gym"]
+
+
+@dataclass
+class Example:
+    """One question with its reference answer.
+
+    `meta` carries whatever the source knows beyond that (subject, level, language, a
+    worked solution, the reasoning-gym entry needed by its scorer, ...).
+    """
+
+    question: str
+    answer: str
+    meta: dict = field(default_factory=dict)
+
+
+class Task:
+    """A source of examples that knows how its answers are checked.
+
+    Subclasses set `name` and `answer_kind` and implement `examples`; `verify` compares
+    an already-extracted answer with the reference.
+    """
+
+    name: str = "task"
+    answer_kind: AnswerKind = "exact"
+
+    def examples(self, split: str = "test", n: int | None = None, seed: int = 0) -> list[Example]:
+        raise NotImplementedError
+
+    def verify(self, predicted: str, reference: str, example: Example | None = None) -> bool:
+        return predicted.strip() == reference.strip()
+
+
+_REGISTRY: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(name: str):
+    """Class decorator: make a task findable by name in configs and on the command line."""
+
+    def wrap(factory):
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def get_task(name: str, **options) -> Task:
+    """Build the task called `name`; an unknown name lists the known ones."""
+    from r1lab import tasks  # noqa: F401  (importing the package registers the built-ins)
+
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise KeyError(f"unknown task {name!r}; known tasks: {known}")
+    return _REGISTRY[name](**options)
+
+
+def task_names() -> list[str]:
+    from r1lab import tasks  # noqa: F401
+
+    return sorted(_REGISTRY)
