@@ -1,0 +1,40 @@
+"""The public Python API: load a model and its tokenizer, sample from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from r1lab.engine.generate import Completion, SamplingParams, sample
+from r1lab.training import resolve_model_dir
+
+
+def load(path: str | Path, dtype=None, device=None):
+    """(model, tokenizer) from a Hugging Face folder, a hub id, or a stage run dir.
+
+    `dtype`: a torch dtype or "float32" / "bfloat16" / "auto" (the checkpoint's own);
+    `device`: "cpu", "cuda", ... (default cpu).
+    """
+    from r1lab.model.checkpoint import load_model
+    from r1lab.model.tokenizer import load_tokenizer
+
+    folder = resolve_model_dir(path)
+    model = load_model(folder, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(folder) if Path(folder).exists() else None
+    return model, tokenizer
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    return [tokenizer(p)["input_ids"] for p in prompts]
+
+
+def generate(model, tokenizer, prompts: str | list[str], **sampling) -> list[Completion]:
+    """Sample completions for `prompts`; keyword arguments are SamplingParams fields.
+
+    Returns one Completion per (prompt, sample), grouped by prompt, each with `text`,
+    `token_ids`, `logprobs` and `finish_reason` ("stop" or "length").
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    max_batch_size = sampling.pop("max_batch_size", None)
+    params = SamplingParams(**sampling)
+    return sample(model, encode_prompts(tokenizer, prompts), params, tokenizer, max_batch_size)

@@ -1,0 +1,157 @@
+"""The `r1lab` command: one subcommand per stage, plus run, eval, report, generate and info.
+
+Every stage subcommand takes `--preset NAME` (a YAML preset shipped in r1lab/presets, or a
+path), `--out DIR` (its run directory) and `key=value` / `section.key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module in r1lab.stages, preset section, one-line help)
+STAGES = {
+    "pretrain": ("pretrain", "pretrain", "train a from-scratch decoder and its tokenizer on the procedural corpus"),
+    "sft": ("sft", "sft", "supervised fine-tuning (cold start, rejection-sampling SFT, distillation)"),
+    "grpo": ("grpo", "grpo", "GRPO reinforcement learning with rule rewards (R1-Zero and later RL stages)"),
+    "eval": ("evaluate", "eval", "the paper's evaluation: k samples per question, pass@1, cons@k"),
+    "rejection-sample": ("rejection", "rejection", "sample, keep correct and readable responses, write SFT data"),
+    "reward-model": ("reward_model", "reward_model", "train a Bradley-Terry reward model on preference pairs"),
+}
+DEFAULT_PRESET = {"pretrain": "tiny", "sft": "tiny", "grpo": "tiny", "eval": "tiny",
+                  "rejection-sample": "tiny", "reward-model": "tiny"}
+
+
+def _stage_parser(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--preset", default=DEFAULT_PRESET.get(name),
+                   help="preset name (see `r1lab presets`) or a YAML file")
+    p.add_argument("--out", required=True, help="run directory for this stage")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="resume from the run directory's last checkpoint (default on)")
+    p.add_argument("overrides", nargs="*", help="key=value or section.key=value")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="r1lab",
+        description="The DeepSeek-R1 recipe: GRPO, the four-stage R1 pipeline, distillation, evaluation.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the whole R1 pipeline (default: the tiny CPU preset)")
+    run.add_argument("--preset", default="tiny", help="pipeline preset (default tiny)")
+    run.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
+    run.add_argument("--only", default=None, metavar="STAGE", help="run just this stage")
+    run.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
+                     help="rerun from this stage on (earlier finished stages are reused)")
+    run.add_argument("overrides", nargs="*", help="stage.key=value, e.g. r1-zero.steps=50")
+
+    for name, (_, _, help_text) in STAGES.items():
+        _stage_parser(sub, name, help_text)
+
+    rep = sub.add_parser("report", help="rebuild report.md and plots of a pipeline run dir")
+    rep.add_argument("run_dir")
+
+    gen = sub.add_parser("generate", help="sample from a model")
+    gen.add_argument("--model", required=True, help="model folder, hub id or stage run dir")
+    gen.add_argument("--prompt", required=True, action="append", help="prompt text (repeatable)")
+    gen.add_argument("--template", default="plain", help="plain | r1-zero | r1-chat")
+    gen.add_argument("--temperature", type=float, default=0.6)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("-n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--device", default="cpu")
+
+    info = sub.add_parser("info", help="architecture and parameter count of a model folder")
+    info.add_argument("path")
+
+    sub.add_parser("presets", help="list the shipped presets")
+    return parser
+
+
+def _run_stage(args) -> int:
+    from r1lab.config import load_stage_config
+
+    module_name, section, _ = STAGES[args.command]
+    module = importlib.import_module(f"r1lab.stages.{module_name}")
+    cfg = load_stage_config(module.Config, section, args.preset, args.overrides)
+    module.run(cfg, args.out, resume=args.resume)
+    return 0
+
+
+def _generate(args) -> int:
+    import r1lab
+    from r1lab.model.tokenizer import render_prompt
+
+    model, tokenizer = r1lab.load(args.model, device=args.device)
+    prompts = [render_prompt(args.template, p, tokenizer) for p in args.prompt]
+    outs = r1lab.generate(model, tokenizer, prompts, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, max_new_tokens=args.max_new_tokens, n=args.n, seed=args.seed)
+    for c in outs:
+        print(f"--- prompt {c.prompt_index} ({c.finish_reason}, {len(c.token_ids)} tokens)")
+        print(c.text)
+    return 0
+
+
+def _info(args) -> int:
+    from r1lab.model.config import ModelConfig
+    from r1lab.training import resolve_model_dir
+
+    folder = resolve_model_dir(args.path)
+    cfg = ModelConfig.from_file(folder / "config.json")
+    rope = cfg.rope_type if cfg.rope_scaling else "default"
+    print(f"model folder     {folder}")
+    print(f"architecture     {cfg.model_type} ({cfg.to_hf_dict()['architectures'][0]})")
+    print(f"parameters       {cfg.num_parameters():,}")
+    print(f"layers           {cfg.num_hidden_layers}")
+    print(f"hidden size      {cfg.hidden_size} (MLP {cfg.intermediate_size})")
+    print(f"attention heads  {cfg.num_attention_heads} query / {cfg.num_key_value_heads} key-value, head dim {cfg.head_dim}")
+    print(f"vocabulary       {cfg.vocab_size}")
+    print(f"context          {cfg.max_position_embeddings} (rope theta {cfg.rope_theta:g}, scaling {rope})")
+    print(f"embeddings       {'tied' if cfg.tie_word_embeddings else 'untied'}")
+    extras = [n for n, on in (("qkv bias", cfg.attention_bias), ("qk-norm", cfg.qk_norm)) if on]
+    if extras:
+        print(f"features         {', '.join(extras)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from r1lab.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in STAGES:
+            return _run_stage(args)
+        if args.command == "run":
+            from r1lab.pipeline import run_pipeline
+
+            run_pipeline(args.preset, args.out, only=args.only, from_stage=args.from_stage,
+                         overrides=args.overrides)
+            return 0
+        if args.command == "report":
+            from r1lab.report import write_report
+
+            print(write_report(args.run_dir))
+            return 0
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "info":
+            return _info(args)
+        if args.command == "presets":
+            from r1lab.config import preset_names
+
+            print("\n".join(preset_names()))
+            return 0
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"r1lab {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""YAML presets shipped with r1lab (one section per stage)."""
