@@ -19,14 +19,12 @@ STAGES = {
     "rejection-sample": ("rejection", "rejection", "sample, keep correct and readable responses, write SFT data"),
     "reward-model": ("reward_model", "reward_model", "train a Bradley-Terry reward model on preference pairs"),
 }
-DEFAULT_PRESET = {"pretrain": "tiny", "sft": "tiny", "grpo": "tiny", "eval": "tiny",
-                  "rejection-sample": "tiny", "reward-model": "tiny"}
 
 
 def _stage_parser(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("--preset", default=DEFAULT_PRESET.get(name),
-                   help="preset name (see `r1lab presets`) or a YAML file")
+    p.add_argument("--preset", default=None,
+                   help="preset name (see `r1lab presets`) or a YAML file; default: the tiny CPU settings")
     p.add_argument("--out", required=True, help="run directory for this stage")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="resume from the run directory's last checkpoint (default on)")
