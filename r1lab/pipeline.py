@@ -1,0 +1,271 @@
+"""`r1lab run`: the DeepSeek-R1 stage graph, each stage in its own run directory.
+
+The graph, as the paper describes it (R1_RECIPE.md):
+
+    base ──> r1-zero                          (pure RL from the base: R1-Zero)
+      ├────> cold-start ──> reasoning-rl ──> rejection ─┐
+      │                                                 v
+      ├──────────────────────────────────────────> rejection-sft ──> general-rl
+      ├────> reward-model ──────────────────────────────────────────────┘
+    student-base ──> student-rl               (RL directly on the small model)
+      └────────────> distill <── distill-data <── general-rl   (SFT on the final model's samples)
+
+Stages meet only through their directories: a stage's config names the directories of the
+stages it reads. A finished stage leaves `DONE` with the fingerprint of its config, so a
+rerun skips it; a killed stage resumes from its own checkpoint. Every stage that yields a
+model is evaluated with the same protocol on the same held-out sets, in `<run>/eval/<stage>`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from r1lab.config import ConfigError, build_config, load_preset, parse_overrides
+from r1lab.training import console, is_done
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # directory name under the run dir
+    kind: str  # module in r1lab.stages
+    model_from: str | None = None  # stage whose model this one starts from
+    data_from: tuple[str, ...] = ()  # stages whose sample files this one trains on
+    reward_model_from: str | None = None  # stage whose reward model this one uses
+    eval_template: str | None = None  # template to evaluate with (None: not evaluated)
+    notes: str = ""
+
+
+GRAPH: tuple[Stage, ...] = (
+    Stage(
+        "base",
+        "pretrain",
+        eval_template="r1-zero",
+        notes="pretrained from scratch (or a given checkpoint)",
+    ),
+    Stage(
+        "r1-zero",
+        "grpo",
+        model_from="base",
+        eval_template="r1-zero",
+        notes="GRPO from base, rule rewards",
+    ),
+    Stage(
+        "cold-start",
+        "sft",
+        model_from="base",
+        eval_template="r1-chat",
+        notes="SFT on readable long CoT",
+    ),
+    Stage(
+        "reasoning-rl",
+        "grpo",
+        model_from="cold-start",
+        eval_template="r1-chat",
+        notes="GRPO + language-consistency reward",
+    ),
+    Stage("rejection", "rejection", model_from="reasoning-rl", notes="correct, readable samples"),
+    Stage(
+        "rejection-sft",
+        "sft",
+        model_from="base",
+        data_from=("rejection",),
+        eval_template="r1-chat",
+        notes="SFT from base on rejection samples + non-reasoning data",
+    ),
+    Stage(
+        "reward-model", "reward_model", model_from="base", notes="Bradley-Terry preference model"
+    ),
+    Stage(
+        "general-rl",
+        "grpo",
+        model_from="rejection-sft",
+        reward_model_from="reward-model",
+        eval_template="r1-chat",
+        notes="rule rewards + reward model late in the stage",
+    ),
+    Stage(
+        "student-base", "pretrain", eval_template="r1-zero", notes="the smaller model's own base"
+    ),
+    Stage("distill-data", "rejection", model_from="general-rl", notes="the final model's samples"),
+    Stage(
+        "distill",
+        "sft",
+        model_from="student-base",
+        data_from=("distill-data",),
+        eval_template="r1-chat",
+        notes="student SFT on the final model's samples",
+    ),
+    Stage(
+        "student-rl",
+        "grpo",
+        model_from="student-base",
+        eval_template="r1-zero",
+        notes="GRPO on the student base, same budget",
+    ),
+)
+STAGE_NAMES = tuple(s.name for s in GRAPH)
+
+
+@dataclass
+class StageRecord:
+    name: str
+    status: str = "pending"  # pending | done | skipped (already done) | failed
+    seconds: float = 0.0
+    eval_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def stage_module(kind: str):
+    return importlib.import_module(f"r1lab.stages.{kind}")
+
+
+def _upstream_sample_file(stage_dir: Path) -> str:
+    """The jsonl a rejection-sampling stage wrote (its summary names it)."""
+    done = json.loads((stage_dir / "DONE").read_text())
+    path = done.get("output") or done.get("samples_path") or str(stage_dir / "samples.jsonl")
+    return str(path)
+
+
+def stage_config(stage: Stage, run_dir: Path, preset: dict, overrides: dict):
+    """The config of one stage: its preset section, wired to its inputs, then overrides."""
+    module = stage_module(stage.kind)
+    section = dict(preset.get(stage.name, {}))
+    wiring: dict = {}
+    if stage.model_from:
+        wiring["model"] = str(run_dir / stage.model_from)
+    if stage.data_from:
+        own = section.get("data", [])
+        wiring["data"] = list(own) + [_upstream_sample_file(run_dir / d) for d in stage.data_from]
+    if stage.reward_model_from:
+        wiring["reward_model"] = str(run_dir / stage.reward_model_from)
+    return build_config(
+        module.Config,
+        section,
+        wiring,
+        overrides.get(stage.name, {}),
+        source=f"pipeline stage {stage.name!r}",
+    )
+
+
+def eval_config(stage: Stage, run_dir: Path, preset: dict, overrides: dict):
+    module = stage_module("evaluate")
+    section = {
+        **preset.get("eval", {}),
+        "model": str(run_dir / stage.name),
+        "template": stage.eval_template,
+    }
+    return build_config(module.Config, section, overrides.get("eval", {}), source="pipeline eval")
+
+
+def _select(only: str | None, from_stage: str | None) -> list[Stage]:
+    for name in (only, from_stage):
+        if name is not None and name not in STAGE_NAMES:
+            raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    if only:
+        return [s for s in GRAPH if s.name == only]
+    if from_stage:
+        return list(GRAPH[STAGE_NAMES.index(from_stage) :])
+    return list(GRAPH)
+
+
+def _check_overrides(overrides: dict) -> None:
+    known = set(STAGE_NAMES) | {"eval"}
+    for key, value in overrides.items():
+        if key not in known or not isinstance(value, dict):
+            raise ConfigError(
+                f"pipeline override {key!r}: write STAGE.key=value with STAGE one of {', '.join(sorted(known))}"
+            )
+
+
+def run_pipeline(
+    preset_name: str = "tiny",
+    out: str | None = None,
+    *,
+    only: str | None = None,
+    from_stage: str | None = None,
+    overrides: list[str] | None = None,
+) -> Path:
+    """Run (or resume) the stage graph of `preset_name` in `out`; returns the report path."""
+    preset = load_preset(preset_name)
+    parsed = parse_overrides(overrides or [])
+    _check_overrides(parsed)
+    run_dir = Path(out or f"runs/{preset_name}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    selected = _select(only, from_stage)
+    if from_stage:
+        # Rerun from this stage on: its directory and every later one start afresh.
+        for stage in selected:
+            for d in (run_dir / stage.name, run_dir / "eval" / stage.name):
+                if d.exists():
+                    shutil.rmtree(d)
+
+    skip_eval = bool(preset.get("pipeline", {}).get("skip_eval", False))
+    records: list[StageRecord] = []
+    started = time.time()
+    for index, stage in enumerate(selected, 1):
+        console.rule(
+            f"[bold]stage {index}/{len(selected)}: {stage.name}[/] ({stage.notes}) "
+            f"— elapsed {_fmt(time.time() - started)}{_eta(run_dir, selected[index - 1 :])}"
+        )
+        record = StageRecord(stage.name)
+        t0 = time.time()
+        cfg = stage_config(stage, run_dir, preset, parsed)
+        stage_dir = run_dir / stage.name
+        record.status = "skipped" if is_done(stage_dir, cfg.fingerprint()) else "done"
+        stage_module(stage.kind).run(cfg, stage_dir, resume=True)
+        record.seconds = time.time() - t0
+        if stage.eval_template and not skip_eval:
+            t1 = time.time()
+            ecfg = eval_config(stage, run_dir, preset, parsed)
+            stage_module("evaluate").run(ecfg, run_dir / "eval" / stage.name, resume=True)
+            record.eval_seconds = time.time() - t1
+        records.append(record)
+        _write_timings(run_dir, record)
+
+    from r1lab.report import write_report
+
+    report = write_report(run_dir, preset_name=preset_name)
+    console.rule(f"[bold green]pipeline finished in {_fmt(time.time() - started)}: {report}")
+    return report
+
+
+def _write_timings(run_dir: Path, record: StageRecord) -> None:
+    """`<run>/timings.json`: seconds per stage (the report shows them; ETAs use them)."""
+    from r1lab.model.checkpoint import atomic_write_text
+
+    path = run_dir / "timings.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if record.status == "done" or record.name not in data:
+        data[record.name] = {
+            "seconds": round(record.seconds, 1),
+            "eval_seconds": round(record.eval_seconds, 1),
+        }
+    data["_host"] = {"machine": platform.machine(), "python": platform.python_version()}
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _eta(run_dir: Path, remaining: list[Stage]) -> str:
+    path = run_dir / "timings.json"
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    known = [
+        data[s.name]
+        for s in remaining
+        if s.name in data and not (run_dir / s.name / "DONE").exists()
+    ]
+    if not known:
+        return ""
+    seconds = sum(v["seconds"] + v["eval_seconds"] for v in known)
+    return f", eta ~{_fmt(seconds)} (from the last run's timings)"
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"
