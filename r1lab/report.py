@@ -1,0 +1,216 @@
+"""The report card: every stage against every held-out set, training curves, one sample each.
+
+Built only from what the stages left in the run directory (eval.json, metrics.jsonl,
+DONE, timings.json), so `r1lab report RUN_DIR` rebuilds it at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from r1lab.model.checkpoint import atomic_write_text
+from r1lab.training import read_jsonl
+
+# The columns of the stage-by-stage table, as (label, key in an eval result).
+COLUMNS = (
+    ("pass@1", "pass@1"),
+    ("cons@k", "cons@k"),
+    ("format", "format_rate"),
+    ("length", "mean_length"),
+    ("lang. consistency", "language_consistency"),
+)
+
+
+def _versions() -> str:
+    import torch
+
+    try:
+        import transformers
+
+        tf = transformers.__version__
+    except ImportError:
+        tf = "not installed"
+    from r1lab import __version__
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (
+        f"r1lab {__version__}, torch {torch.__version__}, transformers {tf}, "
+        f"Python {platform.python_version()}; {platform.machine()} CPU with {os.cpu_count()} cores, GPU: {gpu}"
+    )
+
+
+def _eval_sets(result: dict) -> dict[str, dict]:
+    """An eval.json holds one result per held-out set under "sets" (or is a single result)."""
+    if "sets" in result and isinstance(result["sets"], dict):
+        return result["sets"]
+    return {result.get("task", "heldout"): result}
+
+
+def _fmt(value, key: str) -> str:
+    if value is None:
+        return "–"
+    if key == "mean_length":
+        return f"{value:.1f}"
+    return f"{100 * value:.1f}"
+
+
+def stage_table(run_dir: Path, stages) -> list[str]:
+    rows = []
+    sets_seen: list[str] = []
+    results = {}
+    for stage in stages:
+        path = run_dir / "eval" / stage.name / "eval.json"
+        if path.exists():
+            results[stage.name] = _eval_sets(json.loads(path.read_text()))
+            for name in results[stage.name]:
+                if name not in sets_seen:
+                    sets_seen.append(name)
+    if not results:
+        return ["_No stage has been evaluated yet._", ""]
+    header = (
+        "| stage | template | "
+        + " | ".join(f"{s} {label}" for s in sets_seen for label, _ in COLUMNS)
+        + " |"
+    )
+    rows.append(header)
+    rows.append("|" + "---|" * (2 + len(sets_seen) * len(COLUMNS)))
+    for stage in stages:
+        if stage.name not in results:
+            continue
+        cells = [stage.name, stage.eval_template or ""]
+        for s in sets_seen:
+            res = results[stage.name].get(s, {})
+            cells += [_fmt(res.get(key), key) for _, key in COLUMNS]
+        rows.append("| " + " | ".join(cells) + " |")
+    rows += [
+        "",
+        "pass@1, cons@k, format and language consistency in %; length in tokens. "
+        "k samples per question at the evaluation temperature (see each stage's eval.json).",
+        "",
+    ]
+    return rows
+
+
+def plot_rl_curves(run_dir: Path, stage_name: str) -> str | None:
+    """PNG of reward, response length and held-out pass@1 over RL steps; returns its name."""
+    records = read_jsonl(run_dir / stage_name / "metrics.jsonl")
+    steps = [r for r in records if "reward" in r]
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in records if "eval/pass@1" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    x = [r["step"] for r in steps]
+    axes[0].plot(x, [r["reward"] for r in steps], lw=1)
+    axes[0].set_title("mean reward")
+    axes[1].plot(x, [r.get("completions/mean_length", 0) for r in steps], lw=1, color="tab:orange")
+    axes[1].set_title("mean response length (tokens)")
+    if evals:
+        axes[2].plot(
+            [r["step"] for r in evals], [100 * r["eval/pass@1"] for r in evals], marker="o"
+        )
+    axes[2].set_title("held-out pass@1 (%)")
+    for ax in axes:
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(stage_name)
+    fig.tight_layout()
+    name = f"{stage_name}_curves.png"
+    tmp = run_dir / f".{name}.tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(run_dir / name)
+    return name
+
+
+def _sample_of(run_dir: Path, stage_name: str) -> str | None:
+    """One sampled response of the stage's evaluation (the first correct one if any)."""
+    path = run_dir / "eval" / stage_name / "eval.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    samples = []
+    for res in _eval_sets(result).values():
+        samples += res.get("samples", [])
+    if not samples:
+        return None
+    best = next((s for s in samples if s.get("correct")), samples[0])
+    question = best.get("question", "")
+    return f"Q: {question}\n\n{best.get('completion', best.get('text', ''))}"
+
+
+def write_report(run_dir: str | Path, preset_name: str | None = None) -> Path:
+    from r1lab.pipeline import GRAPH
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    stages = [s for s in GRAPH if (run_dir / s.name).exists()]
+    timings = (
+        json.loads((run_dir / "timings.json").read_text())
+        if (run_dir / "timings.json").exists()
+        else {}
+    )
+    lines = [f"# r1lab report: {run_dir.name}", ""]
+    lines += [
+        f"- written {time.strftime('%Y-%m-%d %H:%M')}"
+        + (f", preset `{preset_name}`" if preset_name else ""),
+        f"- {_versions()}",
+        "",
+    ]
+
+    lines += ["## Stages against held-out sets", ""]
+    lines += stage_table(run_dir, stages)
+
+    lines += [
+        "## Stages",
+        "",
+        "| stage | what | status | train time | eval time | summary |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stage in stages:
+        done = run_dir / stage.name / "DONE"
+        info = json.loads(done.read_text()) if done.exists() else {}
+        t = timings.get(stage.name, {})
+        summary = ", ".join(
+            f"{k}={_short(v)}"
+            for k, v in info.items()
+            if k not in ("fingerprint", "finished") and isinstance(v, (int, float, str))
+        )[:160]
+        lines.append(
+            f"| {stage.name} | {stage.notes} | {'done' if done.exists() else 'unfinished'} | "
+            f"{t.get('seconds', '–')} s | {t.get('eval_seconds', '–')} s | {summary} |"
+        )
+    lines.append("")
+
+    curves = [(s.name, plot_rl_curves(run_dir, s.name)) for s in stages if s.kind == "grpo"]
+    if any(png for _, png in curves):
+        lines += ["## RL training curves", ""]
+        for name, png in curves:
+            if png:
+                lines += [f"### {name}", "", f"![{name}]({png})", ""]
+
+    lines += ["## One sampled response per stage", ""]
+    for stage in stages:
+        sample = _sample_of(run_dir, stage.name)
+        if sample:
+            lines += [f"### {stage.name}", "", "```", sample.strip(), "```", ""]
+
+    lines += ["## Configs", "", "Each stage's full config is in `<run>/<stage>/config.yaml`.", ""]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
