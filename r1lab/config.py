@@ -44,7 +44,9 @@ class StageConfig(BaseModel):
 
 # ---- presets ----------------------------------------------------------------------------------
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("r1lab.presets").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("r1lab.presets").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def load_preset(name_or_path: str) -> dict:
@@ -55,7 +57,9 @@ def load_preset(name_or_path: str) -> dict:
     else:
         res = resources.files("r1lab.presets") / f"{name_or_path}.yaml"
         if not res.is_file():
-            raise ConfigError(f"unknown preset {name_or_path!r}; known presets: {', '.join(preset_names())}")
+            raise ConfigError(
+                f"unknown preset {name_or_path!r}; known presets: {', '.join(preset_names())}"
+            )
         text, source = res.read_text(), f"preset {name_or_path}"
     try:
         data = yaml.safe_load(text) or {}
@@ -72,23 +76,40 @@ def parse_overrides(items: list[str]) -> dict:
     out: dict = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (or section.key=value)")
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (or section.key=value)"
+            )
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: empty key")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        value = _parse_value(raw)
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is set both as a value and a section")
+                raise ConfigError(
+                    f"override {item!r}: {part!r} is set both as a value and a section"
+                )
         node[parts[-1]] = value
     return out
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML typing, plus floats such as `3e-6` that YAML 1.1 would leave as strings."""
+    if not raw.strip():
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -115,7 +136,14 @@ def _describe(err: dict, cls: type[BaseModel]) -> str:
 
 def build_config(cls: type[C], *layers: dict, source: str = "config") -> C:
     """Validate the merged layers (preset, then overrides) into `cls`, or raise ConfigError."""
+    # Dict-valued fields start from their defaults, so `rewards.language=0.5` adds a key
+    # to the default mapping instead of replacing it.
     merged: dict = {}
+    for name, info in cls.model_fields.items():
+        if not info.is_required():
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, dict):
+                merged[name] = dict(default)
     for layer in layers:
         merged = deep_merge(merged, layer or {})
     try:
@@ -151,7 +179,12 @@ def resolve_device(name: str) -> str:
 def resolve_dtype(name: str, device: str):
     import torch
 
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if name not in table:
