@@ -1,0 +1,179 @@
+"""Tokenizers and prompt templates.
+
+Two ways to get a tokenizer, both returning a `transformers.PreTrainedTokenizerFast` so the
+rest of r1lab never cares where it came from:
+
+- `load_tokenizer(path)`: any Hugging Face tokenizer folder (the one saved with a checkpoint).
+- `train_tokenizer(texts, vocab_size)`: a small byte-level BPE for from-scratch models.
+
+The trained tokenizer is shaped by what tiny models need:
+
+- every digit is its own token, so the model sees numbers digit by digit (carries are
+  learnable; "68" and "86" are not unrelated ids);
+- apart from digits, merges may span spaces and words, so a long fixed prompt repeated in
+  the corpus (the R1-Zero template) shrinks to a handful of tokens and leaves the short
+  context for the question and the reasoning;
+- the role markers `<|bos|> <|eos|> <|pad|> <|user|> <|assistant|> <|system|>` are special
+  tokens (one id each, dropped by `decode(..., skip_special_tokens=True)`);
+- the reasoning tags `<think> </think> <answer> </answer>` are one id each but are *not*
+  special: rewards parse them from decoded text, so they survive decoding whatever
+  `skip_special_tokens` says.
+
+Templates are plain functions of the question text (`TEMPLATES`, `render_prompt`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+USER, ASSISTANT, SYSTEM = "<|user|>", "<|assistant|>", "<|system|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, SYSTEM)
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+REASONING_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+# The R1 chat format with our role markers. No BOS is written, so the rendered prompt is the
+# same text `r1_chat_prompt` produces without a tokenizer; an assistant turn ends with EOS so
+# SFT teaches the model to stop.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}" + SYSTEM + "{{ message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}" + USER + "{{ message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    + ASSISTANT
+    + "{{ message['content'] }}"
+    + EOS
+    + "{%- else -%}{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}" + ASSISTANT + "{%- endif -%}"
+)
+
+_TAG_SPLIT = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS + REASONING_TAGS))
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load the tokenizer saved in a local folder (never runs code shipped with it)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer files in {folder} (looked for {', '.join(_TOKENIZER_FILES)})"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(folder), trust_remote_code=False, local_files_only=True, use_fast=True
+    )
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"{folder} holds a slow tokenizer only; r1lab needs tokenizer.json")
+    return tokenizer
+
+
+def _byte_level_bpe() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    # Digits first (each its own piece), then bytes; no regex split, so merges cross spaces.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _between_tags(texts: Iterable[str]) -> Iterator[str]:
+    """Yield the text between special tokens and tags.
+
+    At encode time those tokens are cut out before BPE runs; training on the same pieces
+    keeps merges from being spent on tags that never reach the BPE model.
+    """
+    for text in texts:
+        yield from (piece for piece in _TAG_SPLIT.split(text) if piece)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts`; see the module docstring for its shape."""
+    n_reserved = 256 + len(SPECIAL_TOKENS) + len(REASONING_TAGS)
+    if vocab_size < n_reserved:
+        raise ValueError(
+            f"vocab_size must be at least {n_reserved} (bytes + tags), got {vocab_size}"
+        )
+    tokenizer = _byte_level_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(REASONING_TAGS),
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_between_tags(texts), trainer)
+    tokenizer.add_tokens(
+        [AddedToken(tag, special=False, normalized=False) for tag in REASONING_TAGS]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=[USER, ASSISTANT, SYSTEM],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1 << 30,
+    )
+
+
+# --- prompt templates -----------------------------------------------------------------
+
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then "
+    "provides the user with the answer. The reasoning process and answer are enclosed within "
+    "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning "
+    "process here </think> <answer> answer here </answer>. User: {prompt}. Assistant:"
+)
+
+
+def r1_zero_prompt(question: str) -> str:
+    """The R1-Zero prompt; a completion earning full format reward continues with
+    `" <think> reasoning </think> <answer> answer </answer>"`."""
+    return R1_ZERO_TEMPLATE.replace("{prompt}", question)
+
+
+def r1_chat_prompt(question: str, tokenizer: PreTrainedTokenizerFast | None = None) -> str:
+    """The R1 chat prompt, ending where the assistant starts to write.
+
+    The completion is `"<think>\\nreasoning\\n</think>\\nsummary"` with the final answer
+    in `\\boxed{...}`. A tokenizer with a chat template renders it (so a real checkpoint gets
+    its own format); otherwise our role markers are used.
+    """
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+    return f"{USER}{question}{ASSISTANT}"
+
+
+TEMPLATES: dict[str, Callable[..., str]] = {
+    "r1-zero": r1_zero_prompt,
+    "r1-chat": r1_chat_prompt,
+    "plain": lambda q: q,
+}
+
+
+def render_prompt(
+    template_name: str, question: str, tokenizer: PreTrainedTokenizerFast | None = None
+) -> str:
+    """Render `question` with the template called `template_name`."""
+    if template_name not in TEMPLATES:
+        known = ", ".join(sorted(TEMPLATES))
+        raise KeyError(f"unknown prompt template {template_name!r}; known templates: {known}")
+    if template_name == "r1-chat":
+        return r1_chat_prompt(question, tokenizer)
+    return TEMPLATES[template_name](question)
