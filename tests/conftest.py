@@ -1,0 +1,82 @@
+"""Shared fixtures: the read-only data folder, tiny model configs and randomised models."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from r1lab.model.config import ModelConfig
+from r1lab.model.transformer import Transformer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough for milliseconds per forward, big enough for GQA (4 query heads, 2 kv heads).
+TINY = dict(
+    vocab_size=101,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The shared data folder (R1LAB_DATA, else <repo>/../shared/data); skips when absent."""
+    path = Path(os.environ.get("R1LAB_DATA") or REPO_ROOT.parent / "shared" / "data")
+    if not path.is_dir():
+        pytest.skip(f"shared data folder not found: {path}")
+    return path
+
+
+def randomize_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
+    """Random weights everywhere, norms and biases included, so no parameter hides a bug.
+
+    A default init leaves norm weights at 1 and biases at 0, where a missing or swapped
+    tensor would go unnoticed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * noise)
+            else:
+                p.copy_(std * noise)
+    return model
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., ModelConfig]:
+    """Factory: `tiny_config(model_type="qwen3", tie_word_embeddings=False, ...)`."""
+
+    def make(**overrides) -> ModelConfig:
+        return ModelConfig(**{**TINY, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def random_model(tiny_config) -> Callable[..., Transformer]:
+    """Factory: a tiny fp32 `Transformer` with randomised weights; kwargs go to the config."""
+
+    def make(seed: int = 0, **overrides) -> Transformer:
+        return randomize_(Transformer(tiny_config(**overrides)), seed=seed).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def randomize() -> Callable[..., nn.Module]:
+    """`randomize(model, seed=0)`: randomise any module's weights in place (ours or HF's)."""
+    return randomize_
