@@ -3,3 +3,4 @@
 from r1lab.tasks.base import Example, Task, get_task, register_task, task_names
 
 __all__ = ["Example", "Task", "get_task", "register_task", "task_names"]
+from r1lab.tasks import procedural as _procedural  # noqa: F401
