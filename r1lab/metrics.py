@@ -147,15 +147,24 @@ def cons_at_k(
     _check_grid(correct)
     if len(answers) != len(correct):
         raise ValueError(f"answers has {len(answers)} questions but correct has {len(correct)}")
-    hits = 0
-    for q, (row_answers, row_correct) in enumerate(zip(answers, correct)):
-        if len(row_answers) != len(row_correct):
-            raise ValueError(
-                f"question {q}: {len(row_answers)} answers but {len(row_correct)} correctness flags"
-            )
-        winner = majority_vote(row_answers, equivalent)
-        hits += winner is not None and bool(row_correct[winner])
+    hits = sum(majority_correct(a, c, equivalent) for a, c in zip(answers, correct))
     return hits / len(correct)
+
+
+def majority_correct(
+    answers: Sequence[str | None],
+    correct: Sequence[bool],
+    equivalent: Callable[[str, str], bool] = _exact,
+) -> bool:
+    """Whether one question's majority-vote answer is correct (False when nothing answered).
+
+    Callers whose equivalence depends on the question (a task's check given its example)
+    vote question by question with this and average, which is `cons_at_k`.
+    """
+    if len(answers) != len(correct):
+        raise ValueError(f"{len(answers)} answers but {len(correct)} correctness flags")
+    winner = majority_vote(answers, equivalent)
+    return winner is not None and bool(correct[winner])
 
 
 # --- aggregates ---------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def test_cons_identical_strings_skip_the_check():
 def test_cons_shape_mismatch():
     with pytest.raises(ValueError, match="2 questions"):
         cons_at_k([["1"], ["2"]], [[T]])
-    with pytest.raises(ValueError, match="question 0"):
+    with pytest.raises(ValueError, match="2 answers but 1"):
         cons_at_k([["1", "2"]], [[T]])
 
 

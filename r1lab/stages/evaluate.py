@@ -1,0 +1,713 @@
+"""The paper's evaluation: k sampled answers per question, pass@1, cons@k, and their shape.
+
+Protocol (R1_RECIPE.md): sample, never greedy, at temperature 0.6 and top-p 0.95; pass@1
+is the mean correctness over the k samples of a question, averaged over questions;
+cons@k is the accuracy of the majority-vote answer. Greedy decoding is an option for
+comparison only (k is then 1 and the result says so).
+
+Every stage that yields a model is evaluated with `run` (the `r1lab eval` command), and
+GRPO's periodic evaluation calls `evaluate` on its live policy, so the numbers of a
+training curve and of the report card are the same quantity. Correctness comes from the
+accuracy reward (the same judgment the RL stages are trained on), structure from the
+format reward of the template and language consistency from its reward.
+
+Speed: all k samples of a batch of questions go through one `sample` call (prompt
+prefilled once, its cache shared by the k rows), and texts are decoded once, by the
+sampler, when a row finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from r1lab.config import (
+    ConfigError,
+    StageConfig,
+    config_dict,
+    resolve_device,
+    resolve_dtype,
+    write_config,
+)
+from r1lab.engine.generate import Completion, SamplingParams, sample
+from r1lab.metrics import (
+    length_stats,
+    majority_correct,
+    mean_or_none,
+    mean_pass_at_1,
+    mean_pass_at_k,
+    pass_at_1_stderr,
+    rate,
+    truncation_rate,
+)
+from r1lab.tasks.base import Example, Task, get_task, task_names
+from r1lab.training import console, is_done, mark_done, progress_bar, set_seed
+
+TEMPLATE_NAMES = ("r1-zero", "r1-chat", "plain")
+BREAKDOWN_KEYS = ("subject", "level", "language", "family")
+SPEC_KEYS = ("name", "n", "split", "seed", "label")  # the rest of a task spec are task options
+
+
+# --- config -------------------------------------------------------------------------------
+
+
+class Config(StageConfig):
+    """`r1lab eval`: the model, the held-out sets and the sampling protocol.
+
+    `tasks` entries are a task name or a mapping: `{"name": "chain_sum", "n": 200}`,
+    `{"name": "math500", "path": "data/math500.jsonl"}`; `n`, `split`, `seed` and `label`
+    are read here, every other key is an option of the task. Defaults are the tiny CPU
+    settings.
+    """
+
+    model: str  # model folder, hub id, or a stage run dir (its model/ is used)
+    tasks: list[str | dict[str, Any]] = Field(default_factory=lambda: [{"name": "chain_sum"}])
+    n: int | None = 200  # questions per task when its spec has no "n" (None = all)
+    split: str = "test"
+    template: str = "r1-zero"
+    k: int = Field(default=4, ge=1)
+    temperature: float = Field(default=0.6, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_new_tokens: int = Field(default=128, ge=1)
+    greedy: bool = False
+    max_batch_size: int = Field(default=256, ge=1)
+    n_shown: int = Field(default=3, ge=0)  # sample responses kept in eval.json per task
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        if value not in TEMPLATE_NAMES:
+            raise ValueError(
+                f"unknown template {value!r}; known templates: {', '.join(TEMPLATE_NAMES)}"
+            )
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list) -> list:
+        if not value:
+            raise ValueError("at least one task is needed")
+        labels = [parse_task_spec(spec).label for spec in value]
+        repeated = sorted({lbl for lbl in labels if labels.count(lbl) > 1})
+        if repeated:
+            raise ValueError(f"task labels must be unique, repeated: {repeated} (set 'label')")
+        return value
+
+    @model_validator(mode="after")
+    def _greedy_means_one_sample(self):
+        # Greedy decoding gives the same answer k times: one sample says it all.
+        if self.greedy and self.k != 1:
+            object.__setattr__(self, "k", 1)
+        return self
+
+
+# --- task specs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One held-out set: which task, how many questions, and the task's own options."""
+
+    label: str
+    name: str
+    n: int | None = None
+    split: str | None = None
+    seed: int | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+def parse_task_spec(spec: str | dict) -> TaskSpec:
+    """A `TaskSpec` from a config entry; an unknown task name lists the known ones."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(f"task spec {spec!r}: expected a task name or a mapping with 'name'")
+    name = spec["name"]
+    known = task_names()
+    if name not in known:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(known)}")
+    n = spec.get("n")
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"task {name!r}: n must be a positive integer, got {n!r}")
+    options = tuple(sorted((k, v) for k, v in spec.items() if k not in SPEC_KEYS))
+    return TaskSpec(
+        spec.get("label") or name, name, n, spec.get("split"), spec.get("seed"), options
+    )
+
+
+def load_task_examples(
+    spec: str | dict | TaskSpec, n: int | None = None, split: str = "test", seed: int = 0
+) -> tuple[TaskSpec, Task, list[Example]]:
+    """The task and its examples; the spec's own n/split/seed win over the arguments."""
+    if not isinstance(spec, TaskSpec):
+        spec = parse_task_spec(spec)
+    try:
+        task = get_task(spec.name, **dict(spec.options))
+    except TypeError as err:
+        raise ConfigError(f"task {spec.name!r}: bad options {dict(spec.options)} ({err})") from err
+    examples = task.examples(
+        spec.split or split,
+        spec.n if spec.n is not None else n,
+        spec.seed if spec.seed is not None else seed,
+    )
+    if not examples:
+        raise ConfigError(f"task {spec.label!r} gave no examples (split {spec.split or split!r})")
+    return spec, task, examples
+
+
+# --- sampling and judging -----------------------------------------------------------------
+
+
+@dataclass
+class SampleResult:
+    """One judged sample: what was written, what answer it gave, and how it was judged."""
+
+    completion: str
+    answer: str | None
+    correct: bool
+    judged: bool  # False when the checker failed (then `correct` is False and `reason` says why)
+    reason: str | None
+    finish_reason: str
+    n_tokens: int
+    format_ok: bool | None  # None when the template has no structure to check
+    language_consistency: float | None
+
+
+def sampling_settings(
+    k: int, temperature: float, top_p: float, max_new_tokens: int, greedy: bool, seed: int | None
+) -> dict:
+    """The sampling protocol as recorded in results (greedy shows as temperature 0, k 1)."""
+    if greedy:
+        return {
+            "greedy": True,
+            "k": 1,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "max_new_tokens": max_new_tokens,
+            "seed": seed,
+        }
+    return {
+        "greedy": False,
+        "k": k,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+    }
+
+
+def render_prompts(template: str, examples: Sequence[Example], tokenizer) -> list[str]:
+    from r1lab.model.tokenizer import render_prompt
+
+    return [render_prompt(template, ex.question, tokenizer) for ex in examples]
+
+
+def generate_completions(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    *,
+    max_batch_size: int = 256,
+    progress: bool = True,
+    description: str = "sampling",
+) -> list[Completion]:
+    """`params.n` completions per prompt, grouped by prompt, with a progress bar over prompts.
+
+    Prompts go to `sample` in batches of `max_batch_size // n` questions (all k samples of a
+    question in one batch); batch b draws with seed `params.seed + b`, so a run is
+    reproducible for a given batch size.
+    """
+    if not prompts:
+        raise ValueError("no prompts to sample")
+    ids = tokenizer(list(prompts))["input_ids"]
+    per_batch = max(1, max_batch_size // params.n)
+    out: list[Completion] = []
+    with progress_bar(description, total=len(prompts)) if progress else _no_bar() as advance:
+        for b, start in enumerate(range(0, len(ids), per_batch)):
+            seed = None if params.seed is None else params.seed + b
+            batch_params = SamplingParams(**{**asdict(params), "seed": seed})
+            for c in sample(
+                model, ids[start : start + per_batch], batch_params, tokenizer, max_batch_size
+            ):
+                c.prompt_index += start
+                out.append(c)
+            advance(min(per_batch, len(ids) - start))
+    return out
+
+
+class _no_bar:
+    def __enter__(self) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def judge_completions(
+    task: Task,
+    examples: Sequence[Example],
+    prompts: Sequence[str],
+    completions: Sequence[Completion],
+    template: str,
+) -> list[list[SampleResult]]:
+    """Judge every completion (accuracy, answer, format, language); one row per question."""
+    from r1lab.rewards import AccuracyReward, FormatReward, LanguageConsistencyReward
+    from r1lab.rewards.base import prefills_think
+    from r1lab.tasks.answers import extract_answer
+
+    owner = [examples[c.prompt_index] for c in completions]
+    row_prompts = [prompts[c.prompt_index] for c in completions]
+    texts = [c.text or "" for c in completions]
+    columns = {
+        "answer": [ex.answer for ex in owner],
+        "task": [task] * len(owner),
+        "meta": [ex.meta for ex in owner],
+        "question": [ex.question for ex in owner],
+        "language": [ex.meta.get("language") for ex in owner],
+    }
+    hint = template if template in ("r1-zero", "r1-chat") else None
+    accuracy = AccuracyReward(template_hint=hint)(row_prompts, texts, **columns)
+    structure = FormatReward(template)(row_prompts, texts) if hint else [None] * len(texts)
+    language = LanguageConsistencyReward()(row_prompts, texts, **columns)
+
+    rows: list[list[SampleResult]] = [[] for _ in examples]
+    for i, c in enumerate(completions):
+        score = accuracy[i]
+        rows[c.prompt_index].append(
+            SampleResult(
+                completion=texts[i],
+                answer=extract_answer(texts[i], hint, prefilled=prefills_think(row_prompts[i])),
+                correct=score is not None and score >= 1.0,
+                judged=score is not None,
+                reason=accuracy.reasons[i],
+                finish_reason=c.finish_reason,
+                n_tokens=len(c.token_ids),
+                format_ok=None if structure[i] is None else structure[i] >= 1.0,
+                language_consistency=language[i],
+            )
+        )
+    return rows
+
+
+def answer_equivalence(task: Task, example: Example) -> Callable[[str, str], bool]:
+    """Whether two answers to `example` are the same answer, by the task's own check.
+
+    Used for the majority vote: the first answer of a group plays the reference. A check
+    that fails (an error, math-verify giving up) counts as "not the same".
+    """
+    judge = getattr(task, "judge", None)
+
+    def same(representative: str, answer: str) -> bool:
+        try:
+            if judge is not None:
+                return judge(answer, representative, example).correct
+            return bool(task.verify(answer, representative, example))
+        except Exception:  # noqa: BLE001  (a failed comparison only splits a vote)
+            return False
+
+    return same
+
+
+# --- summarising --------------------------------------------------------------------------
+
+
+def _scores(
+    task: Task, examples: Sequence[Example], rows: list[list[SampleResult]], k: int
+) -> dict:
+    correct = [[s.correct for s in row] for row in rows]
+    votes = [
+        majority_correct([s.answer for s in row], flags, answer_equivalence(task, ex))
+        for ex, row, flags in zip(examples, rows, correct)
+    ]
+    return {
+        "pass@1": mean_pass_at_1(correct),
+        "pass@1_stderr": pass_at_1_stderr(correct),
+        "cons@k": rate(votes),
+        "pass@k": {str(j): mean_pass_at_k(correct, j) for j in sorted({1, k})},
+        "_votes": votes,
+    }
+
+
+def _breakdowns(
+    examples: Sequence[Example], rows: list[list[SampleResult]], votes: list[bool]
+) -> dict:
+    """pass@1 and cons@k per value of each meta key that splits the set (subject, level, ...)."""
+    out: dict[str, dict] = {}
+    for key in BREAKDOWN_KEYS:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for q, ex in enumerate(examples):
+            if key in ex.meta:
+                groups[str(ex.meta[key])].append(q)
+        if len(groups) < 2:
+            continue
+        out[key] = {
+            value: {
+                "n": len(qs),
+                "pass@1": mean_pass_at_1([[s.correct for s in rows[q]] for q in qs]),
+                "cons@k": rate([votes[q] for q in qs]),
+            }
+            for value, qs in sorted(groups.items())
+        }
+    return out
+
+
+def _shown(examples: Sequence[Example], rows: list[list[SampleResult]], n_shown: int) -> list[dict]:
+    """The first sample of the first few questions, as the report shows them."""
+    return [
+        {
+            "question": ex.question,
+            "reference": ex.answer,
+            "completion": row[0].completion,
+            "answer": row[0].answer,
+            "correct": row[0].correct,
+            "finish_reason": row[0].finish_reason,
+            "tokens": row[0].n_tokens,
+        }
+        for ex, row in list(zip(examples, rows))[:n_shown]
+    ]
+
+
+def summarize(
+    task: Task,
+    examples: Sequence[Example],
+    rows: list[list[SampleResult]],
+    *,
+    template: str,
+    settings: dict,
+    n_shown: int = 3,
+) -> dict:
+    """The result of one held-out set (the dict `evaluate` returns; eval.json's per-set entry)."""
+    samples = [s for row in rows for s in row]
+    scores = _scores(task, examples, rows, settings["k"])
+    votes = scores.pop("_votes")
+    lengths = [s.n_tokens for s in samples]
+    unjudged = Counter(s.reason or "not judged" for s in samples if not s.judged)
+    formats = [s.format_ok for s in samples if s.format_ok is not None]
+    return {
+        "task": task.name,
+        "n_questions": len(examples),
+        "k": settings["k"],
+        "template": template,
+        "sampling": settings,
+        **scores,
+        "format_rate": rate(formats) if formats else None,
+        "language_consistency": mean_or_none([s.language_consistency for s in samples]),
+        "answer_rate": rate([s.answer is not None for s in samples]),
+        "mean_length": length_stats(lengths)["mean"],
+        "length": length_stats(lengths),
+        "truncation_rate": truncation_rate([s.finish_reason for s in samples]),
+        "unjudged": sum(unjudged.values()),
+        "unjudged_reasons": dict(unjudged.most_common(5)),
+        "breakdown": _breakdowns(examples, rows, votes),
+        "samples": _shown(examples, rows, n_shown),
+    }
+
+
+# --- the reusable entry point -------------------------------------------------------------
+
+
+def evaluate_with_records(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    task: Task | str,
+    *,
+    template: str = "r1-zero",
+    k: int = 4,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    max_new_tokens: int = 128,
+    greedy: bool = False,
+    seed: int | None = 0,
+    max_batch_size: int = 256,
+    progress: bool = True,
+    n_shown: int = 3,
+) -> tuple[dict, list[list[SampleResult]]]:
+    """`evaluate`, also returning every judged sample (one list per question)."""
+    if isinstance(task, str):
+        task = get_task(task)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer (samples per question), got {k!r}")
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    if template not in TEMPLATE_NAMES:
+        raise ValueError(
+            f"unknown template {template!r}; known templates: {', '.join(TEMPLATE_NAMES)}"
+        )
+    if greedy:
+        k = 1
+    settings = sampling_settings(k, temperature, top_p, max_new_tokens, greedy, seed)
+    params = SamplingParams(
+        temperature=settings["temperature"],
+        top_p=settings["top_p"],
+        max_new_tokens=max_new_tokens,
+        n=k,
+        seed=seed,
+    )
+    prompts = render_prompts(template, examples, tokenizer)
+    started = time.perf_counter()
+    completions = generate_completions(
+        model,
+        tokenizer,
+        prompts,
+        params,
+        max_batch_size=max_batch_size,
+        progress=progress,
+        description=f"eval {task.name}",
+    )
+    sampled = time.perf_counter()
+    rows = judge_completions(task, examples, prompts, completions, template)
+    result = summarize(task, examples, rows, template=template, settings=settings, n_shown=n_shown)
+    done = time.perf_counter()
+    tokens = sum(len(c.token_ids) for c in completions)
+    result["timing"] = {
+        "seconds": round(done - started, 3),
+        "sampling_seconds": round(sampled - started, 3),
+        "judging_seconds": round(done - sampled, 3),
+        "tokens_per_s": round(tokens / max(sampled - started, 1e-9), 1),
+    }
+    return result, rows
+
+
+def evaluate(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    task: Task | str,
+    *,
+    template: str = "r1-zero",
+    k: int = 4,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    max_new_tokens: int = 128,
+    greedy: bool = False,
+    seed: int | None = 0,
+    max_batch_size: int = 256,
+    progress: bool = True,
+    n_shown: int = 3,
+) -> dict:
+    """Evaluate `model` on `examples` with the paper's protocol; returns the result dict.
+
+    Keys: pass@1 (mean over the k samples, then over questions) and its standard error,
+    cons@k (majority vote, answers grouped by the task's own equivalence), pass@k (the
+    unbiased estimator, for 1 and k), format_rate (the template's structure; None for
+    "plain"), language_consistency, answer_rate, mean_length and length stats (tokens),
+    truncation_rate, unjudged (checker failures, counted wrong), n_questions, k, sampling,
+    breakdown (per subject / level / language / family when the examples' meta splits the
+    set), samples (a few responses) and timing. `greedy=True` forces k=1, temperature 0.
+    """
+    result, _ = evaluate_with_records(
+        model,
+        tokenizer,
+        examples,
+        task,
+        template=template,
+        k=k,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        seed=seed,
+        max_batch_size=max_batch_size,
+        progress=progress,
+        n_shown=n_shown,
+    )
+    return result
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+def describe_model(path: str | Path) -> dict:
+    """Where a model came from: its path, and the stage, step and config of its run dir.
+
+    A stage run dir holds `DONE` (fingerprint, finish time, the stage's own summary such as
+    its last step) and `config.yaml`; a bare model folder has neither, and only its path is
+    known.
+    """
+    import yaml
+
+    path = Path(path)
+    info: dict[str, Any] = {"path": str(path.resolve()) if path.exists() else str(path)}
+    run_dir = path.parent if path.name == "model" and (path.parent / "DONE").exists() else path
+    done, config = run_dir / "DONE", run_dir / "config.yaml"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        info["stage"] = run_dir.name
+        info["step"] = record.get("step")
+        info["finished"] = record.get("finished")
+        info["fingerprint"] = record.get("fingerprint")
+    if config.is_file():
+        try:
+            info["stage_config"] = yaml.safe_load(config.read_text())
+        except yaml.YAMLError:
+            info["stage_config"] = None
+    return info
+
+
+def load_model_and_tokenizer(model_path: str, device: str, dtype: str):
+    """The model (on the resolved device and dtype) and its tokenizer, which must exist."""
+    from r1lab.api import load
+
+    dev = resolve_device(device)
+    model, tokenizer = load(model_path, dtype=resolve_dtype(dtype, dev), device=dev)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{model_path}: no tokenizer next to the model")
+    return model, tokenizer
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+TABLE_COLUMNS = (
+    ("set", lambda r: r["_label"]),
+    ("n", lambda r: str(r["n_questions"])),
+    ("k", lambda r: "greedy" if r["sampling"]["greedy"] else str(r["k"])),
+    ("pass@1", lambda r: f"{_pct(r['pass@1'])} ± {_pct(r['pass@1_stderr'])}"),
+    ("cons@k", lambda r: _pct(r["cons@k"])),
+    ("pass@k", lambda r: _pct(r["pass@k"][str(r["k"])])),
+    ("format", lambda r: _pct(r["format_rate"])),
+    ("lang.", lambda r: _pct(r["language_consistency"])),
+    ("length", lambda r: f"{r['mean_length']:.1f}"),
+    ("truncated", lambda r: _pct(r["truncation_rate"])),
+)
+
+
+def table_rows(sets: dict[str, dict]) -> list[list[str]]:
+    return [
+        [fn({**res, "_label": label}) for _, fn in TABLE_COLUMNS] for label, res in sets.items()
+    ]
+
+
+def markdown_table(report: dict) -> str:
+    """eval.md: one line per held-out set, in percent, plus what was evaluated and how."""
+    s = report["sampling"]
+    how = (
+        "greedy"
+        if s["greedy"]
+        else f"k={s['k']}, temperature {s['temperature']}, top-p {s['top_p']}"
+    )
+    lines = [
+        f"# Evaluation of `{report['model']['path']}`",
+        "",
+        f"Template `{report['template']}`; {how}; up to {s['max_new_tokens']} new tokens; "
+        f"{report['date']}.",
+        "",
+        "| " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |",
+        "|" + "---|" * len(TABLE_COLUMNS),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report["sets"])]
+    lines += [
+        "",
+        "pass@1 (± standard error over questions), cons@k, pass@k, format, language "
+        "consistency and truncated in %; length = mean response tokens.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def print_table(report: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"eval: {report['model']['path']} ({report['template']})")
+    for name, _ in TABLE_COLUMNS:
+        table.add_column(name, justify="left" if name == "set" else "right")
+    for row in table_rows(report["sets"]):
+        table.add_row(*row)
+    console.print(table)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from r1lab.model.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_samples(
+    path: Path, per_set: dict[str, tuple[list[Example], list[list[SampleResult]]]]
+) -> None:
+    from r1lab.model.checkpoint import atomic_write_text
+
+    lines = []
+    for label, (examples, rows) in per_set.items():
+        for q, (ex, row) in enumerate(zip(examples, rows)):
+            for j, s in enumerate(row):
+                record = {
+                    "set": label,
+                    "question_index": q,
+                    "sample": j,
+                    "question": ex.question,
+                    "reference": ex.answer,
+                    **asdict(s),
+                }
+                lines.append(json.dumps(record, ensure_ascii=False))
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
+    """Evaluate `cfg.model` on every set of `cfg.tasks`; writes eval.json, eval.md, samples.jsonl.
+
+    A finished evaluation with the same settings (DONE with this config's fingerprint) is
+    read back instead of recomputed when `resume` is on.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = cfg.fingerprint()
+    if resume and is_done(out, fingerprint) and (out / "eval.json").is_file():
+        report = json.loads((out / "eval.json").read_text())
+        print_table(report)
+        return report
+
+    write_config(cfg, out / "config.yaml")
+    set_seed(cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
+    sets: dict[str, dict] = {}
+    records = {}
+    for spec in cfg.tasks:
+        spec, task, examples = load_task_examples(spec, cfg.n, cfg.split, cfg.seed)
+        result, rows = evaluate_with_records(
+            model,
+            tokenizer,
+            examples,
+            task,
+            template=cfg.template,
+            k=cfg.k,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            greedy=cfg.greedy,
+            seed=cfg.seed,
+            max_batch_size=cfg.max_batch_size,
+            n_shown=cfg.n_shown,
+        )
+        sets[spec.label] = result
+        records[spec.label] = (examples, rows)
+
+    report = {
+        "model": describe_model(cfg.model),
+        "template": cfg.template,
+        "sampling": sampling_settings(
+            cfg.k, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.greedy, cfg.seed
+        ),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": config_dict(cfg),
+        "sets": sets,
+    }
+    _write_samples(out / "samples.jsonl", records)
+    _write_json(out / "eval.json", report)
+    from r1lab.model.checkpoint import atomic_write_text
+
+    atomic_write_text(out / "eval.md", markdown_table(report))
+    print_table(report)
+    headline = {f"{label}/pass@1": round(res["pass@1"], 4) for label, res in sets.items()}
+    mark_done(out, fingerprint, **headline)
+    return report
