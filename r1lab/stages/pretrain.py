@@ -1,0 +1,370 @@
+"""Pretraining: the base model of the R1 recipe, trained from scratch on procedural problems.
+
+The recipe starts from a base model that already knows something of its tasks, imperfectly
+(R1-Zero's RL sharpens what the base can sometimes do). For the tiny pipeline that base is
+trained here in a few minutes on a laptop CPU: a byte-level BPE tokenizer and a small
+decoder, on a corpus of worked problems in the forms later stages prompt with (R1-Zero
+conversations, plain text, some flawed or self-checking solutions; see
+`r1lab.tasks.procedural.pretrain_documents`). With a real checkpoint, `init_from` takes it
+as the base instead and nothing is trained.
+
+Reads top to bottom: config -> corpus and tokenizer -> model -> loop -> save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from r1lab.config import StageConfig, resolve_device, resolve_dtype, write_config
+from r1lab.model.config import SIZES, ModelConfig, config_for_size
+from r1lab.model.tokenizer import load_tokenizer, train_tokenizer
+from r1lab.model.transformer import Transformer
+from r1lab.stages.data import (
+    Budget,
+    Clock,
+    RowSampler,
+    autocast_for,
+    check_resumable,
+    eval_loss,
+    find_model,
+    pack_rows,
+    restore_checkpoint,
+    rows_fingerprint,
+    save_checkpoint,
+    saved_state,
+    train_step,
+)
+from r1lab.tasks.procedural import FAMILY_NAMES, LEVELS, pretrain_documents
+from r1lab.training import (
+    DONE_FILE,
+    MetricsLog,
+    console,
+    is_done,
+    lr_at,
+    make_optimizer,
+    mark_done,
+    progress_bar,
+    set_cpu_threads,
+    set_lr,
+    set_seed,
+)
+
+STAGE = "pretrain"
+# Settings that may change between an interrupted run and its resume.
+RESUME_NEUTRAL = {"device", "log_every", "eval_every", "save_every"}
+
+
+class Config(StageConfig):
+    """`r1lab pretrain`. The defaults are the tiny CPU run: ~3.5 minutes on 2 cores."""
+
+    # A model folder, stage run dir or Hub id to take as the base instead of training.
+    init_from: str | None = None
+
+    # corpus (r1lab.tasks.procedural)
+    families: list[str] = Field(default_factory=lambda: ["chain_sum"], min_length=1)
+    family_weights: list[float] | None = None  # share of documents per family (default equal)
+    levels: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    zh_fraction: float = Field(default=0.3, ge=0, le=1)
+    n_documents: int = Field(default=40_000, ge=2)
+    val_documents: int = Field(default=500, ge=1)  # held out from the corpus for val_loss
+    vocab_size: int = Field(default=1024, ge=266)  # upper bound; a small corpus gives fewer
+
+    # model (r1lab.model.config.SIZES)
+    size: str = "tiny"
+
+    # optimisation
+    seq_len: int = Field(default=128, ge=8)  # tokens per packed row
+    batch_size: int = Field(default=64, ge=1)  # rows per optimizer step
+    micro_batch_size: int | None = Field(default=None, ge=1)  # rows per forward (memory)
+    lr: float = Field(default=2e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # cosine decays to lr * this
+    warmup_steps: int = Field(default=30, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = Field(default=1.0, ge=0)  # 0 = no clipping
+    max_steps: int = Field(default=5000, ge=1)
+    max_minutes: float | None = Field(default=3.5, gt=0)  # wall clock of the whole stage
+
+    # logging and checkpoints
+    log_every: int = Field(default=25, ge=1)
+    eval_every: int = Field(default=100, ge=1)
+    save_every: int = Field(default=200, ge=1)
+
+    @field_validator("families", "levels", mode="before")
+    @classmethod
+    def _one_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, int)) else value
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, value: list[str]) -> list[str]:
+        unknown = [f for f in value if f not in FAMILY_NAMES]
+        if unknown:
+            raise ValueError(f"unknown families {unknown}; known: {', '.join(FAMILY_NAMES)}")
+        return value
+
+    @field_validator("levels")
+    @classmethod
+    def _known_levels(cls, value: list[int]) -> list[int]:
+        if any(level not in LEVELS for level in value):
+            raise ValueError(f"levels must be among {list(LEVELS)}, got {value}")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _known_size(cls, value: str) -> str:
+        if value not in SIZES:
+            raise ValueError(f"unknown size {value!r}; known sizes: {', '.join(SIZES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.family_weights is not None and (
+            len(self.family_weights) != len(self.families) or min(self.family_weights) <= 0
+        ):
+            raise ValueError("family_weights needs one positive weight per entry of families")
+        if self.val_documents >= self.n_documents:
+            raise ValueError("val_documents must be smaller than n_documents")
+        context = SIZES[self.size]["max_position_embeddings"]
+        if self.seq_len > context:
+            raise ValueError(
+                f"seq_len {self.seq_len} exceeds the {self.size} model's context {context}"
+            )
+        return self
+
+
+# ---- corpus, tokenizer, model ----------------------------------------------------------------
+def build_corpus(cfg: Config) -> list[str]:
+    """The documents, families mixed by weight in a seeded order."""
+    weights = cfg.family_weights or [1.0] * len(cfg.families)
+    docs: list[str] = []
+    for i, (family, weight) in enumerate(zip(cfg.families, weights)):
+        n = round(cfg.n_documents * weight / sum(weights))
+        docs += pretrain_documents(
+            family, n, cfg.seed + 1000 * i, levels=cfg.levels, zh_fraction=cfg.zh_fraction
+        )
+    random.Random(f"{cfg.seed}:corpus").shuffle(docs)
+    return docs
+
+
+def encode_corpus(docs: list[str], tokenizer, cfg: Config, pad_id: int):
+    """(train rows, val rows): each document ends with EOS so the model learns to stop."""
+    eos = tokenizer.eos_token_id
+    ids = [d + [eos] for d in tokenizer(docs, add_special_tokens=False)["input_ids"]]
+    masks = [[1] * len(d) for d in ids]
+    split = len(ids) - cfg.val_documents
+    train = pack_rows(ids[:split], masks[:split], cfg.seq_len, pad_id)
+    val = pack_rows(ids[split:], masks[split:], cfg.seq_len, pad_id)
+    return train, val
+
+
+def build_model(cfg: Config, tokenizer) -> Transformer:
+    model_cfg = config_for_size(
+        cfg.size,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return Transformer(model_cfg)
+
+
+def take_base(cfg: Config, out: Path) -> dict:
+    """The `init_from` path: link the given checkpoint in as this stage's model/.
+
+    A link, not a copy: a real base model is gigabytes, and later stages only read it.
+    Where links are not allowed, the folder is copied.
+    """
+    folder = find_model(cfg.init_from).resolve()
+    model_cfg = ModelConfig.from_file(folder / "config.json")
+    load_tokenizer(folder)  # fail here, not three stages later, if it has none
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out / "config.yaml")
+    target = out / "model"
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
+    tmp = out / f".model.link-{os.getpid()}"
+    try:
+        tmp.symlink_to(folder, target_is_directory=True)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        shutil.copytree(folder, target)
+    summary = {
+        "stage": STAGE,
+        "init_from": cfg.init_from,
+        "model": str(target),
+        "source": str(folder),
+        "parameters": model_cfg.num_parameters(),
+    }
+    console.print(
+        f"pretrain: base model {cfg.init_from} -> {target} ({summary['parameters']:,} parameters)"
+    )
+    mark_done(out, cfg.fingerprint(), **summary)
+    return summary
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+def scheduled_lr(cfg: Config, budget: Budget, step: int, elapsed: float) -> float:
+    """Warmup, then cosine to min_lr_ratio over the budget's progress (steps or time)."""
+    position = max(step, budget.progress(step, elapsed) * cfg.max_steps)
+    return lr_at(position, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+
+
+def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
+    """Train (or take) the base model into `out_dir/model`; returns the stage summary."""
+    out = Path(out_dir)
+    if resume and is_done(out, cfg.fingerprint()):
+        console.print(f"pretrain: {out} is done; reusing it")
+        return json.loads((out / DONE_FILE).read_text())
+    if cfg.init_from:
+        return take_base(cfg, out)
+
+    clock_start = time.perf_counter()
+    set_cpu_threads()
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    autocast = autocast_for(device, dtype)
+    settings = cfg.model_dump(mode="json")
+    record = saved_state(out) if resume else None
+    if record is not None:
+        check_resumable(STAGE, out, record, settings, RESUME_NEUTRAL)
+
+    # corpus and tokenizer (a resumed run keeps the tokenizer it saved)
+    docs = build_corpus(cfg)
+    tokenizer = load_tokenizer(out / "model") if record else train_tokenizer(docs, cfg.vocab_size)
+    pad_id = tokenizer.pad_token_id
+    train_rows, val_rows = encode_corpus(docs, tokenizer, cfg, pad_id)
+    data_hash = rows_fingerprint(*train_rows)
+
+    # model and optimizer
+    model = build_model(cfg, tokenizer).to(device)
+    model.train()
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    step, position, extra = 0, {"epoch": 0, "offset": 0}, {}
+    if record is not None:
+        info = restore_checkpoint(out, model, optimizer)
+        step, position, extra = info["step"], info["data_position"], info["extra"]
+        if extra.get("data_hash") != data_hash:
+            raise RuntimeError(f"pretrain: the corpus differs from the one {out} was trained on")
+        console.print(f"pretrain: resuming {out} after step {step}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in (out / DONE_FILE, out / "state"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    write_config(cfg, out / "config.yaml")
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step + 1 if record else None)
+
+    setup_s = extra.get("setup_s", time.perf_counter() - clock_start)
+    budget = Budget(cfg.max_steps, cfg.max_minutes * 60 - setup_s if cfg.max_minutes else None)
+    n_params = model.num_parameters()
+    console.print(
+        f"pretrain: {n_params:,} parameters ({cfg.size}), vocabulary {len(tokenizer)}, "
+        f"{len(train_rows[0])} rows x {cfg.seq_len} tokens ({len(docs):,} documents), "
+        f"setup {setup_s:.1f}s, device {device}"
+    )
+    sampler = RowSampler(len(train_rows[0]), cfg.batch_size, cfg.seed, **position)
+    clock = Clock(extra.get("train_s", 0.0))
+    tokens = extra.get("tokens", 0)
+    val_loss = extra.get("val_loss")
+    initial_val = extra.get("initial_val_loss")
+    if initial_val is None:
+        initial_val = eval_loss(model, val_rows, cfg.batch_size, device, autocast)
+    recent: list[float] = []
+    session_tokens, session_start = 0, time.perf_counter()
+
+    def state_extra() -> dict:
+        return {
+            "config": settings,
+            "data_hash": data_hash,
+            "setup_s": setup_s,
+            "train_s": clock.elapsed(),
+            "tokens": tokens,
+            "val_loss": val_loss,
+            "initial_val_loss": initial_val,
+        }
+
+    def checkpoint() -> None:
+        save_checkpoint(out, model, optimizer, tokenizer, step, sampler.position(), state_extra())
+
+    shown = 0
+    with progress_bar("pretrain", 1000) as advance:
+        while (stop := budget.stop_reason(step, clock.elapsed())) is None:
+            t0 = time.perf_counter()
+            lr = scheduled_lr(cfg, budget, step, clock.elapsed())
+            set_lr(optimizer, lr)
+            rows = sampler.next_batch()
+            batch = [t[rows].to(device) for t in train_rows]
+            loss, grad_norm = train_step(
+                model, optimizer, batch, cfg.micro_batch_size, cfg.grad_clip, autocast
+            )
+            step += 1
+            n_tokens = batch[0].numel()
+            tokens, session_tokens = tokens + n_tokens, session_tokens + n_tokens
+            recent = (recent + [loss])[-20:]
+            step_time = time.perf_counter() - t0
+            metrics = {
+                "step": step,
+                "loss": loss,
+                "learning_rate": lr,
+                "grad_norm": grad_norm,
+                "step_time": step_time,
+                "train/tokens_per_s": n_tokens / step_time,
+                "tokens": tokens,
+                "elapsed_s": clock.elapsed(),
+            }
+            if step % cfg.eval_every == 0:
+                val_loss = metrics["val_loss"] = eval_loss(
+                    model, val_rows, cfg.batch_size, device, autocast
+                )
+            log.write(metrics)
+            rate = session_tokens / (time.perf_counter() - session_start)
+            info = f"step {step} loss {sum(recent) / len(recent):.3f} {rate / 1000:.1f}k tok/s"
+            if step % cfg.log_every == 0:
+                val = f" val {val_loss:.3f}" if val_loss is not None else ""
+                console.print(
+                    f"pretrain step {step}: loss {loss:.4f}{val} lr {lr:.2e} "
+                    f"grad {grad_norm:.2f} {rate:.0f} tok/s {clock.elapsed():.0f}s"
+                )
+            now = round(1000 * budget.progress(step, clock.elapsed()))
+            advance(now - shown, info=info)
+            shown = now
+            if step % cfg.save_every == 0:
+                checkpoint()
+
+    val_loss = eval_loss(model, val_rows, cfg.batch_size, device, autocast)
+    log.write({"step": step, "val_loss": val_loss})
+    checkpoint()
+    elapsed = clock.elapsed()
+    summary = {
+        "stage": STAGE,
+        "model": str(out / "model"),
+        "steps": step,
+        "stopped_by": stop,
+        "loss": sum(recent) / len(recent) if recent else None,
+        "val_loss": val_loss,
+        "initial_val_loss": initial_val,
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "train_minutes": elapsed / 60,
+        "parameters": n_params,
+        "vocab_size": len(tokenizer),
+    }
+    why = "time budget (max_minutes)" if stop == "max_minutes" else "max_steps"
+    console.print(
+        f"pretrain: stopped at step {step} by {why}; val loss {initial_val:.3f} -> {val_loss:.3f}, "
+        f"{summary['tokens_per_s']:.0f} tok/s, {elapsed / 60:.1f} min of training"
+    )
+    mark_done(out, cfg.fingerprint(), **summary)
+    return summary
