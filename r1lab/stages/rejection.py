@@ -1,0 +1,366 @@
+"""`r1lab rejection-sample`: many responses per question; keep the correct, readable ones.
+
+R1's third stage (R1_RECIPE.md): sample many outputs from the RL checkpoint, keep only
+correct ones, drop chains of thought with mixed languages, long paragraphs or code blocks,
+and fine-tune on what is left. Distillation data is the same thing with a stronger model
+as the teacher: its correct, readable samples.
+
+Each sample goes through a funnel, and the summary counts where it left:
+
+    unjudged -> no_answer -> wrong -> truncated -> structure -> code_block
+      -> long_paragraph -> mixed_language -> duplicate -> over_cap -> kept
+
+Correctness is the accuracy reward's (the judgment RL trained on); the readability checks
+are `r1lab.stages.readability`; duplicates are responses equal after case and whitespace
+normalisation for the same question; at most `max_per_question` are kept per question (the
+first in sampling order), so one easy question cannot fill the dataset.
+
+Writes `data.jsonl` (the SFT data: prompt, response, question, answer, meta, provenance),
+`rejected.jsonl` (every dropped sample with its reason), `rejection.json` (the counts, per
+set and in total) and `DONE` (naming the data file, which the pipeline hands to SFT).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from r1lab.config import StageConfig, config_dict, write_config
+from r1lab.engine.generate import SamplingParams
+from r1lab.rewards.base import prefills_think
+from r1lab.rewards.format import STRUCTURES
+from r1lab.stages.evaluate import (
+    TEMPLATE_NAMES,
+    SampleResult,
+    describe_model,
+    generate_completions,
+    judge_completions,
+    load_model_and_tokenizer,
+    load_task_examples,
+    parse_task_spec,
+    render_prompts,
+)
+from r1lab.stages.readability import (
+    DEFAULT_MAX_PARAGRAPH_CHARS,
+    DEFAULT_MIN_LANGUAGE_CONSISTENCY,
+    FILTERS,
+    check_filter_names,
+    normalized_text,
+    readability_problems,
+)
+from r1lab.tasks.base import Example
+from r1lab.training import console, is_done, mark_done, set_seed
+
+DATA_FILE = "data.jsonl"
+REJECTED_FILE = "rejected.jsonl"
+SUMMARY_FILE = "rejection.json"
+# Where a sample can leave the funnel, in order.
+FUNNEL = ("unjudged", "no_answer", "wrong", "truncated", *FILTERS, "duplicate", "over_cap")
+
+
+class Config(StageConfig):
+    """Settings of one rejection-sampling run; defaults are the tiny CPU settings."""
+
+    model: str  # model folder, hub id or stage run dir (the RL checkpoint, or a teacher)
+    tasks: list[str | dict[str, Any]] = Field(default_factory=lambda: [{"name": "chain_sum"}])
+    n: int | None = 200  # questions per task when its spec has no "n" (None = all)
+    split: str = "train"  # training questions: the held-out ones stay unseen
+    samples_per_question: int = Field(default=8, ge=1)
+    temperature: float = Field(default=0.6, ge=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    max_new_tokens: int = Field(default=128, ge=1)
+    template: str = "r1-chat"
+    max_per_question: int = Field(default=2, ge=1)
+    filters: list[str] = Field(default_factory=lambda: list(FILTERS))
+    drop_truncated: bool = True  # a response cut by the budget never learned to stop
+    deduplicate: bool = True
+    max_paragraph_chars: int = Field(default=DEFAULT_MAX_PARAGRAPH_CHARS, ge=1)
+    min_language_consistency: float = Field(default=DEFAULT_MIN_LANGUAGE_CONSISTENCY, ge=0, le=1)
+    max_batch_size: int = Field(default=256, ge=1)
+    write_rejected: bool = True
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        if value not in TEMPLATE_NAMES:
+            raise ValueError(
+                f"unknown template {value!r}; known templates: {', '.join(TEMPLATE_NAMES)}"
+            )
+        return value
+
+    @field_validator("filters")
+    @classmethod
+    def _known_filters(cls, value: list[str]) -> list[str]:
+        return check_filter_names(value)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list) -> list:
+        if not value:
+            raise ValueError("at least one task is needed")
+        for spec in value:
+            parse_task_spec(spec)
+        return value
+
+
+@dataclass
+class Selection:
+    """What the funnel kept and dropped, with counts per exit."""
+
+    kept: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    flagged: Counter = field(default_factory=Counter)  # readability flags among correct samples
+    questions_with_kept: int = 0
+
+
+def _exit(
+    sample: SampleResult,
+    readability: list[str],
+    seen: set,
+    key: tuple[str, str],
+    kept_here: int,
+    *,
+    drop_truncated: bool,
+    deduplicate: bool,
+    max_per_question: int,
+) -> str | None:
+    """Where `sample` leaves the funnel (a FUNNEL name), or None when it is kept."""
+    if not sample.judged:
+        return "unjudged"
+    if sample.answer is None:
+        return "no_answer"
+    if not sample.correct:
+        return "wrong"
+    if drop_truncated and sample.finish_reason == "length":
+        return "truncated"
+    if readability:
+        return readability[0]
+    if deduplicate and key in seen:
+        return "duplicate"
+    if kept_here >= max_per_question:
+        return "over_cap"
+    return None
+
+
+def select_samples(
+    examples: Sequence[Example],
+    prompts: Sequence[str],
+    rows: Sequence[Sequence[SampleResult]],
+    *,
+    template: str = "r1-chat",
+    filters: Iterable[str] = FILTERS,
+    drop_truncated: bool = True,
+    deduplicate: bool = True,
+    max_per_question: int = 2,
+    max_paragraph_chars: int = DEFAULT_MAX_PARAGRAPH_CHARS,
+    min_language_consistency: float = DEFAULT_MIN_LANGUAGE_CONSISTENCY,
+    provenance: dict | None = None,
+    label: str = "",
+) -> Selection:
+    """Run every sample through the funnel (see the module docstring); pure, no I/O."""
+    filters = check_filter_names(filters)
+    structure = template if template in STRUCTURES else "r1-chat"
+    out = Selection()
+    seen: set[tuple[str, str]] = set()
+    for ex, prompt, row in zip(examples, prompts, rows):
+        kept_here = 0
+        for index, sample in enumerate(row):
+            out.counts["sampled"] += 1
+            problems = readability_problems(
+                sample.completion,
+                language_consistency=sample.language_consistency,
+                filters=filters,
+                max_paragraph_chars=max_paragraph_chars,
+                min_language_consistency=min_language_consistency,
+                structure=structure,
+                prefilled=prefills_think(prompt),
+            )
+            if sample.correct:
+                out.counts["correct"] += 1
+                out.flagged.update(problems)
+            key = (normalized_text(ex.question), normalized_text(sample.completion))
+            reason = _exit(
+                sample,
+                problems,
+                seen,
+                key,
+                kept_here,
+                drop_truncated=drop_truncated,
+                deduplicate=deduplicate,
+                max_per_question=max_per_question,
+            )
+            record = {
+                "prompt": prompt,
+                "response": sample.completion,
+                "question": ex.question,
+                "answer": ex.answer,
+                "meta": ex.meta,
+                "task": label,
+                "sample_index": index,
+            }
+            if reason is None:
+                seen.add(key)
+                kept_here += 1
+                out.kept.append({**record, "provenance": provenance or {}})
+                out.counts["kept"] += 1
+            else:
+                out.counts[reason] += 1
+                out.rejected.append(
+                    {
+                        **record,
+                        "reason": reason,
+                        "predicted": sample.answer,
+                        "finish_reason": sample.finish_reason,
+                    }
+                )
+        out.questions_with_kept += kept_here > 0
+    return out
+
+
+def provenance_of(cfg: Config) -> dict:
+    """Where every kept sample came from: the model (its stage and step), sampling, date."""
+    model = describe_model(cfg.model)
+    return {
+        "model": model["path"],
+        "stage": model.get("stage"),
+        "step": model.get("step"),
+        "model_finished": model.get("finished"),
+        "model_fingerprint": model.get("fingerprint"),
+        "sampling": {
+            "template": cfg.template,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "max_new_tokens": cfg.max_new_tokens,
+            "samples_per_question": cfg.samples_per_question,
+            "seed": cfg.seed,
+        },
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _counts_summary(sel: Selection, n_questions: int) -> dict:
+    counts = {name: sel.counts.get(name, 0) for name in ("sampled", "correct", *FUNNEL, "kept")}
+    sampled = counts["sampled"]
+    return {
+        "questions": n_questions,
+        "questions_with_kept": sel.questions_with_kept,
+        "counts": counts,
+        "flagged_among_correct": {name: sel.flagged.get(name, 0) for name in FILTERS},
+        "accuracy": counts["correct"] / sampled if sampled else 0.0,
+        "keep_rate": counts["kept"] / sampled if sampled else 0.0,
+    }
+
+
+def _jsonl(rows: Sequence[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+
+
+def print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"rejection sampling: {summary['model']['path']}")
+    table.add_column("set")
+    for name in ("sampled", "correct", *FUNNEL, "kept"):
+        table.add_column(name, justify="right")
+    for label, part in {**summary["sets"], "total": summary["total"]}.items():
+        c = part["counts"]
+        table.add_row(label, *(str(c[name]) for name in ("sampled", "correct", *FUNNEL, "kept")))
+    console.print(table)
+
+
+def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
+    """Sample, judge, filter and write the SFT data; returns the summary (rejection.json)."""
+    from r1lab.model.checkpoint import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = cfg.fingerprint()
+    if resume and is_done(out, fingerprint) and (out / SUMMARY_FILE).is_file():
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+        print_summary(summary)
+        return summary
+
+    write_config(cfg, out / "config.yaml")
+    set_seed(cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
+    provenance = provenance_of(cfg)
+    params = SamplingParams(
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        n=cfg.samples_per_question,
+        seed=cfg.seed,
+    )
+    kept, rejected, sets = [], [], {}
+    total = Selection()
+    for spec in cfg.tasks:
+        spec, task, examples = load_task_examples(spec, cfg.n, cfg.split, cfg.seed)
+        prompts = render_prompts(cfg.template, examples, tokenizer)
+        completions = generate_completions(
+            model,
+            tokenizer,
+            prompts,
+            params,
+            max_batch_size=cfg.max_batch_size,
+            description=f"rejection {spec.label}",
+        )
+        rows = judge_completions(task, examples, prompts, completions, cfg.template)
+        sel = select_samples(
+            examples,
+            prompts,
+            rows,
+            template=cfg.template,
+            filters=cfg.filters,
+            drop_truncated=cfg.drop_truncated,
+            deduplicate=cfg.deduplicate,
+            max_per_question=cfg.max_per_question,
+            max_paragraph_chars=cfg.max_paragraph_chars,
+            min_language_consistency=cfg.min_language_consistency,
+            provenance=provenance,
+            label=spec.label,
+        )
+        sets[spec.label] = _counts_summary(sel, len(examples))
+        kept += sel.kept
+        rejected += sel.rejected
+        total.counts.update(sel.counts)
+        total.flagged.update(sel.flagged)
+        total.questions_with_kept += sel.questions_with_kept
+
+    n_questions = sum(s["questions"] for s in sets.values())
+    summary = {
+        "model": describe_model(cfg.model),
+        "output": str((out / DATA_FILE).resolve()),
+        "provenance": provenance,
+        "config": config_dict(cfg),
+        "sets": sets,
+        "total": _counts_summary(total, n_questions),
+    }
+    atomic_write_text(out / DATA_FILE, _jsonl(kept))
+    if cfg.write_rejected:
+        atomic_write_text(out / REJECTED_FILE, _jsonl(rejected))
+    atomic_write_text(
+        out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n"
+    )
+    print_summary(summary)
+    if not kept:
+        raise ValueError(
+            f"rejection sampling kept no sample out of {total.counts['sampled']} "
+            f"(see {out / SUMMARY_FILE} for where they were dropped)"
+        )
+    mark_done(
+        out,
+        fingerprint,
+        output=summary["output"],
+        kept=len(kept),
+        sampled=total.counts["sampled"],
+        keep_rate=round(summary["total"]["keep_rate"], 4),
+    )
+    return summary
