@@ -175,7 +175,7 @@ def procedural_pairs(cfg: Config) -> list[dict]:
         answer = str(ex["answer"])
         wrong = _wrong_answer(answer, rng)
         thought = ex["response"].rsplit("</think>", 1)[0] + "</think>\n"
-        zh = ex.get("meta", {}).get("language") == "zh"
+        zh = ex.get("language") == "zh"
         kind = rng.choice(["wrong", "hedge", "refuse", "ramble"])
         if kind == "wrong":
             bad = ("答案是 " if zh else "The answer is ") + f"\\boxed{{{wrong}}}."
@@ -314,7 +314,7 @@ def run(cfg: Config, out_dir, resume: bool = True) -> dict:
                 step += 1
                 record = {
                     "step": step,
-                    "loss": float(loss),
+                    "loss": loss.item(),
                     "accuracy": float((margin > 0).float().mean()),
                     "margin": float(margin.mean()),
                     "grad_norm": grad_norm,

@@ -1,0 +1,71 @@
+"""The Bradley-Terry reward model learns a procedural preference and plugs into GRPO."""
+
+import json
+
+import pytest
+import torch
+
+from r1lab.model.checkpoint import save_model
+from r1lab.model.config import config_for_size
+from r1lab.model.tokenizer import train_tokenizer
+from r1lab.model.transformer import Transformer
+from r1lab.stages import reward_model as rm_stage
+from r1lab.tasks.procedural import pretrain_documents
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A random micro decoder with a tokenizer trained on the procedural corpus."""
+    folder = tmp_path_factory.mktemp("base") / "model"
+    tok = train_tokenizer(
+        pretrain_documents("chain_sum", n=400, seed=0, zh_fraction=0.3), vocab_size=400
+    )
+    torch.manual_seed(0)
+    model = Transformer(
+        config_for_size(
+            "micro",
+            vocab_size=len(tok),
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+        )
+    )
+    save_model(model, folder, tokenizer=tok)
+    return folder
+
+
+def test_reward_model_learns_procedural_preference(base_dir, tmp_path):
+    cfg = rm_stage.Config(
+        model=str(base_dir), n_pairs=300, epochs=2, batch_size=16, lr=3e-3, max_length=64
+    )
+    summary = rm_stage.run(cfg, tmp_path / "rm")
+    assert summary["heldout_pair_accuracy"] >= 0.7
+    assert summary["heldout_pair_accuracy"] > summary["heldout_pair_accuracy_before"]
+    # The saved model scores like the trained one and ranks a clear answer over a refusal.
+    scorer = rm_stage.RewardModelScorer(tmp_path / "rm")
+    prompt = "<|user|>What is 12+30+41?<|assistant|>"
+    good = scorer([prompt], ["The answer is \\boxed{83}."])[0]
+    bad = scorer([prompt], ["I am not sure, I cannot answer this."])[0]
+    assert good > bad
+    # A rerun with the same config is skipped and returns the recorded summary.
+    again = rm_stage.run(cfg, tmp_path / "rm")
+    assert again["heldout_pair_accuracy"] == summary["heldout_pair_accuracy"]
+
+
+def test_pairs_file_errors_name_file_and_line(base_dir, tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text(
+        json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+        + "\n"
+        + json.dumps({"prompt": "p"})
+        + "\n"
+    )
+    cfg = rm_stage.Config(model=str(base_dir), data=[str(bad)])
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: missing or non-text field 'chosen'"):
+        rm_stage.run(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_summary_is_text_after_think():
+    assert rm_stage.summary_of("<think>\n1+1=2\n</think>\nThe answer is 2.") == "The answer is 2."
+    assert rm_stage.summary_of("no think block") == "no think block"
