@@ -48,7 +48,7 @@ from r1lab.metrics import (
     truncation_rate,
 )
 from r1lab.tasks.base import Example, Task, get_task, task_names
-from r1lab.training import console, is_done, mark_done, progress_bar, set_seed
+from r1lab.training import console, is_done, mark_done, progress_bar, set_cpu_threads, set_seed
 
 TEMPLATE_NAMES = ("r1-zero", "r1-chat", "plain")
 BREAKDOWN_KEYS = ("subject", "level", "language", "family")
@@ -530,7 +530,7 @@ def describe_model(path: str | Path) -> dict:
     """Where a model came from: its path, and the stage, step and config of its run dir.
 
     A stage run dir holds `DONE` (fingerprint, finish time, the stage's own summary such as
-    its last step) and `config.yaml`; a bare model folder has neither, and only its path is
+    its kind and last step) and `config.yaml`; a bare model folder has neither, and only its path is
     known.
     """
     import yaml
@@ -542,7 +542,8 @@ def describe_model(path: str | Path) -> dict:
     if done.is_file():
         record = json.loads(done.read_text())
         info["stage"] = run_dir.name
-        info["step"] = record.get("step")
+        info["stage_kind"] = record.get("stage")
+        info["step"] = record.get("step", record.get("steps"))
         info["finished"] = record.get("finished")
         info["fingerprint"] = record.get("fingerprint")
     if config.is_file():
@@ -668,6 +669,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         return report
 
     write_config(cfg, out / "config.yaml")
+    set_cpu_threads()
     set_seed(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
     sets: dict[str, dict] = {}

@@ -56,7 +56,7 @@ from r1lab.stages.readability import (
     readability_problems,
 )
 from r1lab.tasks.base import Example
-from r1lab.training import console, is_done, mark_done, set_seed
+from r1lab.training import console, is_done, mark_done, set_cpu_threads, set_seed
 
 DATA_FILE = "data.jsonl"
 REJECTED_FILE = "rejected.jsonl"
@@ -289,6 +289,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         return summary
 
     write_config(cfg, out / "config.yaml")
+    set_cpu_threads()
     set_seed(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
     provenance = provenance_of(cfg)
