@@ -56,8 +56,11 @@ from r1lab.stages.rollout import (
     RewardSet,
     Rollout,
     TaskMixture,
+    check_judged,
     collect_rollout,
     question_key,
+    rollout_metrics,
+    sample_records,
 )
 from r1lab.training import (
     MetricsLog,
@@ -220,7 +223,6 @@ RESUME_NEUTRAL = {
 }
 ZERO_STD_WARN_FRAC = 0.5
 ZERO_STD_WARN_EVERY = 25
-SAMPLE_TEXT_CHARS = 1500
 
 
 class NonFiniteLossError(RuntimeError):
@@ -485,64 +487,7 @@ def update_on_rollout(
     return out
 
 
-# ---- metrics ------------------------------------------------------------------------------
-def rollout_metrics(rollout: Rollout, cfg: Config) -> dict[str, Any]:
-    """Reward, length and signal statistics over every group sampled this step."""
-    from r1lab.rewards.combine import CombinedRewards
-
-    groups = rollout.sampled
-    combined = CombinedRewards(
-        weights={},
-        scores={k: [v for g in groups for v in g.by_fn[k]] for k in groups[0].by_fn},
-        reasons={},
-        total=[r for g in groups for r in g.rewards],
-    )
-    out: dict[str, Any] = combined.metrics()
-    judged_stds = []
-    for g in groups:
-        judged = torch.tensor([r for r in g.rewards if r is not None])
-        judged_stds.append(float(judged.std()) if judged.numel() > 1 else 0.0)
-    out["reward_std"] = sum(judged_stds) / len(judged_stds)
-    out["frac_reward_zero_std"] = sum(not g.has_signal for g in groups) / len(groups)
-    lengths = [len(c.token_ids) for g in groups for c in g.completions]
-    reasons = [c.finish_reason for g in groups for c in g.completions]
-    out["completions/mean_length"] = sum(lengths) / len(lengths)
-    out["completions/clipped_ratio"] = sum(r == "length" for r in reasons) / len(reasons)
-    out["rollout/tokens_per_s"] = sum(lengths) / max(rollout.sample_s, 1e-9)
-    if cfg.dynamic_sampling:
-        out["dynamic_sampling/rounds"] = rollout.rounds
-        out["dynamic_sampling/kept_groups"] = len(rollout.groups)
-    return out
-
-
-def not_judged(rollout: Rollout) -> dict[str, Counter]:
-    """Per reward function, how often each reason for a None score came up."""
-    out: dict[str, Counter] = {}
-    for g in rollout.sampled:
-        for fn, scores in g.by_fn.items():
-            for s, why in zip(scores, g.reasons[fn]):
-                if s is None:
-                    out.setdefault(fn, Counter())[why or "no reason given"] += 1
-    return out
-
-
-def check_judged(rollout: Rollout, step: int) -> None:
-    """Stop on a step where nothing could be judged; say loudly when some of it was not."""
-    reasons = not_judged(rollout)
-    if all(r is None for g in rollout.sampled for r in g.rewards):
-        detail = "; ".join(f"{fn}: {dict(c.most_common(3))}" for fn, c in reasons.items())
-        raise RuntimeError(
-            f"step {step}: no completion could be judged by the rewards (every total reward is "
-            f"None), so there is nothing to learn from. Reasons: {detail or 'none given'}. "
-            "Check the reward functions and the task's reference answers."
-        )
-    for fn, counter in reasons.items():
-        top = ", ".join(f"{why!r} x{n}" for why, n in counter.most_common(3))
-        console.print(
-            f"[yellow]step {step}: reward {fn} could not judge {sum(counter.values())} completions: {top}"
-        )
-
-
+# ---- signal and logs ------------------------------------------------------------------------
 def warn_zero_variance(frac: float, step: int, last_warned: int | None) -> int | None:
     """A loud warning when most groups have no reward spread (no learning signal)."""
     if frac <= ZERO_STD_WARN_FRAC or (
@@ -558,28 +503,6 @@ def warn_zero_variance(frac: float, step: int, last_warned: int | None) -> int |
     )
     console.print(f"[bold red]WARNING: {message}")
     return step
-
-
-def sample_records(rollout: Rollout, step: int, k: int) -> list[dict]:
-    """The first completion of the first `k` groups, for samples.jsonl."""
-    out = []
-    for g in rollout.sampled[:k]:
-        c = g.completions[0]
-        out.append(
-            {
-                "step": step,
-                "question": g.example.question,
-                "answer": g.example.answer,
-                "completion": (c.text or "")[:SAMPLE_TEXT_CHARS],
-                "reward": g.rewards[0],
-                "rewards": {fn: v[0] for fn, v in g.by_fn.items()},
-                "reasons": {fn: v[0] for fn, v in g.reasons.items() if v[0]},
-                "finish_reason": c.finish_reason,
-                "length": len(c.token_ids),
-                "group_rewards": g.rewards,
-            }
-        )
-    return out
 
 
 def console_line(step: int, total: int, m: dict[str, Any]) -> str:
@@ -882,7 +805,7 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
         max_batch_size=cfg.rollout_batch_size or None,
     )
     check_judged(rollout, step)
-    record = {"step": step, **rollout_metrics(rollout, cfg)}
+    record = {"step": step, **rollout_metrics(rollout, cfg.dynamic_sampling)}
 
     t_train = time.perf_counter()
     upd: dict[str, Any] = {"skipped": 0, "optimizer_steps": 0}
@@ -959,7 +882,6 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             rs.last_warned = warn_zero_variance(
                 record["frac_reward_zero_std"], step, rs.last_warned
             )
-            track_nan(rs, record, step, cfg, out)
             if (
                 cfg.max_minutes is not None
                 and rs.elapsed() > 60 * cfg.max_minutes
@@ -974,6 +896,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
                 samples.write(_clean(s))
             console.print(console_line(step, cfg.steps, record))
             advance(1)
+            track_nan(rs, record, step, cfg, out)
             if stopped or step % cfg.save_every == 0 or step == cfg.steps:
                 save_checkpoint(out, rs.snapshot, rs.tokenizer, step, rs.extra())
             if stopped:

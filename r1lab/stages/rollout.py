@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import random
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from typing import Any
 from r1lab.engine.generate import Completion, SamplingParams, sample
 from r1lab.model.tokenizer import render_prompt
 from r1lab.tasks.base import Example, Task, get_task
+from r1lab.training import console
 
 # Built-in rewards whose behaviour follows the prompt template (the structure they check,
 # where they read the final answer): their options default to the run's template.
@@ -35,6 +37,9 @@ def derive_seed(*parts: Any) -> int:
     """A 31-bit seed from any parts: the same parts give the same seed on every machine."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+SAMPLE_TEXT_CHARS = 1500
 
 
 def question_key(text: str) -> str:
@@ -147,6 +152,15 @@ class Group:
     reasons: dict[str, list[str | None]] = field(default_factory=dict)
 
     @property
+    def reward_std(self) -> float:
+        """Sample std of the judged rewards (0 with fewer than two), as the advantage uses."""
+        judged = [r for r in self.rewards if r is not None]
+        if len(judged) < 2:
+            return 0.0
+        mean = sum(judged) / len(judged)
+        return math.sqrt(sum((r - mean) ** 2 for r in judged) / (len(judged) - 1))
+
+    @property
     def has_signal(self) -> bool:
         """At least two judged rewards that differ: the group has a non-zero advantage."""
         judged = [r for r in self.rewards if r is not None]
@@ -256,3 +270,79 @@ def collect_rollout(
         sampled += groups
         kept += [g for g in groups if g.has_signal] if dynamic_sampling else groups
     return Rollout(kept[:questions], sampled, rounds, sample_s, score_s)
+
+
+# ---- what a rollout says ------------------------------------------------------------------
+def rollout_metrics(rollout: Rollout, dynamic_sampling: bool = False) -> dict[str, Any]:
+    """Reward, length and signal statistics over every group sampled this step."""
+    from r1lab.rewards.combine import CombinedRewards
+
+    groups = rollout.sampled
+    combined = CombinedRewards(
+        weights={},
+        scores={k: [v for g in groups for v in g.by_fn[k]] for k in groups[0].by_fn},
+        reasons={},
+        total=[r for g in groups for r in g.rewards],
+    )
+    out: dict[str, Any] = combined.metrics()
+    out["reward_std"] = sum(g.reward_std for g in groups) / len(groups)
+    out["frac_reward_zero_std"] = sum(not g.has_signal for g in groups) / len(groups)
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    reasons = [c.finish_reason for g in groups for c in g.completions]
+    out["completions/mean_length"] = sum(lengths) / len(lengths)
+    out["completions/clipped_ratio"] = sum(r == "length" for r in reasons) / len(reasons)
+    out["rollout/tokens_per_s"] = sum(lengths) / max(rollout.sample_s, 1e-9)
+    if dynamic_sampling:
+        out["dynamic_sampling/rounds"] = rollout.rounds
+        out["dynamic_sampling/kept_groups"] = len(rollout.groups)
+    return out
+
+
+def not_judged(rollout: Rollout) -> dict[str, Counter]:
+    """Per reward function, how often each reason for a None score came up."""
+    out: dict[str, Counter] = {}
+    for g in rollout.sampled:
+        for fn, scores in g.by_fn.items():
+            for s, why in zip(scores, g.reasons[fn]):
+                if s is None:
+                    out.setdefault(fn, Counter())[why or "no reason given"] += 1
+    return out
+
+
+def check_judged(rollout: Rollout, step: int) -> None:
+    """Stop on a step where nothing could be judged; say loudly when some of it was not."""
+    reasons = not_judged(rollout)
+    if all(r is None for g in rollout.sampled for r in g.rewards):
+        detail = "; ".join(f"{fn}: {dict(c.most_common(3))}" for fn, c in reasons.items())
+        raise RuntimeError(
+            f"step {step}: no completion could be judged by the rewards (every total reward is "
+            f"None), so there is nothing to learn from. Reasons: {detail or 'none given'}. "
+            "Check the reward functions and the task's reference answers."
+        )
+    for fn, counter in reasons.items():
+        top = ", ".join(f"{why!r} x{n}" for why, n in counter.most_common(3))
+        console.print(
+            f"[yellow]step {step}: reward {fn} could not judge {sum(counter.values())} completions: {top}"
+        )
+
+
+def sample_records(rollout: Rollout, step: int, k: int) -> list[dict]:
+    """The first completion of the first `k` groups, for samples.jsonl."""
+    out = []
+    for g in rollout.sampled[:k]:
+        c = g.completions[0]
+        out.append(
+            {
+                "step": step,
+                "question": g.example.question,
+                "answer": g.example.answer,
+                "completion": (c.text or "")[:SAMPLE_TEXT_CHARS],
+                "reward": g.rewards[0],
+                "rewards": {fn: v[0] for fn, v in g.by_fn.items()},
+                "reasons": {fn: v[0] for fn, v in g.reasons.items() if v[0]},
+                "finish_reason": c.finish_reason,
+                "length": len(c.token_ids),
+                "group_rewards": g.rewards,
+            }
+        )
+    return out

@@ -1,0 +1,210 @@
+"""`r1lab grpo` end to end on a micro model: metrics, resume, rewards that cannot judge."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+
+from r1lab.config import ConfigError, build_config
+from r1lab.model.checkpoint import load_model, save_model
+from r1lab.model.config import config_for_size
+from r1lab.model.tokenizer import train_tokenizer
+from r1lab.model.transformer import Transformer
+from r1lab.stages import grpo
+from r1lab.tasks.procedural import pretrain_documents
+from r1lab.training import read_jsonl
+
+# Every per-step metric name DESIGN.md promises.
+DESIGN_METRICS = (
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "completions/mean_length",
+    "completions/clipped_ratio",
+    "kl",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/high_mean",
+    "grad_norm",
+    "learning_rate",
+    "step_time",
+    "rollout/tokens_per_s",
+    "train/tokens_per_s",
+)
+
+REWARDS_MODULE = '''
+def spread(prompts, completions, **columns):
+    """Varies with the completion, so groups have a spread and the update has a gradient."""
+    return [(len(c) % 5) / 4 for c in completions]
+
+def constant(prompts, completions, **columns):
+    return [1.0] * len(completions)
+
+def never(prompts, completions, **columns):
+    return [None] * len(completions)
+'''
+
+
+@pytest.fixture(scope="module")
+def micro_dir(tmp_path_factory):
+    """A random micro model with a small BPE tokenizer, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("micro") / "model"
+    tokenizer = train_tokenizer(pretrain_documents("chain_sum", n=400, seed=0), vocab_size=512)
+    cfg = config_for_size(
+        "micro",
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    save_model(Transformer(cfg), folder, tokenizer=tokenizer)
+    return folder
+
+
+@pytest.fixture
+def rewards_module(tmp_path, monkeypatch):
+    """`testrewards:<fn>` names a user reward function (the module:function form)."""
+    (tmp_path / "testrewards.py").write_text(textwrap.dedent(REWARDS_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "testrewards"
+
+
+def small(micro_dir, **overrides) -> grpo.Config:
+    settings = dict(
+        model=str(micro_dir),
+        steps=3,
+        questions_per_step=2,
+        group_size=4,
+        max_new_tokens=12,
+        eval_n=3,
+        eval_k=1,
+        warmup_steps=0,
+        lr=1e-3,
+        save_every=1,
+        log_samples=1,
+    )
+    return build_config(grpo.Config, {**settings, **overrides})
+
+
+def test_run_writes_every_design_metric(micro_dir, rewards_module, tmp_path):
+    cfg = small(micro_dir, beta=0.04, rewards={"accuracy": 1, "format": 1, f"{rewards_module}:spread": 1})
+    summary = grpo.run(cfg, tmp_path / "run")
+
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    steps = [r for r in records if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for record in steps:
+        missing = [k for k in DESIGN_METRICS if k not in record]
+        assert not missing, f"step {record['step']} lacks {missing}"
+        for name in ("accuracy", "format", "spread"):
+            assert f"rewards/{name}/mean" in record
+    assert steps[0]["kl"] == 0.0  # the reference is the starting policy
+    assert steps[-1]["kl"] > 0 and steps[-1]["grad_norm"] > 0
+    assert records[0]["step"] == 0 and "eval/pass@1" in records[0]  # before any update
+    assert "eval/pass@1" in steps[-1]
+    assert steps[0]["rollout/logprob_diff"] < 1e-4  # sampler and training agree
+
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    assert [s["step"] for s in samples] == [1, 2, 3]
+    done = json.loads((tmp_path / "run" / "DONE").read_text())
+    assert done["pass@1_before"] == summary["pass@1_before"]
+    assert "pass@1_after" in done
+    assert load_model(tmp_path / "run" / "model").num_parameters() > 0
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_where_it_saved(micro_dir, rewards_module, tmp_path, monkeypatch):
+    cfg = small(micro_dir, steps=4, save_every=2, beta=0.04, rewards={f"{rewards_module}:spread": 1})
+    grpo.run(cfg, tmp_path / "whole")
+
+    real_save = grpo.save_checkpoint
+
+    def save_then_die(out, snapshot, tokenizer, step, extra):
+        real_save(out, snapshot, tokenizer, step, extra)
+        if step == 2:
+            raise Killed
+
+    monkeypatch.setattr(grpo, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        grpo.run(cfg, tmp_path / "killed")
+    assert not (tmp_path / "killed" / "DONE").exists()
+    monkeypatch.setattr(grpo, "save_checkpoint", real_save)
+    started = []
+    monkeypatch.setattr(grpo, "train_step", lambda rs, c, step: started.append(step) or train_step(rs, c, step))
+    grpo.run(cfg, tmp_path / "killed")
+
+    assert started == [3, 4]
+    assert (tmp_path / "killed" / "DONE").exists()
+    whole = read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+    resumed = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
+    for a, b in zip(whole, resumed):
+        assert a.get("reward") == b.get("reward") and a.get("eval/pass@1") == b.get("eval/pass@1")
+    # Same rollouts, same updates: the resumed run ends with the uninterrupted run's weights.
+    a = load_model(tmp_path / "whole" / "model").state_dict()
+    b = load_model(tmp_path / "killed" / "model").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+train_step = grpo.train_step
+
+
+def test_rewards_that_judge_nothing_stop_the_run(micro_dir, rewards_module, tmp_path):
+    cfg = small(micro_dir, rewards={f"{rewards_module}:never": 1})
+    with pytest.raises(RuntimeError, match="no completion could be judged"):
+        grpo.run(cfg, tmp_path / "run")
+
+
+def test_zero_variance_warning(micro_dir, rewards_module, tmp_path, capsys):
+    cfg = small(micro_dir, steps=1, rewards={f"{rewards_module}:constant": 1})
+    grpo.run(cfg, tmp_path / "run")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "100% of the groups have zero reward variance" in err
+    record = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward" in r][0]
+    assert record["frac_reward_zero_std"] == 1.0 and record["reward"] == 1.0
+
+
+def test_nan_loss_skips_then_stops(micro_dir, rewards_module, tmp_path, monkeypatch):
+    real_loss = grpo.policy_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        return loss * math.nan, stats
+
+    monkeypatch.setattr(grpo, "policy_loss", nan_loss)
+    cfg = small(micro_dir, steps=5, max_nan_steps=2, rewards={f"{rewards_module}:spread": 1})
+    before = {k: v.clone() for k, v in load_model(micro_dir).state_dict().items()}
+    with pytest.raises(grpo.NonFiniteLossError, match="2 steps in a row"):
+        grpo.run(cfg, tmp_path / "run")
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
+    assert [r["skipped_updates"] for r in records] == [1, 1]
+    after = load_model(tmp_path / "run" / "model").state_dict()  # saved after step 1
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="group_size"):
+        build_config(grpo.Config, {"model": "m", "group_size": 1})
+    with pytest.raises(ConfigError, match="aggregation"):
+        build_config(grpo.Config, {"model": "m", "aggregation": "sum"})
+    with pytest.raises(ConfigError, match="mini_batches"):
+        build_config(grpo.Config, {"model": "m", "questions_per_step": 2, "group_size": 2, "mini_batches": 5})
+    cfg = build_config(grpo.Config, {"tasks": {"chain_sum": 3, "arithmetic": 1}, "rewards": {"accuracy": 2}})
+    assert [(t.name, t.weight) for t in cfg.tasks] == [("chain_sum", 3), ("arithmetic", 1)]
+    assert cfg.rewards["accuracy"].weight == 2
+
+
+def test_unknown_reward_and_missing_model_are_config_errors(micro_dir, tmp_path):
+    with pytest.raises(ConfigError, match="model"):
+        grpo.run(grpo.Config(), tmp_path / "a")
+    with pytest.raises(ConfigError, match="rewards"):
+        grpo.run(small(micro_dir, rewards={"acuracy": 1}), tmp_path / "b")
