@@ -46,21 +46,36 @@ CASES.append(("seq-mean-token-mean", False, "sequence"))
 
 
 @pytest.mark.parametrize("aggregation, on_policy, ratio_level", CASES)
-def test_gradient_is_independent_of_micro_batch_size(randomize, aggregation, on_policy, ratio_level):
+def test_gradient_is_independent_of_micro_batch_size(
+    randomize, aggregation, on_policy, ratio_level
+):
     policy, ref, stale = (micro_model(s, randomize) for s in (0, 1, 2))
     batch = rollout_batch()
     indices = list(range(len(batch)))
     # Old log-probs from other weights: ratios away from 1, so both clip sides are exercised.
-    base = dict(model="unused", aggregation=aggregation, ratio_level=ratio_level, beta=0.04,
-                eps_low=0.2, eps_high=0.28, max_new_tokens=12, temperature=0.9)
+    base = dict(
+        model="unused",
+        aggregation=aggregation,
+        ratio_level=ratio_level,
+        beta=0.04,
+        eps_low=0.2,
+        eps_high=0.28,
+        max_new_tokens=12,
+        temperature=0.9,
+    )
     old = None if on_policy else old_policy_logprobs(stale, batch, Config(**base), PAD)
 
     results = {}
     for micro in (1, 4, 0):  # one sequence at a time, four, the whole mini-batch
         policy.zero_grad(set_to_none=True)
         stats = accumulate_gradients(
-            policy, batch, indices, Config(**base, micro_batch_size=micro),
-            pad_id=PAD, old_logprobs=old, ref_model=ref,
+            policy,
+            batch,
+            indices,
+            Config(**base, micro_batch_size=micro),
+            pad_id=PAD,
+            old_logprobs=old,
+            ref_model=ref,
         )
         assert stats["finite"]
         results[micro] = (gradients(policy), stats)
@@ -71,7 +86,9 @@ def test_gradient_is_independent_of_micro_batch_size(randomize, aggregation, on_
         grads, stats = results[micro]
         assert grads.keys() == full_grads.keys()
         for name, g in grads.items():
-            torch.testing.assert_close(g, full_grads[name], atol=1e-6, rtol=0, msg=f"{micro=}: {name}")
+            torch.testing.assert_close(
+                g, full_grads[name], atol=1e-6, rtol=0, msg=f"{micro=}: {name}"
+            )
         assert stats["loss"] == pytest.approx(full_stats["loss"], abs=1e-6)
         for key in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean"):
             assert stats[key] == pytest.approx(full_stats[key], abs=1e-6)

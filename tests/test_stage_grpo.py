@@ -92,7 +92,9 @@ def small(micro_dir, **overrides) -> grpo.Config:
 
 
 def test_run_writes_every_design_metric(micro_dir, rewards_module, tmp_path):
-    cfg = small(micro_dir, beta=0.04, rewards={"accuracy": 1, "format": 1, f"{rewards_module}:spread": 1})
+    cfg = small(
+        micro_dir, beta=0.04, rewards={"accuracy": 1, "format": 1, f"{rewards_module}:spread": 1}
+    )
     summary = grpo.run(cfg, tmp_path / "run")
 
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -122,7 +124,9 @@ class Killed(Exception):
 
 
 def test_killed_run_resumes_where_it_saved(micro_dir, rewards_module, tmp_path, monkeypatch):
-    cfg = small(micro_dir, steps=4, save_every=2, beta=0.04, rewards={f"{rewards_module}:spread": 1})
+    cfg = small(
+        micro_dir, steps=4, save_every=2, beta=0.04, rewards={f"{rewards_module}:spread": 1}
+    )
     grpo.run(cfg, tmp_path / "whole")
 
     real_save = grpo.save_checkpoint
@@ -138,7 +142,9 @@ def test_killed_run_resumes_where_it_saved(micro_dir, rewards_module, tmp_path, 
     assert not (tmp_path / "killed" / "DONE").exists()
     monkeypatch.setattr(grpo, "save_checkpoint", real_save)
     started = []
-    monkeypatch.setattr(grpo, "train_step", lambda rs, c, step: started.append(step) or train_step(rs, c, step))
+    monkeypatch.setattr(
+        grpo, "train_step", lambda rs, c, step: started.append(step) or train_step(rs, c, step)
+    )
     grpo.run(cfg, tmp_path / "killed")
 
     assert started == [3, 4]
@@ -197,8 +203,12 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="aggregation"):
         build_config(grpo.Config, {"model": "m", "aggregation": "sum"})
     with pytest.raises(ConfigError, match="mini_batches"):
-        build_config(grpo.Config, {"model": "m", "questions_per_step": 2, "group_size": 2, "mini_batches": 5})
-    cfg = build_config(grpo.Config, {"tasks": {"chain_sum": 3, "arithmetic": 1}, "rewards": {"accuracy": 2}})
+        build_config(
+            grpo.Config, {"model": "m", "questions_per_step": 2, "group_size": 2, "mini_batches": 5}
+        )
+    cfg = build_config(
+        grpo.Config, {"tasks": {"chain_sum": 3, "arithmetic": 1}, "rewards": {"accuracy": 2}}
+    )
     assert [(t.name, t.weight) for t in cfg.tasks] == [("chain_sum", 3), ("arithmetic", 1)]
     assert cfg.rewards["accuracy"].weight == 2
 
