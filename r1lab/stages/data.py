@@ -385,14 +385,14 @@ class Budget:
 
     def progress(self, step: int, elapsed: float) -> float:
         done = step / self.max_steps
-        if self.max_seconds:
-            done = max(done, elapsed / self.max_seconds)
+        if self.max_seconds is not None:
+            done = max(done, elapsed / max(self.max_seconds, 1e-9))
         return min(done, 1.0)
 
     def stop_reason(self, step: int, elapsed: float) -> str | None:
         if step >= self.max_steps:
             return "max_steps"
-        if self.max_seconds and elapsed >= self.max_seconds:
+        if self.max_seconds is not None and elapsed >= self.max_seconds:
             return "max_minutes"
         return None
 

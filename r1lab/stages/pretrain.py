@@ -253,12 +253,14 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     model.train()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     step, position, extra = 0, {"epoch": 0, "offset": 0}, {}
+    resumed_from = None
     if record is not None:
         info = restore_checkpoint(out, model, optimizer)
         step, position, extra = info["step"], info["data_position"], info["extra"]
         if extra.get("data_hash") != data_hash:
             raise RuntimeError(f"pretrain: the corpus differs from the one {out} was trained on")
         console.print(f"pretrain: resuming {out} after step {step}")
+        resumed_from = step
     else:
         out.mkdir(parents=True, exist_ok=True)
         for stale in (out / DONE_FILE, out / "state"):
@@ -267,7 +269,8 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     log = MetricsLog(out / "metrics.jsonl", resume_step=step + 1 if record else None)
 
     setup_s = extra.get("setup_s", time.perf_counter() - clock_start)
-    budget = Budget(cfg.max_steps, cfg.max_minutes * 60 - setup_s if cfg.max_minutes else None)
+    loop_s = max(0.0, cfg.max_minutes * 60 - setup_s) if cfg.max_minutes else None
+    budget = Budget(cfg.max_steps, loop_s)
     n_params = model.num_parameters()
     console.print(
         f"pretrain: {n_params:,} parameters ({cfg.size}), vocabulary {len(tokenizer)}, "
@@ -351,6 +354,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         "stage": STAGE,
         "model": str(out / "model"),
         "steps": step,
+        "resumed_from": resumed_from,
         "stopped_by": stop,
         "loss": sum(recent) / len(recent) if recent else None,
         "val_loss": val_loss,

@@ -198,6 +198,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     step, extra = 0, {}
+    resumed_from = None
     if record is not None:
         info = restore_checkpoint(out, model, optimizer)
         step, extra = info["step"], info["extra"]
@@ -205,6 +206,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         if extra.get("data_hash") != data_hash:
             raise RuntimeError(f"sft: the data differs from the data {out} was trained on")
         console.print(f"sft: resuming {out} after step {step}")
+        resumed_from = step
     else:
         out.mkdir(parents=True, exist_ok=True)
         for stale in (out / DONE_FILE, out / "state"):
@@ -300,6 +302,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         "base": str(source),
         "data": list(cfg.data),
         "steps": step,
+        "resumed_from": resumed_from,
         "stopped_by": stop,
         "loss": sum(recent) / len(recent) if recent else None,
         "val_loss": val_loss,
