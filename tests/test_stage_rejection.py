@@ -239,14 +239,16 @@ def test_switching_filters_off_keeps_more(stage_dir, scripted, tmp_path):
     assert summary["total"]["flagged_among_correct"] == dict.fromkeys(FILTERS, 0)
 
 
-def test_nothing_kept_is_an_error_with_the_counts_written(stage_dir, scripted, tmp_path):
+def test_too_few_kept_is_an_error_with_the_counts_written(stage_dir, scripted, tmp_path):
     cfg = make_config(stage_dir)
     scripted.update({0: [(chat("x", "-1"), "stop")] * 8, 1: [(chat("x", "-1"), "stop")] * 8})
     out = tmp_path / "rs"
-    with pytest.raises(ValueError, match="kept no sample out of 16"):
+    with pytest.raises(ValueError, match="kept 0 of 16 samples.*min_kept=0 accepts"):
         rej.run(cfg, out)
     assert json.loads((out / "rejection.json").read_text())["total"]["counts"]["wrong"] == 16
     assert not (out / "DONE").exists()
+    rej.run(cfg.model_copy(update={"min_kept": 0}), out)  # a wiring check may accept nothing
+    assert (out / "data.jsonl").read_text() == "" and (out / "DONE").exists()
 
 
 def test_finished_run_is_not_sampled_again(stage_dir, scripted, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -185,22 +186,9 @@ def sampling_settings(
 ) -> dict:
     """The sampling protocol as recorded in results (greedy shows as temperature 0, k 1)."""
     if greedy:
-        return {
-            "greedy": True,
-            "k": 1,
-            "temperature": 0.0,
-            "top_p": 1.0,
-            "max_new_tokens": max_new_tokens,
-            "seed": seed,
-        }
-    return {
-        "greedy": False,
-        "k": k,
-        "temperature": temperature,
-        "top_p": top_p,
-        "max_new_tokens": max_new_tokens,
-        "seed": seed,
-    }
+        k, temperature, top_p = 1, 0.0, 1.0
+    return {"greedy": greedy, "k": k, "temperature": temperature, "top_p": top_p,
+            "max_new_tokens": max_new_tokens, "seed": seed}  # fmt: skip
 
 
 def render_prompts(template: str, examples: Sequence[Example], tokenizer) -> list[str]:
@@ -230,7 +218,8 @@ def generate_completions(
     ids = tokenizer(list(prompts))["input_ids"]
     per_batch = max(1, max_batch_size // params.n)
     out: list[Completion] = []
-    with progress_bar(description, total=len(prompts)) if progress else _no_bar() as advance:
+    bar = progress_bar(description, total=len(prompts)) if progress else nullcontext(_no_advance)
+    with bar as advance:
         for b, start in enumerate(range(0, len(ids), per_batch)):
             seed = None if params.seed is None else params.seed + b
             batch_params = SamplingParams(**{**asdict(params), "seed": seed})
@@ -243,12 +232,8 @@ def generate_completions(
     return out
 
 
-class _no_bar:
-    def __enter__(self) -> Callable[..., None]:
-        return lambda *args, **kwargs: None
-
-    def __exit__(self, *exc) -> None:
-        return None
+def _no_advance(n: int = 1, info: str = "") -> None:
+    return None
 
 
 def judge_completions(
@@ -284,7 +269,8 @@ def judge_completions(
         rows[c.prompt_index].append(
             SampleResult(
                 completion=texts[i],
-                answer=extract_answer(texts[i], hint, prefilled=prefills_think(row_prompts[i])),
+                answer=extract_answer(texts[i], hint, prefilled=prefills_think(row_prompts[i]))
+                or None,  # an empty answer is no answer: it never votes
                 correct=score is not None and score >= 1.0,
                 judged=score is not None,
                 reason=accuracy.reasons[i],

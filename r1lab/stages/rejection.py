@@ -85,6 +85,7 @@ class Config(StageConfig):
     min_language_consistency: float = Field(default=DEFAULT_MIN_LANGUAGE_CONSISTENCY, ge=0, le=1)
     max_batch_size: int = Field(default=256, ge=1)
     write_rejected: bool = True
+    min_kept: int = Field(default=1, ge=0)  # fewer kept samples than this is an error
 
     @field_validator("template")
     @classmethod
@@ -351,10 +352,15 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n"
     )
     print_summary(summary)
-    if not kept:
+    if len(kept) < cfg.min_kept:
         raise ValueError(
-            f"rejection sampling kept no sample out of {total.counts['sampled']} "
-            f"(see {out / SUMMARY_FILE} for where they were dropped)"
+            f"rejection sampling kept {len(kept)} of {total.counts['sampled']} samples, fewer "
+            f"than min_kept={cfg.min_kept} (see {out / SUMMARY_FILE} for where they were "
+            "dropped; min_kept=0 accepts an empty result)"
+        )
+    if not kept:
+        console.print(
+            f"[bold yellow]WARNING[/]: rejection sampling kept no sample; {DATA_FILE} is empty"
         )
     mark_done(
         out,
