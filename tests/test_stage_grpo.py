@@ -218,3 +218,43 @@ def test_unknown_reward_and_missing_model_are_config_errors(micro_dir, tmp_path)
         grpo.run(grpo.Config(), tmp_path / "a")
     with pytest.raises(ConfigError, match="rewards"):
         grpo.run(small(micro_dir, rewards={"acuracy": 1}), tmp_path / "b")
+
+
+def test_dapo_style_options_run(micro_dir, rewards_module, tmp_path):
+    """Dynamic sampling, overlong penalty, truncation masking, several mini-batches and epochs."""
+    cfg = small(
+        micro_dir,
+        steps=2,
+        rewards={f"{rewards_module}:spread": 1},
+        dynamic_sampling=True,
+        max_resample=1,
+        overlong_buffer=4,
+        mask_truncated=True,
+        mini_batches=2,
+        mu=2,
+        micro_batch_size=3,
+        eps_high=0.28,
+        aggregation="token-mean",
+    )
+    grpo.run(cfg, tmp_path / "run")
+    steps = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
+    assert len(steps) == 2
+    for record in steps:
+        assert "rewards/overlong_penalty/mean" in record
+        assert 1 <= record["dynamic_sampling/rounds"] <= 2
+        assert record["dynamic_sampling/kept_groups"] <= 2
+
+
+def test_training_pool_never_holds_an_eval_question():
+    from r1lab.stages.rollout import TaskMixture, question_key
+    from r1lab.tasks.base import get_task
+
+    spec = grpo.TaskSpec(name="chain_sum")
+    train = get_task("chain_sum").examples("train", n=50, seed=0)
+    exclude = {question_key(ex.question) for ex in train[:10]}
+    mixture = TaskMixture([spec], pool_size=50, seed=0, exclude=exclude)
+    assert mixture.removed >= 10
+    drawn = mixture.draw(40, step=1)
+    assert len(drawn) == 40
+    assert not any(question_key(ex.question) in exclude for _, ex in drawn)
+    assert drawn == mixture.draw(40, step=1)  # the same step draws the same questions

@@ -96,6 +96,13 @@ class RewardSpec(BaseModel):
 
 
 class Config(StageConfig):
+    """`r1lab grpo`. Defaults are the tiny CPU run (a 0.8M-parameter base, ~5 minutes).
+
+    Step counts are rollouts: one step samples `questions_per_step` x `group_size`
+    completions and makes `mu` x `mini_batches` optimizer steps on them. The presets
+    r1-zero, dapo and dr-grpo hold the papers' settings for real checkpoints.
+    """
+
     # what to train, on what
     model: str = Field("", description="model folder, hub id, or an earlier stage's run dir")
     tasks: list[TaskSpec] = Field(default_factory=lambda: [TaskSpec(name="chain_sum")])
@@ -143,7 +150,7 @@ class Config(StageConfig):
     norm_length: float | None = Field(None, gt=0)
     adv_scale: Literal["group", "batch", "none"] = "group"
     adv_baseline: Literal["mean", "loo"] = "mean"
-    ref_refresh_every: int = Field(400, ge=0, description="0 = never")
+    ref_refresh_every: int = Field(400, ge=0, description="steps between reference updates; 0 = never")
     # evaluation on held-out questions (the eval stage's protocol)
     eval_every: int = Field(50, ge=0, description="0 = only before and after")
     eval_n: int = Field(200, ge=1)
