@@ -141,7 +141,13 @@ def stage_config(stage: Stage, run_dir: Path, preset: dict, overrides: dict):
         wiring["model"] = str(run_dir / stage.model_from)
     if stage.data_from:
         own = section.get("data", [])
-        wiring["data"] = list(own) + [_upstream_sample_file(run_dir / d) for d in stage.data_from]
+        files = [_upstream_sample_file(run_dir / d) for d in stage.data_from]
+        for path in files:
+            if not Path(path).read_text().strip():
+                console.print(
+                    f"[yellow]{stage.name}: {path} holds no samples; training on the other sources"
+                )
+        wiring["data"] = list(own) + [p for p in files if Path(p).read_text().strip()]
     if stage.reward_model_from:
         wiring["reward_model"] = str(run_dir / stage.reward_model_from)
     return build_config(
@@ -218,7 +224,7 @@ def run_pipeline(
         cfg = stage_config(stage, run_dir, preset, parsed)
         stage_dir = run_dir / stage.name
         record.status = "skipped" if is_done(stage_dir, cfg.fingerprint()) else "done"
-        stage_module(stage.kind).run(cfg, stage_dir, resume=True)
+        stage_module(stage.kind).run(cfg, stage_dir, resume=_same_settings(cfg, stage_dir))
         record.seconds = time.time() - t0
         if stage.eval_template and not skip_eval:
             t1 = time.time()
@@ -233,6 +239,21 @@ def run_pipeline(
     report = write_report(run_dir, preset_name=preset_name)
     console.rule(f"[bold green]pipeline finished in {_fmt(time.time() - started)}: {report}")
     return report
+
+
+def _same_settings(cfg, stage_dir: Path) -> bool:
+    """Whether the stage dir holds a run of these settings (resume it) or other ones (restart)."""
+    import yaml
+
+    saved = stage_dir / "config.yaml"
+    if not saved.exists():
+        return True
+    if yaml.safe_load(saved.read_text()) == cfg.model_dump(mode="json"):
+        return True
+    console.print(
+        f"[yellow]{stage_dir.name}: settings changed since the last run; restarting this stage"
+    )
+    return False
 
 
 def _write_timings(run_dir: Path, record: StageRecord) -> None:

@@ -59,37 +59,42 @@ def _fmt(value, key: str) -> str:
 
 
 def stage_table(run_dir: Path, stages) -> list[str]:
-    rows = []
+    """One table per held-out set: a row per stage, as the paper's stage-by-stage table."""
+    results: dict[str, dict[str, dict]] = {}
     sets_seen: list[str] = []
-    results = {}
     for stage in stages:
         path = run_dir / "eval" / stage.name / "eval.json"
         if path.exists():
             results[stage.name] = _eval_sets(json.loads(path.read_text()))
-            for name in results[stage.name]:
-                if name not in sets_seen:
-                    sets_seen.append(name)
+            sets_seen += [name for name in results[stage.name] if name not in sets_seen]
     if not results:
         return ["_No stage has been evaluated yet._", ""]
-    header = (
-        "| stage | template | "
-        + " | ".join(f"{s} {label}" for s in sets_seen for label, _ in COLUMNS)
-        + " |"
-    )
-    rows.append(header)
-    rows.append("|" + "---|" * (2 + len(sets_seen) * len(COLUMNS)))
-    for stage in stages:
-        if stage.name not in results:
-            continue
-        cells = [stage.name, stage.eval_template or ""]
-        for s in sets_seen:
-            res = results[stage.name].get(s, {})
-            cells += [_fmt(res.get(key), key) for _, key in COLUMNS]
-        rows.append("| " + " | ".join(cells) + " |")
+    rows: list[str] = []
+    for set_name in sets_seen:
+        rows += [
+            f"### {set_name}",
+            "",
+            "| stage | template | " + " | ".join(label for label, _ in COLUMNS) + " |",
+            "|" + "---|" * (2 + len(COLUMNS)),
+        ]
+        for stage in stages:
+            res = results.get(stage.name, {}).get(set_name)
+            if res is None:
+                continue
+            cells = [stage.name, stage.eval_template or ""] + [
+                _fmt(res.get(key), key) for _, key in COLUMNS
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+        k = next((r[set_name].get("k") for r in results.values() if set_name in r), None)
+        rows += [
+            "",
+            f"n = {next(iter(results.values())).get(set_name, {}).get('n_questions', '?')} questions, "
+            f"k = {k} samples each.",
+            "",
+        ]
     rows += [
-        "",
-        "pass@1, cons@k, format and language consistency in %; length in tokens. "
-        "k samples per question at the evaluation temperature (see each stage's eval.json).",
+        "pass@1 (mean over the k samples), cons@k (majority vote), format and language "
+        "consistency in %; length in tokens. Sampling settings are in each eval.json.",
         "",
     ]
     return rows

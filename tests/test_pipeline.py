@@ -1,0 +1,63 @@
+"""`r1lab run` on the micro preset: every stage, a kill mid-stage, a rerun that skips."""
+
+import json
+import os
+
+import pytest
+
+from r1lab import pipeline
+from r1lab.config import ConfigError
+from r1lab.training import MetricsLog
+
+os.environ.setdefault("R1LAB_NO_PROGRESS", "1")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_micro_pipeline_survives_a_kill_and_skips_finished_stages(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_write = MetricsLog.write
+
+    def dying_write(self, record):
+        # Die in the middle of the cold-start stage, after it has logged a few steps.
+        if self.path.parent.name == "cold-start" and record.get("step", 0) >= 3:
+            raise Killed
+        real_write(self, record)
+
+    monkeypatch.setattr(MetricsLog, "write", dying_write)
+    with pytest.raises(Killed):
+        pipeline.run_pipeline("micro", str(run_dir))
+    assert (run_dir / "base" / "DONE").exists() and (run_dir / "r1-zero" / "DONE").exists()
+    assert not (run_dir / "cold-start" / "DONE").exists()
+    finished_before = {s: (run_dir / s / "DONE").stat().st_mtime_ns for s in ("base", "r1-zero")}
+
+    monkeypatch.setattr(MetricsLog, "write", real_write)
+    report = pipeline.run_pipeline("micro", str(run_dir))
+
+    # Finished stages were not redone; every stage finished; every model stage was evaluated.
+    for stage, mtime in finished_before.items():
+        assert (run_dir / stage / "DONE").stat().st_mtime_ns == mtime
+    for stage in pipeline.GRAPH:
+        assert (run_dir / stage.name / "DONE").exists(), stage.name
+        if stage.eval_template:
+            result = json.loads((run_dir / "eval" / stage.name / "eval.json").read_text())
+            assert set(result["sets"]) == {"chain_sum-en", "chain_sum-zh"}
+    text = report.read_text()
+    for stage in pipeline.GRAPH:
+        if stage.eval_template:
+            assert f"| {stage.name} |" in text
+    assert (run_dir / "r1-zero_curves.png").exists()
+
+    # A third run finds everything done and only rebuilds the report.
+    timings = json.loads((run_dir / "timings.json").read_text())
+    pipeline.run_pipeline("micro", str(run_dir))
+    assert json.loads((run_dir / "timings.json").read_text())["base"] == timings["base"]
+
+
+def test_unknown_stage_and_bad_override_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown stage 'nope'"):
+        pipeline.run_pipeline("micro", str(tmp_path), only="nope")
+    with pytest.raises(ConfigError, match="STAGE.key=value"):
+        pipeline.run_pipeline("micro", str(tmp_path), overrides=["steps=3"])
