@@ -156,9 +156,15 @@ def sample(
     """Sample `params.n` completions for every prompt; results are grouped by prompt.
 
     `max_batch_size` bounds how many sequences decode together (memory); prompts are
-    processed in chunks of `max_batch_size // n`.
+    processed in chunks of `max_batch_size // n`. On CUDA the call goes to the engine in
+    `fast_generate` (R1LAB_FAST_SAMPLER=0 keeps it here).
     """
     params = params or SamplingParams()
+    if model.device.type == "cuda":
+        from r1lab.engine import fast_generate
+
+        if fast_generate.applicable(model, params):
+            return fast_generate.fast_sample(model, prompt_ids, params, tokenizer, max_batch_size)
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("sample() needs at least one prompt, and every prompt needs a token")
     per_chunk = len(prompt_ids) if not max_batch_size else max(1, max_batch_size // params.n)

@@ -1,0 +1,612 @@
+"""One GRPO step, r1lab against TRL's GRPOTrainer (no vLLM), same model shape and work, one GPU.
+
+Both tools train a randomly initialised Qwen2.5-shaped decoder (no hub access) on the same
+workload: P prompts of L tokens, G completions each of exactly N new tokens (stop tokens
+are disabled in r1lab and TRL gets `min_new_tokens=N`, so both always do full-length
+work), KL coefficient beta, one optimizer step per rollout, fp32 master weights with bf16
+compute, gradient clipping at 1.0. Each tool runs in its own subprocess (a clean GPU and
+a clean peak-memory counter), one after the other, inside one invocation:
+
+    python benchmarks/grpo_step.py --shape 0.5b --out run.json            # both tools
+    python benchmarks/grpo_step.py --shape 1.5b --tools r1lab --out r.json
+    python benchmarks/grpo_step.py --shape tiny --steps 1 --out /tmp/t.json  # CPU smoke
+    python benchmarks/grpo_step.py --append-results run.json              # -> RESULTS.md
+
+Every tool prints one JSON line per step as it goes, and its JSON file is rewritten after
+each step, so a run cut short still leaves its numbers. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS_MD = HERE / "RESULTS.md"
+SHAPES = {
+    # Qwen2.5-0.5B and -1.5B dimensions; "tiny" is a CPU smoke test of the script itself.
+    "0.5b": dict(hidden=896, ffn=4864, layers=24, heads=14, kv=2, vocab=151936),
+    "1.5b": dict(hidden=1536, ffn=8960, layers=28, heads=12, kv=2, vocab=151936),
+    "tiny": dict(hidden=64, ffn=128, layers=2, heads=4, kv=2, vocab=1024),
+}
+WORKLOADS = {
+    "full": dict(prompts=32, prompt_len=128, group=8, new_tokens=512),
+    "tiny": dict(prompts=4, prompt_len=16, group=4, new_tokens=32),
+}
+BOS, EOS, PAD, FIRST_ID = 0, 1, 2, 4
+
+
+def emit(**record) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gb() -> float | None:
+    return (
+        round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+    )
+
+
+def prompt_ids(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(FIRST_ID, vocab, (count, length), generator=g).tolist()
+
+
+def steady(values: list[float], warmup: int) -> float:
+    rest = values[warmup:] or values
+    return sum(rest) / len(rest)
+
+
+# ---- r1lab ------------------------------------------------------------------------------------
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy rate, bytes read + written: the memory ceiling of this card."""
+    src = torch.empty(2**29, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    sync()
+    seconds = start.elapsed_time(end) / 1000 / 10
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def decode_roofline_ms(cfg, rows: int, width: int, new: int, bandwidth_gbs: float) -> dict:
+    """Fewest bytes one decode step must move (bf16), over the measured copy rate.
+
+    Per step: every weight once (the tied embedding as the LM head), the KV cache up to
+    the current position (averaged over the N steps), and the logits written and read once.
+    """
+    d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    hd, h, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    per_layer = d * (h + 2 * kv) * hd + (h + 2 * kv) * hd + h * hd * d + 3 * d * f + 2 * d
+    weights = 2 * (layers * per_layer + cfg.vocab_size * d + d)
+    mean_ctx = width + (new + 1) / 2
+    kv_bytes = 2 * layers * 2 * rows * kv * hd * mean_ctx
+    logits = 2 * 2 * rows * cfg.vocab_size
+    total = weights + kv_bytes + logits
+    return {
+        "weights_gb": round(weights / 1e9, 3),
+        "kv_gb": round(kv_bytes / 1e9, 3),
+        "logits_gb": round(logits / 1e9, 3),
+        "bandwidth_gbs": round(bandwidth_gbs),
+        "roofline_ms": round(total / (bandwidth_gbs * 1e9) * 1e3, 3),
+    }
+
+
+def run_r1lab(args, shape: dict, work: dict) -> dict:
+    from r1lab.engine import fast_generate, fast_train
+    from r1lab.engine.generate import SamplingParams, sample
+    from r1lab.model.config import ModelConfig
+    from r1lab.model.transformer import Transformer
+    from r1lab.rl.advantages import group_advantages
+    from r1lab.training import clip_grad, make_optimizer
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        model_type="qwen2",
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv"],
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        bos_token_id=BOS,
+        eos_token_id=None,  # no stop token: every completion is full length
+        pad_token_id=PAD,
+    )
+    model = Transformer(cfg).to(dev)  # fp32 master weights
+    ref = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+    optimizer = make_optimizer(model, lr=3e-6, weight_decay=0.0, betas=(0.9, 0.999))
+    p, g, n = work["prompts"], work["group"], work["new_tokens"]
+    prompts_all = prompt_ids(p * (args.steps + args.warmup), work["prompt_len"], cfg.vocab_size)
+    params = SamplingParams(temperature=1.0, max_new_tokens=n, n=g)
+    result = {
+        "tool": "r1lab",
+        "params": model.num_parameters(),
+        "completions_per_step": p * g,
+        "completion_len": n,
+        "prompt_len": work["prompt_len"],
+        "steps": [],
+    }
+    if dev.type == "cuda":
+        result["decode_roofline"] = decode_roofline_ms(
+            cfg, p * g, work["prompt_len"], n, copy_bandwidth_gbs()
+        )
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        prompts = prompts_all[step * p : (step + 1) * p]
+        sync()
+        t0 = time.perf_counter()
+        completions = sample(model, prompts, params)
+        sync()
+        t1 = time.perf_counter()
+        comp_ids = [c.token_ids for c in completions]
+        rewards = [float(sum(ids) % 7) for ids in comp_ids]
+        advantages = group_advantages(rewards, g).to(dev)
+        seq_prompts = [prompts[c.prompt_index] for c in completions]
+        policy_packs = fast_train.pack_rollouts(seq_prompts, comp_ids, args.pack_tokens, dev)
+        ref_packs = fast_train.pack_rollouts(seq_prompts, comp_ids, args.ref_pack_tokens, dev)
+        mask = fast_train.completion_mask(comp_ids, policy_packs[0].width, device=dev)
+        ref_lp = fast_train.completion_logprobs(
+            ref, ref_packs, len(comp_ids), chunk_size=args.chunk_size
+        )
+        sync()
+        t2 = time.perf_counter()
+        model.train()
+        loss, stats = fast_train.grpo_backward(
+            model,
+            policy_packs,
+            advantages,
+            mask,
+            ref_logprobs=ref_lp,
+            beta=args.beta,
+            chunk_size=args.chunk_size,
+            checkpoint=not args.no_checkpoint,
+        )
+        grad_norm = clip_grad(model, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        record = {
+            "step": step,
+            "step_s": round(t3 - t0, 3),
+            "rollout_s": round(t1 - t0, 3),
+            "ref_s": round(t2 - t1, 3),
+            "train_s": round(t3 - t2, 3),
+            "loss": round(float(loss), 6),
+            "kl": round(float(stats.get("kl", 0.0)), 8),
+            "grad_norm": round(grad_norm, 4),
+            "mean_completion_len": sum(map(len, comp_ids)) / len(comp_ids),
+            "peak_gb": peak_gb(),
+        }
+        if dev.type == "cuda":
+            record["sampler"] = {
+                k: round(v, 3) if isinstance(v, float) else v
+                for k, v in fast_generate.last_stats().items()
+            }
+        result["steps"].append(record)
+        emit(tool="r1lab", **record)
+        summarise(result, args.warmup)
+        write_json(args.out, result)
+    return result
+
+
+def summarise(result: dict, warmup: int) -> None:
+    """Steady-state figures (mean over the steps after `warmup`) added to `result`."""
+    steps = result["steps"]
+    if not steps:
+        return
+    total = steady([s["step_s"] for s in steps], warmup)
+    rollout = steady([s["rollout_s"] for s in steps], warmup)
+    comps, n = result["completions_per_step"], result["completion_len"]
+    tokens = comps * (n + result["prompt_len"])
+    result["steady"] = {
+        "step_s": round(total, 3),
+        "rollout_s": round(rollout, 3),
+        "train_s": round(total - rollout, 3),
+        "completions_per_s": round(comps / total, 2),
+        "rollout_tok_per_s": round(comps * n / rollout),
+        "train_tok_per_s": round(tokens / max(total - rollout, 1e-9)),
+        "completion_tok_per_s": round(comps * n / total),
+        "peak_gb": steps[-1].get("peak_gb"),
+    }
+    decode = [s["sampler"]["ms_per_step"] for s in steps[warmup:] if "sampler" in s]
+    if decode:
+        result["steady"]["decode_ms_per_step"] = round(sum(decode) / len(decode), 3)
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, indent=1))
+
+
+# ---- TRL ---------------------------------------------------------------------------------------
+def run_trl(args, shape: dict, work: dict) -> dict:
+    import datasets.fingerprint
+    import transformers
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+
+    # Dataset fingerprinting (only names cache files) fails on the GPU image's pyarrow; a
+    # random fingerprint sidesteps it without touching what is timed.
+    datasets.fingerprint.Hasher.hash = classmethod(lambda cls, value: os.urandom(8).hex())
+    import trl
+    from trl import GRPOConfig, GRPOTrainer
+
+    cuda = torch.cuda.is_available()
+    vocab = shape["vocab"]
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv"],
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+    # A word-level tokenizer over the whole vocabulary: "t123" is token 123, so a prompt
+    # of L words is exactly L tokens and no hub download is needed.
+    words = {"<bos>": BOS, "<eos>": EOS, "<pad>": PAD, "[UNK]": 3}
+    words.update({f"t{i}": i for i in range(FIRST_ID, vocab)})
+    core = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="[UNK]",
+    )
+    tok.padding_side = "left"
+    folder = Path(args.workdir) / f"trl_model_{args.shape}"
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    p, g, n = work["prompts"], work["group"], work["new_tokens"]
+    total_steps = args.warmup + args.steps
+    texts = [
+        " ".join(f"t{i}" for i in ids)
+        for ids in prompt_ids(p * total_steps, work["prompt_len"], vocab)
+    ]
+    config = GRPOConfig(
+        output_dir=str(Path(args.workdir) / "trl_out"),
+        per_device_train_batch_size=p,
+        gradient_accumulation_steps=g,  # one generation batch of p * g per optimizer step
+        num_generations=g,
+        max_completion_length=n,
+        generation_kwargs={"min_new_tokens": n},  # full-length completions, as r1lab
+        beta=args.beta,
+        learning_rate=3e-6,
+        temperature=1.0,
+        bf16=cuda,
+        use_cpu=not cuda,
+        max_steps=total_steps,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        dataloader_num_workers=0,
+        seed=0,
+        model_init_kwargs={"dtype": torch.float32},
+    )
+    result = {
+        "tool": "trl",
+        "trl": trl.__version__,
+        "transformers": transformers.__version__,
+        "completions_per_step": p * g,
+        "completion_len": n,
+        "prompt_len": work["prompt_len"],
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "steps": [],
+    }
+    gen_times: list[float] = []
+    original_generate = Qwen2ForCausalLM.generate
+
+    def timed_generate(self, *a, **kw):
+        sync()
+        t = time.perf_counter()
+        out = original_generate(self, *a, **kw)
+        sync()
+        gen_times.append(time.perf_counter() - t)
+        return out
+
+    Qwen2ForCausalLM.generate = timed_generate
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **kw):
+            sync()
+            self.t = time.perf_counter()
+            self.gen_before = len(gen_times)
+
+        def on_step_end(self, *a, **kw):
+            sync()
+            record = {
+                "step": len(result["steps"]),
+                "step_s": round(time.perf_counter() - self.t, 3),
+                "rollout_s": round(sum(gen_times[self.gen_before :]), 3),
+                "peak_gb": peak_gb(),
+            }
+            result["steps"].append(record)
+
+        def on_log(self, _args, _state, _control, logs=None, **kw):
+            if logs and result["steps"]:
+                rec = result["steps"][-1]
+                for key in ("completions/mean_length", "kl", "loss"):
+                    if key in logs:
+                        rec[key] = logs[key]
+                emit(tool="trl", **rec)
+                summarise(result, args.warmup)
+                write_json(args.out, result)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer = GRPOTrainer(
+        model=str(folder),
+        reward_funcs=lambda completions, **kw: [float(len(c) % 7) for c in completions],
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": texts}),
+        processing_class=tok,
+        callbacks=[StepTimer()],
+    )
+    trainer.train()
+    summarise(result, args.warmup)
+    write_json(args.out, result)
+    return result
+
+
+# ---- orchestration and reporting ---------------------------------------------------------------
+def environment() -> dict:
+    env = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        env["trl"] = version("trl")
+    except Exception:  # noqa: BLE001 - not installed
+        env["trl"] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        try:
+            env["nvidia_smi"] = subprocess.run(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=name,memory.total,driver_version",
+                    "--format=csv,noheader",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return env
+
+
+def run_worker_subprocess(tool: str, args, out: Path) -> dict | None:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        tool,
+        "--shape",
+        args.shape,
+        "--workload",
+        args.workload,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--beta",
+        str(args.beta),
+        "--out",
+        str(out),
+        "--workdir",
+        args.workdir,
+        "--pack-tokens",
+        str(args.pack_tokens),
+        "--ref-pack-tokens",
+        str(args.ref_pack_tokens),
+        "--chunk-size",
+        str(args.chunk_size),
+    ] + (["--no-checkpoint"] if args.no_checkpoint else [])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=args.tool_timeout)
+        status = proc.returncode
+    except subprocess.TimeoutExpired:
+        status = "timeout"
+    data = json.loads(out.read_text()) if out.exists() else None
+    if data is not None:
+        data["exit"] = status
+    else:
+        emit(tool=tool, error=f"no result (exit {status})")
+    return data
+
+
+def compare(results: dict) -> dict:
+    r, t = results.get("r1lab"), results.get("trl")
+    if not (r and t and r.get("steady") and t.get("steady")):
+        return {}
+    rs, ts = r["steady"], t["steady"]
+    out = {
+        "step_speedup": round(ts["step_s"] / rs["step_s"], 2),
+        "rollout_speedup": round(ts["rollout_s"] / rs["rollout_s"], 2),
+        "train_speedup": round(ts["train_s"] / rs["train_s"], 2),
+        "peak_mem_ratio": round(rs["peak_gb"] / ts["peak_gb"], 3) if ts.get("peak_gb") else None,
+    }
+    roof = r.get("decode_roofline", {}).get("roofline_ms")
+    if roof and rs.get("decode_ms_per_step"):
+        out["decode_over_roofline"] = round(rs["decode_ms_per_step"] / roof, 2)
+    return out
+
+
+def print_table(combined: dict) -> None:
+    rows = [
+        ("step (s)", "step_s"),
+        ("rollout (s)", "rollout_s"),
+        ("train: ref + policy (s)", "train_s"),
+        ("completions/s", "completions_per_s"),
+        ("rollout tokens/s", "rollout_tok_per_s"),
+        ("training tokens/s", "train_tok_per_s"),
+        ("peak memory (GiB)", "peak_gb"),
+    ]
+    res = combined["results"]
+    print(f"\n{'':26}{'r1lab':>12}{'TRL':>12}")
+    for label, key in rows:
+        vals = [res.get(t, {}).get("steady", {}).get(key, "-") for t in ("r1lab", "trl")]
+        print(f"{label:26}{vals[0]!s:>12}{vals[1]!s:>12}")
+    r = res.get("r1lab", {})
+    if r.get("steady", {}).get("decode_ms_per_step"):
+        print(
+            f"r1lab decode: {r['steady']['decode_ms_per_step']} ms/step, roofline "
+            f"{r['decode_roofline']['roofline_ms']} ms ({r['decode_roofline']})"
+        )
+    print("ratios:", json.dumps(combined.get("comparison", {})), flush=True)
+
+
+def orchestrate(args) -> None:
+    out = Path(args.out)
+    combined = {
+        "date": datetime.date.today().isoformat(),
+        "shape": args.shape,
+        "workload": {**WORKLOADS[args.workload], "beta": args.beta},
+        "model": SHAPES[args.shape],
+        "environment": environment(),
+        "settings": {
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "pack_tokens": args.pack_tokens,
+            "ref_pack_tokens": args.ref_pack_tokens,
+            "chunk_size": args.chunk_size,
+            "checkpoint": not args.no_checkpoint,
+        },
+        "results": {},
+    }
+    for tool in args.tools.split(","):
+        emit(event="start", tool=tool, shape=args.shape)
+        data = run_worker_subprocess(tool, args, out.with_suffix(f".{tool}.json"))
+        if data is not None:
+            combined["results"][tool] = data
+        combined["comparison"] = compare(combined["results"])
+        write_json(str(out), combined)
+    print_table(combined)
+
+
+def append_results(path: str) -> None:
+    """Format a combined JSON run as a RESULTS.md section and append it."""
+    data = json.loads(Path(path).read_text())
+    env, res, cmp_ = data["environment"], data["results"], data.get("comparison", {})
+    w, shape = data["workload"], data["model"]
+    lines = [
+        f"\n## {data['date']}: GRPO step, {data['shape']} shape",
+        "",
+        f"- hardware: {env.get('nvidia_smi') or env.get('gpu', 'cpu')}",
+        f"- versions: torch {env.get('torch')}, transformers {env.get('transformers')}, "
+        f"trl {env.get('trl')}, python {env.get('python')}",
+        f"- model: random weights, vocab {shape['vocab']}, {shape['layers']} layers, hidden "
+        f"{shape['hidden']}, ffn {shape['ffn']}, heads {shape['heads']}/{shape['kv']} (GQA)",
+        f"- workload: {w['prompts']} prompts x {w['prompt_len']} tokens, G={w['group']}, "
+        f"{w['prompts'] * w['group']} completions x {w['new_tokens']} new tokens (forced full "
+        f"length), beta {w['beta']}, one optimizer step per rollout",
+        f"- settings: {json.dumps(data.get('settings', {}))}",
+        "",
+        "| per step (steady state) | r1lab | TRL GRPOTrainer |",
+        "| --- | --- | --- |",
+    ]
+    for label, key in [
+        ("step time (s)", "step_s"),
+        ("rollout (s)", "rollout_s"),
+        ("training: ref + policy + optimizer (s)", "train_s"),
+        ("completions/s", "completions_per_s"),
+        ("rollout tokens/s", "rollout_tok_per_s"),
+        ("training tokens/s (prompt + completion)", "train_tok_per_s"),
+        ("peak memory allocated (GiB)", "peak_gb"),
+    ]:
+        vals = [res.get(t, {}).get("steady", {}).get(key, "not run") for t in ("r1lab", "trl")]
+        lines.append(f"| {label} | {vals[0]} | {vals[1]} |")
+    for tool in ("r1lab", "trl"):
+        steps = res.get(tool, {}).get("steps", [])
+        if steps:
+            times = ", ".join(str(s["step_s"]) for s in steps)
+            lines.append(f"\n{tool} step times (s, first = warm-up): {times}")
+    r = res.get("r1lab", {})
+    if r.get("decode_roofline"):
+        roof = r["decode_roofline"]
+        lines.append(
+            f"\nr1lab decode: {r['steady'].get('decode_ms_per_step')} ms per step at batch "
+            f"{r['completions_per_step']}; roofline {roof['roofline_ms']} ms (weights "
+            f"{roof['weights_gb']} GB + mean KV {roof['kv_gb']} GB + logits {roof['logits_gb']} GB "
+            f"at the measured copy rate {roof['bandwidth_gbs']} GB/s)."
+        )
+    if cmp_:
+        lines.append(f"\nRatios (TRL / r1lab time; r1lab / TRL memory): {json.dumps(cmp_)}")
+    with RESULTS_MD.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.5b")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default=None)
+    ap.add_argument("--tools", default="r1lab,trl")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--beta", type=float, default=0.001)
+    ap.add_argument("--pack-tokens", type=int, default=8192, help="tokens per policy micro-batch")
+    ap.add_argument("--ref-pack-tokens", type=int, default=32768)
+    ap.add_argument("--chunk-size", type=int, default=1024, help="LM-head rows per chunk")
+    ap.add_argument("--no-checkpoint", action="store_true")
+    ap.add_argument("--out", default="grpo_step.json")
+    ap.add_argument("--workdir", default="/tmp/grpo_bench")
+    ap.add_argument("--tool-timeout", type=float, default=None, help="seconds per tool")
+    ap.add_argument("--worker", choices=["r1lab", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--append-results", metavar="JSON")
+    args = ap.parse_args(argv)
+    if args.append_results:
+        append_results(args.append_results)
+        return
+    args.workload = args.workload or ("tiny" if args.shape == "tiny" else "full")
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        runner = run_r1lab if args.worker == "r1lab" else run_trl
+        runner(args, SHAPES[args.shape], WORKLOADS[args.workload])
+    else:
+        orchestrate(args)
+
+
+if __name__ == "__main__":
+    main()

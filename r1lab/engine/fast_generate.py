@@ -1,0 +1,805 @@
+"""The GPU fast path of `sample()`: a static KV cache and a decode step replayed as a CUDA graph.
+
+Why it exists: at GRPO's shape (hundreds of rows, one new token each) a decode step must
+read about a gigabyte of weights and KV cache, well under a millisecond on an H200, but the
+eager sampler spends far longer launching hundreds of small kernels, expanding the shared
+KV heads, sampling through several passes over the vocabulary and syncing with the host
+for every token. Here:
+
+- the weights are copied into the engine's own buffers at the start of each call (bf16 by
+  default, whatever the policy's master dtype), with q/k/v and gate/up each fused into one
+  matrix so a layer is four matmuls;
+- the KV cache is preallocated for (rows, prompt width + max_new_tokens), and everything a
+  step reads or writes (token, position, cache slot, step count, finished flags, outputs)
+  lives in device buffers, so one captured CUDA graph serves every step and the host only
+  replays it;
+- small Triton kernels fuse what would be many launches: residual add + RMSNorm, RoPE +
+  cache write, SiLU * up, grouped-query decode attention that reads each row's cache up to
+  the current slot, and sampling (temperature, Gumbel-max, log-prob) in one pass over the
+  vocabulary;
+- each prompt is prefilled once and its cache copied to its `n` rows (the GRPO group);
+- the host looks at the finished flags every `CHECK_EVERY` steps only, and stops as soon
+  as every row has stopped.
+
+The same step runs with plain torch ops and no graph where Triton is missing (and on the
+CPU, to check the logic); `sample()` only dispatches here on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from r1lab.engine.generate import (
+    Completion,
+    SamplingParams,
+    _left_pad,
+    _stop_ids,
+    _StopChecker,
+)
+
+try:  # Triton ships with CUDA builds of torch; the CPU build has none.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = tl = None
+    HAS_TRITON = False
+
+CHECK_EVERY = 16  # decode steps between two looks at the finished flags (one host sync)
+MAX_STOP_IDS = 16  # stop tokens held in a fixed-size device buffer
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LAST_STATS: dict = {}
+
+
+def enabled() -> bool:
+    """The fast path is on unless R1LAB_FAST_SAMPLER=0 (to force the reference sampler)."""
+    return os.environ.get("R1LAB_FAST_SAMPLER", "1") != "0"
+
+
+def applicable(model, params: SamplingParams) -> bool:
+    """Whether `sample()` should hand this call to the engine."""
+    if not enabled() or model.device.type != "cuda" or not HAS_TRITON:
+        return False
+    cfg = model.config
+    head_ok = cfg.head_dim in (32, 64, 128, 256)
+    return head_ok and len(_stop_ids(model, None, params)) <= MAX_STOP_IDS
+
+
+def last_stats() -> dict:
+    """Timings of the most recent fast call: prefill and decode milliseconds, steps run."""
+    return dict(_LAST_STATS)
+
+
+def release(model) -> None:
+    """Free the engine (weights copy, KV cache, graphs) kept for `model` between calls."""
+    _ENGINES.pop(model, None)
+
+
+# ---- Triton kernels ---------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _add_rmsnorm_kernel(
+        x_ptr, add_ptr, w_ptr, out_ptr, eps, N, BLOCK: tl.constexpr, HAS_ADD: tl.constexpr
+    ):
+        """x += add (rounded to x's dtype, in place); out = w * rmsnorm(x), as RMSNorm rounds."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < N
+        x = tl.load(x_ptr + row * N + offs, mask=m, other=0.0)
+        if HAS_ADD:
+            a = tl.load(add_ptr + row * N + offs, mask=m, other=0.0)
+            x = (x.to(tl.float32) + a.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            tl.store(x_ptr + row * N + offs, x, mask=m)
+        xf = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
+        y = (xf * inv).to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * N + offs, (w * y).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rope_cache_kernel(
+        qkv_ptr,
+        q_ptr,
+        kc_ptr,
+        vc_ptr,
+        cos_ptr,
+        sin_ptr,
+        pos_ptr,
+        slot_ptr,
+        L,
+        H: tl.constexpr,
+        KV: tl.constexpr,
+        D: tl.constexpr,
+    ):
+        """Rotate q and k of one head of one row; k and v go to the cache at the current slot."""
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        half = tl.arange(0, D // 2)
+        stride = (H + 2 * KV) * D
+        pos = tl.load(pos_ptr + row)
+        cos = tl.load(cos_ptr + pos * (D // 2) + half)
+        sin = tl.load(sin_ptr + pos * (D // 2) + half)
+        src = qkv_ptr + row * stride + head * D
+        x1 = tl.load(src + half).to(tl.float32)
+        x2 = tl.load(src + D // 2 + half).to(tl.float32)
+        o1 = (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty)
+        o2 = (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty)
+        if head < H:
+            dst = q_ptr + (row * H + head) * D
+            tl.store(dst + half, o1)
+            tl.store(dst + D // 2 + half, o2)
+        else:
+            kvh = head - H
+            slot = tl.load(slot_ptr)
+            off = ((row * KV + kvh) * L + slot) * D
+            tl.store(kc_ptr + off + half, o1)
+            tl.store(kc_ptr + off + D // 2 + half, o2)
+            d = tl.arange(0, D)
+            v = tl.load(qkv_ptr + row * stride + (H + KV + kvh) * D + d)
+            tl.store(vc_ptr + off + d, v)
+
+    @triton.jit
+    def _decode_attn_kernel(
+        q_ptr,
+        kc_ptr,
+        vc_ptr,
+        ok_ptr,
+        slot_ptr,
+        out_ptr,
+        scale,
+        L,
+        H: tl.constexpr,
+        KV: tl.constexpr,
+        D: tl.constexpr,
+        REP: tl.constexpr,
+        QB: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """One row, one KV head: its REP query heads against the cached keys 0..slot.
+
+        The query heads that share a KV head are the rows of one small matrix, so the keys
+        and values are read once for all of them and never expanded.
+        """
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        qi = tl.arange(0, QB)
+        d = tl.arange(0, D)
+        qmask = qi < REP
+        q_off = (row * H + kvh * REP + qi[:, None]) * D + d[None, :]
+        q = tl.load(q_ptr + q_off, mask=qmask[:, None], other=0.0)
+        n_keys = tl.load(slot_ptr) + 1
+        m_i = tl.full([QB], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([QB], dtype=tl.float32)
+        acc = tl.zeros([QB, D], dtype=tl.float32)
+        base = (row * KV + kvh) * L * D
+        for start in range(0, n_keys, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            in_range = j < n_keys
+            ok = tl.load(ok_ptr + row * L + j, mask=in_range, other=0) != 0
+            kv_off = base + j[:, None] * D + d[None, :]
+            k = tl.load(kc_ptr + kv_off, mask=in_range[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where((in_range & ok)[None, :], s * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vc_ptr + kv_off, mask=in_range[:, None], other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, out_ptr, FF, BLOCK: tl.constexpr):
+        """out = silu(gate) * up from the fused gate|up projection, rounded as torch does."""
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < FF
+        g = tl.load(gu_ptr + row * 2 * FF + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * 2 * FF + FF + cols, mask=m, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + row * FF + cols, (s * u).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _sample_kernel(
+        logits_ptr,
+        filt_ptr,
+        V,
+        temp_ptr,
+        seed_ptr,
+        step_ptr,
+        tok_ptr,
+        lp_ptr,
+        GREEDY: tl.constexpr,
+        FILTERED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """One pass over a row of logits: log-sum-exp and the pick, then the pick's log-prob.
+
+        Sampling is Gumbel-max (argmax of logits/T + Gumbel noise), which draws exactly from
+        softmax(logits / T); the noise comes from a counter-based generator keyed by the
+        call's seed and the step, so a replayed graph draws fresh numbers every step. Each
+        lane keeps its own running max, sum and best pick; lanes are combined at the end.
+        """
+        row = tl.program_id(0)
+        inv_t = 1.0 / tl.load(temp_ptr)
+        seed = tl.load(seed_ptr) + tl.load(step_ptr) * 1000003
+        lane = tl.arange(0, BLOCK)
+        m = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        best_idx = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(0, V, BLOCK):
+            cols = start + lane
+            cm = cols < V
+            x = tl.load(logits_ptr + row * V + cols, mask=cm, other=float("-inf"))
+            x = x.to(tl.float32) * inv_t
+            m_new = tl.maximum(m, x)
+            s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+            m = m_new
+            if FILTERED:
+                score = tl.load(filt_ptr + row * V + cols, mask=cm, other=float("-inf"))
+                score = score.to(tl.float32) * inv_t
+            else:
+                score = x
+            if not GREEDY:
+                u = tl.rand(seed, row * V + cols)
+                score = score - tl.log(-tl.log(u))
+            upd = cm & (score > best)
+            best_idx = tl.where(upd, cols, best_idx)
+            best = tl.where(upd, score, best)
+        top = tl.max(m, 0)
+        total = tl.sum(s * tl.exp(m - top), 0)
+        b = tl.max(best, 0)
+        idx = tl.min(tl.where(best == b, best_idx, V), 0)
+        picked = tl.load(logits_ptr + row * V + idx).to(tl.float32) * inv_t
+        tl.store(tok_ptr + row, idx.to(tl.int64))
+        tl.store(lp_ptr + row, picked - (top + tl.log(total)))
+
+
+# ---- the fused operations, with torch equivalents ---------------------------------------------
+class _TritonOps:
+    """Launches the kernels above; every buffer is contiguous and preallocated by the engine."""
+
+    def add_rmsnorm(self, x, add, w, out, eps):
+        n = x.shape[-1]
+        _add_rmsnorm_kernel[(x.shape[0],)](
+            x,
+            add if add is not None else x,
+            w,
+            out,
+            eps,
+            n,
+            BLOCK=triton.next_power_of_2(n),
+            HAS_ADD=add is not None,
+        )
+
+    def rope_cache(self, e, qkv, q_out, layer):
+        r = qkv.shape[0]
+        _rope_cache_kernel[(r, e.n_heads + e.n_kv)](
+            qkv,
+            q_out,
+            e.k_cache[layer],
+            e.v_cache[layer],
+            e.cos,
+            e.sin,
+            e.positions,
+            e.slot,
+            e.max_len,
+            H=e.n_heads,
+            KV=e.n_kv,
+            D=e.head_dim,
+        )
+
+    def attention(self, e, q, out, layer):
+        rep = e.n_heads // e.n_kv
+        _decode_attn_kernel[(q.shape[0], e.n_kv)](
+            q,
+            e.k_cache[layer],
+            e.v_cache[layer],
+            e.key_ok,
+            e.slot,
+            out,
+            1.0 / math.sqrt(e.head_dim),
+            e.max_len,
+            H=e.n_heads,
+            KV=e.n_kv,
+            D=e.head_dim,
+            REP=rep,
+            QB=max(16, triton.next_power_of_2(rep)),
+            BLOCK_N=64,
+            IEEE=e.dtype == torch.float32,
+        )
+
+    def silu_mul(self, gu, out):
+        ff = out.shape[-1]
+        _silu_mul_kernel[(gu.shape[0], triton.cdiv(ff, 1024))](gu, out, ff, BLOCK=1024)
+
+    def sample(self, e, logits, filtered, greedy):
+        _sample_kernel[(logits.shape[0],)](
+            logits,
+            filtered if filtered is not None else logits,
+            logits.shape[-1],
+            e.temperature,
+            e.seed,
+            e.step,
+            e.sampled,
+            e.sampled_lp,
+            GREEDY=greedy,
+            FILTERED=filtered is not None,
+            BLOCK=4096,
+            num_warps=16,
+        )
+
+
+class _TorchOps:
+    """The same operations in plain torch: for the CPU and for checking the kernels."""
+
+    def add_rmsnorm(self, x, add, w, out, eps):
+        if add is not None:
+            x.add_(add)
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        out.copy_(w * y)
+
+    def rope_cache(self, e, qkv, q_out, layer):
+        r, h, kv, d = qkv.shape[0], e.n_heads, e.n_kv, e.head_dim
+        q = qkv[:, : h * d].view(r, h, d)
+        k = qkv[:, h * d : (h + kv) * d].view(r, kv, d)
+        v = qkv[:, (h + kv) * d :].view(r, kv, d)
+        cos = e.cos.index_select(0, e.positions)[:, None, :]
+        sin = e.sin.index_select(0, e.positions)[:, None, :]
+        q_out.copy_(_rotate(q, cos, sin))
+        e.k_cache[layer].index_copy_(2, e.slot, _rotate(k, cos, sin).unsqueeze(2))
+        e.v_cache[layer].index_copy_(2, e.slot, v.unsqueeze(2))
+
+    def attention(self, e, q, out, layer):
+        r, rep = q.shape[0], e.n_heads // e.n_kv
+        visible = e.key_ok & (torch.arange(e.max_len, device=q.device) <= e.slot)
+        qg = q.view(r, e.n_kv, rep, e.head_dim)
+        a = F.scaled_dot_product_attention(
+            qg, e.k_cache[layer], e.v_cache[layer], attn_mask=visible[:, None, None, :]
+        )
+        out.copy_(a.reshape(r, -1))
+
+    def silu_mul(self, gu, out):
+        ff = out.shape[-1]
+        out.copy_(F.silu(gu[:, :ff]) * gu[:, ff:])
+
+    def sample(self, e, logits, filtered, greedy):
+        x = logits.float() / e.temperature
+        lse = torch.logsumexp(x, -1)
+        score = x if filtered is None else filtered.float() / e.temperature
+        if not greedy:
+            noise = torch.empty_like(score).exponential_(generator=e.torch_generator)
+            score = score - noise.log()
+        tok = score.argmax(-1)
+        e.sampled.copy_(tok)
+        e.sampled_lp.copy_(x.gather(-1, tok[:, None])[:, 0] - lse)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on (..., D) with cos/sin of (..., D/2), computed in fp32 like `apply_rope`."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits with the tokens outside top-k / the top-p nucleus set to -inf (as `_pick_tokens`)."""
+    filtered = logits.float()
+    if top_k and top_k < filtered.shape[-1]:
+        kth = torch.topk(filtered, top_k, dim=-1).values[:, -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = filtered.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p
+        filtered = filtered.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return filtered
+
+
+# ---- the engine -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Mode:
+    """What a captured graph bakes in: greedy or not, and the filters."""
+
+    greedy: bool
+    top_k: int
+    top_p: float
+
+
+class DecodeEngine:
+    """Weights, KV cache and per-step state for `rows` sequences of up to `max_len` tokens."""
+
+    def __init__(
+        self,
+        model,
+        rows: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        use_triton: bool | None = None,
+        use_graphs: bool | None = None,
+    ):
+        cfg = model.config
+        dev = model.device
+        self.device, self.rows, self.max_len = dev, rows, max_len
+        self.dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else model.dtype)
+        if use_triton is None:
+            use_triton = HAS_TRITON and (
+                dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+            )
+        self.ops = _TritonOps() if use_triton else _TorchOps()
+        self.use_graphs = (dev.type == "cuda" and use_triton) if use_graphs is None else use_graphs
+        self.n_layers, self.n_heads, self.n_kv = (
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+        )
+        self.head_dim, self.hidden, self.ffn = cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+        self.eps, self.vocab = cfg.rms_norm_eps, cfg.vocab_size
+        self.qk_norm, self.has_bias = cfg.qk_norm, cfg.attention_bias
+        self.pad_id = cfg.pad_token_id or 0
+        self.tied = cfg.tie_word_embeddings
+        qkv_out = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        dt = self.dtype
+
+        def empty(*shape, dtype=dt):
+            return torch.empty(*shape, device=dev, dtype=dtype)
+
+        nl = self.n_layers
+        # weights (filled by `load_weights` at every call)
+        self.embed = empty(self.vocab, self.hidden)
+        self.lm_head = self.embed if self.tied else empty(self.vocab, self.hidden)
+        self.final_norm = empty(self.hidden)
+        self.w_qkv = [empty(qkv_out, self.hidden) for _ in range(nl)]
+        self.b_qkv = [empty(qkv_out) if self.has_bias else None for _ in range(nl)]
+        self.w_o = [empty(self.hidden, self.n_heads * self.head_dim) for _ in range(nl)]
+        self.w_gu = [empty(2 * self.ffn, self.hidden) for _ in range(nl)]
+        self.w_down = [empty(self.hidden, self.ffn) for _ in range(nl)]
+        self.ln1 = [empty(self.hidden) for _ in range(nl)]
+        self.ln2 = [empty(self.hidden) for _ in range(nl)]
+        self.q_norm = [empty(self.head_dim) for _ in range(nl)] if self.qk_norm else None
+        self.k_norm = [empty(self.head_dim) for _ in range(nl)] if self.qk_norm else None
+        # rotary table for every position the cache can hold
+        freqs = torch.arange(max_len, device=dev).float()[:, None] * model.inv_freq[None, :]
+        self.cos, self.sin = freqs.cos().contiguous(), freqs.sin().contiguous()
+        # KV cache and the state one step reads and writes
+        kv_shape = (rows, self.n_kv, max_len, self.head_dim)
+        self.k_cache = [torch.zeros(kv_shape, device=dev, dtype=dt) for _ in range(nl)]
+        self.v_cache = [torch.zeros(kv_shape, device=dev, dtype=dt) for _ in range(nl)]
+        self.key_ok = torch.zeros(rows, max_len, device=dev, dtype=torch.bool)
+        self.h_last = torch.zeros(rows, self.hidden, device=dev, dtype=dt)  # final-normed
+        self.tokens = torch.zeros(rows, device=dev, dtype=torch.long)
+        self.positions = torch.zeros(rows, device=dev, dtype=torch.long)
+        self.slot = torch.zeros(1, device=dev, dtype=torch.long)
+        self.step = torch.zeros(1, device=dev, dtype=torch.long)
+        self.seed = torch.zeros(1, device=dev, dtype=torch.long)
+        self.temperature = torch.ones(1, device=dev, dtype=torch.float32)
+        self.finished = torch.zeros(rows, device=dev, dtype=torch.bool)
+        self.lengths = torch.zeros(rows, device=dev, dtype=torch.long)
+        self.stop_ids = torch.full((MAX_STOP_IDS,), -1, device=dev, dtype=torch.long)
+        self.sampled = torch.zeros(rows, device=dev, dtype=torch.long)
+        self.sampled_lp = torch.zeros(rows, device=dev, dtype=torch.float32)
+        self.out_tokens = torch.zeros(rows, max_len, device=dev, dtype=torch.long)
+        self.out_logprobs = torch.zeros(rows, max_len, device=dev, dtype=torch.float32)
+        self.torch_generator = torch.Generator(device=dev)
+        # activations of one step
+        self.x = empty(rows, self.hidden)
+        self.h = empty(rows, self.hidden)
+        self.q = empty(rows, self.n_heads, self.head_dim)
+        self.attn = empty(rows, self.n_heads * self.head_dim)
+        self.act = empty(rows, self.ffn)
+        self.graphs: dict[_Mode, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    # ---- weights ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_weights(self, model) -> None:
+        """Copy the model's current weights in (they change between GRPO steps)."""
+        m = model.model
+        self.embed.copy_(m.embed_tokens.weight)
+        if not self.tied:
+            self.lm_head.copy_(model.lm_head.weight)
+        self.final_norm.copy_(m.norm.weight)
+        hd = self.n_heads * self.head_dim
+        kd = self.n_kv * self.head_dim
+        for i, layer in enumerate(m.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            self.w_qkv[i][:hd].copy_(a.q_proj.weight)
+            self.w_qkv[i][hd : hd + kd].copy_(a.k_proj.weight)
+            self.w_qkv[i][hd + kd :].copy_(a.v_proj.weight)
+            if self.has_bias:
+                self.b_qkv[i][:hd].copy_(a.q_proj.bias)
+                self.b_qkv[i][hd : hd + kd].copy_(a.k_proj.bias)
+                self.b_qkv[i][hd + kd :].copy_(a.v_proj.bias)
+            self.w_o[i].copy_(a.o_proj.weight)
+            self.w_gu[i][: self.ffn].copy_(mlp.gate_proj.weight)
+            self.w_gu[i][self.ffn :].copy_(mlp.up_proj.weight)
+            self.w_down[i].copy_(mlp.down_proj.weight)
+            self.ln1[i].copy_(layer.input_layernorm.weight)
+            self.ln2[i].copy_(layer.post_attention_layernorm.weight)
+            if self.qk_norm:
+                self.q_norm[i].copy_(a.q_norm.weight)
+                self.k_norm[i].copy_(a.k_norm.weight)
+
+    # ---- prefill ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int) -> None:
+        """Run the prompts once, write their KV to the rows of their group, set the step state.
+
+        Rows past len(prompts) * n are idle: finished from the start and never read.
+        """
+        p, w = ids.shape
+        rows = p * n
+        valid = mask.bool()
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
+        causal = torch.ones(w, w, dtype=torch.bool, device=ids.device).tril()
+        attn_mask = causal[None] & valid[:, None, :]
+        attn_mask |= torch.eye(w, dtype=torch.bool, device=ids.device)[None]
+        attn_mask = attn_mask[:, None]
+        h_dim, kd = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        rep = self.n_heads // self.n_kv
+        x = F.embedding(ids, self.embed)
+        for i in range(self.n_layers):
+            h = _rms(x, self.ln1[i], self.eps)
+            qkv = F.linear(h, self.w_qkv[i], self.b_qkv[i])
+            q = qkv[..., :h_dim].view(p, w, self.n_heads, self.head_dim)
+            k = qkv[..., h_dim : h_dim + kd].view(p, w, self.n_kv, self.head_dim)
+            v = qkv[..., h_dim + kd :].view(p, w, self.n_kv, self.head_dim)
+            if self.qk_norm:
+                q, k = _rms(q, self.q_norm[i], self.eps), _rms(k, self.k_norm[i], self.eps)
+            q, k = _rotate(q, cos, sin).transpose(1, 2), _rotate(k, cos, sin).transpose(1, 2)
+            v = v.transpose(1, 2)
+            self.k_cache[i][:rows, :, :w] = k.repeat_interleave(n, dim=0)
+            self.v_cache[i][:rows, :, :w] = v.repeat_interleave(n, dim=0)
+            out = F.scaled_dot_product_attention(
+                q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=attn_mask
+            )
+            x = x + F.linear(out.transpose(1, 2).reshape(p, w, -1), self.w_o[i])
+            h = _rms(x, self.ln2[i], self.eps)
+            gu = F.linear(h, self.w_gu[i])
+            x = x + F.linear(F.silu(gu[..., : self.ffn]) * gu[..., self.ffn :], self.w_down[i])
+        last = _rms(x[:, -1], self.final_norm, self.eps)
+        # step state: slots >= w hold generated tokens and are always valid keys
+        self.key_ok.fill_(True)
+        self.key_ok[:rows, :w] = valid.repeat_interleave(n, dim=0)
+        self.key_ok[rows:, :w] = False
+        self.h_last.zero_()
+        self.h_last[:rows] = last.repeat_interleave(n, dim=0)
+        self.positions.zero_()
+        self.positions[:rows] = valid.long().sum(1).repeat_interleave(n, dim=0)
+        self.tokens.fill_(self.pad_id)
+        self.slot.fill_(w)
+        self.step.zero_()
+        self.finished.fill_(True)
+        self.finished[:rows] = False
+        self.lengths.zero_()
+
+    # ---- one decode step -------------------------------------------------------------------
+    def _step(self, mode: _Mode) -> None:
+        """Pick a token from h_last, record it, then run it through the model into h_last."""
+        ops = self.ops
+        logits = F.linear(self.h_last, self.lm_head)
+        filtered = None
+        if not mode.greedy and (mode.top_k or mode.top_p < 1.0):
+            filtered = _filter_logits(logits, mode.top_k, mode.top_p)
+        ops.sample(self, logits, filtered, mode.greedy)
+        tok = torch.where(self.finished, self.pad_id, self.sampled)
+        self.out_tokens.index_copy_(1, self.step, tok[:, None])
+        self.out_logprobs.index_copy_(1, self.step, self.sampled_lp[:, None])
+        stopped = (tok[:, None] == self.stop_ids[None, :]).any(-1) & ~self.finished
+        self.lengths.copy_(torch.where(stopped, self.step + 1, self.lengths))
+        self.finished.logical_or_(stopped)
+        self.tokens.copy_(tok)
+        # the forward of the new token
+        torch.index_select(self.embed, 0, self.tokens, out=self.x)
+        ops.add_rmsnorm(self.x, None, self.ln1[0], self.h, self.eps)
+        for i in range(self.n_layers):
+            qkv = F.linear(self.h, self.w_qkv[i], self.b_qkv[i])
+            if self.qk_norm:
+                self._qk_norm(qkv, i)
+            ops.rope_cache(self, qkv, self.q, i)
+            ops.attention(self, self.q, self.attn, i)
+            ops.add_rmsnorm(self.x, F.linear(self.attn, self.w_o[i]), self.ln2[i], self.h, self.eps)
+            ops.silu_mul(F.linear(self.h, self.w_gu[i]), self.act)
+            nxt = self.ln1[i + 1] if i + 1 < self.n_layers else self.final_norm
+            out = self.h_last if i + 1 == self.n_layers else self.h
+            ops.add_rmsnorm(self.x, F.linear(self.act, self.w_down[i]), nxt, out, self.eps)
+        self.positions.add_(1)
+        # the last step's forward writes one slot past the outputs; keep both inside the buffers
+        self.slot.add_(1).clamp_(max=self.max_len - 1)
+        self.step.add_(1).clamp_(max=self.max_len - 1)
+
+    def _qk_norm(self, qkv: torch.Tensor, i: int) -> None:
+        r, hd, kd = qkv.shape[0], self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q = qkv[:, :hd].view(r, self.n_heads, self.head_dim)
+        k = qkv[:, hd : hd + kd].view(r, self.n_kv, self.head_dim)
+        q.copy_(_rms(q, self.q_norm[i], self.eps))
+        k.copy_(_rms(k, self.k_norm[i], self.eps))
+
+    def _graph(self, mode: _Mode) -> torch.cuda.CUDAGraph:
+        """Capture the step once per mode; the state it mutates is reset by `prefill`."""
+        if mode in self.graphs:
+            return self.graphs[mode]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile the kernels, set up cuBLAS, outside the capture
+                self._step(mode)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._step(mode)
+        self.pool = graph.pool()
+        self.graphs[mode] = graph
+        return graph
+
+    # ---- a whole call ----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams, stop_ids: set[int]
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """Token ids and log-probs of every row (n per prompt, grouped), stop token included."""
+        max_new = params.max_new_tokens
+        greedy = params.temperature == 0
+        mode = _Mode(greedy, 0 if greedy else params.top_k, 1.0 if greedy else params.top_p)
+        self.stop_ids.fill_(-1)
+        if stop_ids:
+            self.stop_ids[: len(stop_ids)] = torch.tensor(sorted(stop_ids), device=self.device)
+        self.temperature.fill_(1.0 if greedy else params.temperature)
+        seed = params.seed if params.seed is not None else int(torch.randint(2**31, (1,)))
+        self.seed.fill_(seed)
+        self.torch_generator.manual_seed(seed)
+        graph = self._graph(mode) if self.use_graphs else None
+        timer = _Timer(self.device)
+        self.prefill(ids, mask, params.n)
+        timer.mark("prefill")
+        steps = 0
+        for steps in range(1, max_new + 1):
+            if graph is not None:
+                graph.replay()
+            else:
+                self._step(mode)
+            if steps < max_new and steps % CHECK_EVERY == 0 and bool(self.finished.all()):
+                break
+        timer.mark("decode")
+        rows = ids.shape[0] * params.n
+        lengths = torch.where(self.lengths[:rows] > 0, self.lengths[:rows], steps)
+        lengths = lengths.clamp(max=steps).tolist()
+        tokens = self.out_tokens[:rows, :steps].tolist()
+        logprobs = self.out_logprobs[:rows, :steps].tolist()
+        _LAST_STATS.update(
+            prefill_ms=timer.ms("prefill"),
+            decode_ms=timer.ms("decode"),
+            decode_steps=steps,
+            rows=rows,
+            prompt_width=ids.shape[1],
+            ms_per_step=timer.ms("decode") / max(steps, 1),
+        )
+        return (
+            [t[:n] for t, n in zip(tokens, lengths)],
+            [lp[:n] for lp, n in zip(logprobs, lengths)],
+        )
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class _Timer:
+    """Milliseconds between marks: CUDA events on the GPU, the wall clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = [("start", self._now())]
+
+    def _now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        import time
+
+        return time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, self._now()))
+
+    def ms(self, name: str) -> float:
+        idx = [n for n, _ in self.marks].index(name)
+        a, b = self.marks[idx - 1][1], self.marks[idx][1]
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b)
+        return (b - a) * 1000.0
+
+
+def get_engine(model, rows: int, max_len: int, **kwargs) -> DecodeEngine:
+    """The engine kept for `model`, rebuilt only when the call needs more rows or length."""
+    eng = _ENGINES.get(model)
+    dtype = kwargs.get("dtype")
+    if (
+        eng is None
+        or eng.rows < rows
+        or eng.max_len < max_len
+        or (dtype is not None and eng.dtype != dtype)
+    ):
+        _ENGINES.pop(model, None)
+        eng = None
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        eng = DecodeEngine(model, rows, -(-max_len // 64) * 64, **kwargs)
+        _ENGINES[model] = eng
+    return eng
+
+
+@torch.no_grad()
+def fast_sample(
+    model,
+    prompt_ids: list[list[int]],
+    params: SamplingParams | None = None,
+    tokenizer=None,
+    max_batch_size: int | None = None,
+    **engine_kwargs,
+) -> list[Completion]:
+    """`sample()` on the engine: same arguments, same results (up to floating-point rounding).
+
+    Stop strings are honoured after decoding: a row that produced one is cut at the first
+    token where its text contains it, exactly where the reference sampler would have
+    stopped; only stop tokens end a row early on the GPU.
+    """
+    params = params or SamplingParams()
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("sample() needs at least one prompt, and every prompt needs a token")
+    per_chunk = len(prompt_ids) if not max_batch_size else max(1, max_batch_size // params.n)
+    stop_ids = _stop_ids(model, tokenizer, params)
+    checker = _StopChecker(stop_ids, params.stop_strings, tokenizer)
+    width = max(len(p) for p in prompt_ids)
+    rows = min(len(prompt_ids), per_chunk) * params.n
+    engine = get_engine(model, rows, width + params.max_new_tokens, **engine_kwargs)
+    engine.load_weights(model)
+    out: list[Completion] = []
+    for start in range(0, len(prompt_ids), per_chunk):
+        chunk = prompt_ids[start : start + per_chunk]
+        ids, mask = _left_pad(chunk, engine.pad_id, model.device)
+        tokens, logprobs = engine.generate(ids, mask, params, stop_ids)
+        for row, (t, lp) in enumerate(zip(tokens, logprobs)):
+            if params.stop_strings:
+                cut = _stop_string_cut(t, checker)
+                t, lp = t[:cut], lp[:cut]
+            out.append(checker.finish(start + row // params.n, t, lp))
+    return out
+
+
+def _stop_string_cut(ids: list[int], checker: _StopChecker) -> int:
+    """Length of the shortest prefix whose text holds a stop string (all of ids if none)."""
+    if not ids or not checker._has_stop_string(ids):
+        return len(ids)
+    lo, hi = 1, len(ids)  # the prefix of length hi holds one; find the shortest
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if checker._has_stop_string(ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi

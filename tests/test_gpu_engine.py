@@ -1,0 +1,296 @@
+"""The GPU fast paths against the simple ones: the decode engine and the packed training path.
+
+Marked `gpu`: skipped without CUDA. R1LAB_TEST_ENGINE_ON_CPU=1 runs the device-independent
+ones on the CPU through the engine's torch ops (Triton's interpreter too, when
+TRITON_INTERPRET=1), to check the logic on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from r1lab.engine import fast_generate, fast_train
+from r1lab.engine.generate import SamplingParams, sample
+from r1lab.engine.logprobs import token_logprobs
+from r1lab.model.config import ModelConfig
+from r1lab.model.transformer import Transformer
+from r1lab.rl.losses import policy_loss
+
+pytestmark = pytest.mark.gpu
+ON_CPU = os.environ.get("R1LAB_TEST_ENGINE_ON_CPU") == "1"
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture
+def device() -> torch.device:
+    if CUDA:
+        return torch.device("cuda")
+    if ON_CPU:
+        return torch.device("cpu")
+    pytest.skip("needs CUDA")
+
+
+def cuda_only() -> None:
+    if not CUDA:
+        pytest.skip("needs CUDA")
+
+
+def make_model(device, dtype=torch.float32, vocab=512, layers=3, eos=None, seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        model_type="qwen2",
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
+        rope_theta=1e6,
+        pad_token_id=0,
+        eos_token_id=eos,
+    )
+    model = Transformer(cfg)
+    with torch.no_grad():  # larger weights than the init: peakier, less tie-prone logits
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def random_prompts(n: int, vocab: int, lo: int = 3, hi: int = 20, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(1, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+def reference_sample(monkeypatch, *args, **kwargs):
+    monkeypatch.setenv("R1LAB_FAST_SAMPLER", "0")
+    out = sample(*args, **kwargs)
+    monkeypatch.delenv("R1LAB_FAST_SAMPLER")
+    return out
+
+
+def engine_options(device) -> dict:
+    return {} if device.type == "cuda" else {"use_graphs": False}
+
+
+# ---- the sampler ---------------------------------------------------------------------------------
+def test_greedy_equals_reference_fp32(device, monkeypatch):
+    """fp32 engine: the same greedy tokens, stop reasons and log-probs as the reference."""
+    model = make_model(device)
+    prompts = random_prompts(5, 512)
+    base = reference_sample(monkeypatch, model, prompts[:1], SamplingParams(0, max_new_tokens=8))
+    stop = base[0].token_ids[5]  # a token the first prompt emits: some rows stop early
+    params = SamplingParams(temperature=0, max_new_tokens=40, n=2, stop_token_ids=(stop,))
+    ref = reference_sample(monkeypatch, model, prompts, params, max_batch_size=6)
+    fast = fast_generate.fast_sample(
+        model, prompts, params, max_batch_size=6, dtype=torch.float32, **engine_options(device)
+    )
+    assert [c.prompt_index for c in fast] == [c.prompt_index for c in ref]
+    assert any(c.finish_reason == "stop" for c in ref)
+    for a, b in zip(ref, fast):
+        assert b.token_ids == a.token_ids
+        assert b.finish_reason == a.finish_reason
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
+
+
+def test_dispatch_and_bf16_logprobs(device):
+    """bf16 through `sample()`: greedy up to bf16 near-ties, log-probs within bf16 tolerance."""
+    cuda_only()
+    model = make_model(device, dtype=torch.bfloat16)
+    prompts = random_prompts(6, 512)
+    params = SamplingParams(temperature=0, max_new_tokens=48, n=2)
+    fast = sample(model, prompts, params)
+    assert fast_generate.last_stats()["decode_steps"] == 48  # it went through the engine
+    _check_against_forward(model, prompts, fast, params.n, temperature=1.0, greedy=True)
+
+
+def test_sampled_logprobs_bf16(device):
+    cuda_only()
+    model = make_model(device, dtype=torch.bfloat16)
+    prompts = random_prompts(4, 512)
+    params = SamplingParams(temperature=0.8, max_new_tokens=32, n=4, seed=3)
+    fast = sample(model, prompts, params)
+    _check_against_forward(model, prompts, fast, params.n, temperature=0.8, greedy=False)
+
+
+def _check_against_forward(model, prompts, completions, n, temperature, greedy):
+    """Teacher-force the engine's tokens through the model; compare log-probs and picks."""
+    errs = []
+    for c in completions:
+        seq = prompts[c.prompt_index] + c.token_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([seq], device=model.device))[0].float() / temperature
+        logp = torch.log_softmax(logits, -1)[len(prompts[c.prompt_index]) - 1 : -1]
+        toks = torch.tensor(c.token_ids, device=model.device)
+        ref_lp = logp.gather(1, toks[:, None])[:, 0]
+        errs.append((ref_lp - torch.tensor(c.logprobs, device=model.device)).abs())
+        if greedy:  # the pick is the argmax, up to a bf16 rounding of the logits
+            gap = logp.max(-1).values - ref_lp
+            assert gap.max().item() < 0.1, gap
+    errs = torch.cat(errs)
+    assert errs.mean().item() < 0.02 and errs.max().item() < 0.15, (errs.mean(), errs.max())
+
+
+def test_sampling_distribution(device):
+    """First tokens of many rows follow softmax(logits / T); same seed, same samples."""
+    model = make_model(device, vocab=64)
+    prompt = [[5, 9, 17, 33]]
+    params = SamplingParams(temperature=0.7, max_new_tokens=2, n=4096, seed=11)
+    kw = {"dtype": torch.float32, **engine_options(device)}
+    out = fast_generate.fast_sample(model, prompt, params, **kw)
+    first = torch.tensor([c.token_ids[0] for c in out])
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor(prompt, device=device))[0, -1].float() / 0.7, -1)
+    empirical = torch.bincount(first, minlength=64).float() / len(first)
+    assert 0.5 * (empirical - probs.cpu()).abs().sum().item() < 0.06
+    lp = torch.tensor([c.logprobs[0] for c in out])
+    assert torch.allclose(lp, probs.cpu().log()[first], atol=1e-4)
+    again = fast_generate.fast_sample(model, prompt, params, **kw)
+    assert [c.token_ids for c in again] == [c.token_ids for c in out]
+
+
+def test_top_k_restricts_support(device):
+    model = make_model(device, vocab=64)
+    params = SamplingParams(temperature=1.0, top_k=3, max_new_tokens=1, n=512, seed=2)
+    out = fast_generate.fast_sample(model, [[1, 2, 3]], params, **engine_options(device))
+    with torch.no_grad():
+        top3 = model(torch.tensor([[1, 2, 3]], device=device))[0, -1].topk(3).indices.tolist()
+    assert {c.token_ids[0] for c in out} <= set(top3)
+
+
+# ---- the training path ---------------------------------------------------------------------------
+def _rollouts(vocab: int, n: int = 6, seed: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    prompts = random_prompts(n, vocab, 2, 9, seed)
+    completions = [
+        torch.randint(1, vocab, (int(k),), generator=g).tolist()
+        for k in torch.randint(1, 30, (n,), generator=g)
+    ]
+    advantages = torch.randn(n, generator=g)
+    return prompts, completions, advantages
+
+
+def _simple_loss(model, prompts, completions, advantages, ref_lp, beta, temperature):
+    """Right-padded batch, the model's own padded forward, then `policy_loss` on all of it."""
+    width = max(len(c) for c in completions)
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    t = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), t, dtype=torch.long)
+    attn = torch.zeros(len(seqs), t, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+    dev = model.device
+    lp_all, _ = token_logprobs(model, ids.to(dev), attn.to(dev), temperature=temperature)
+    lp = torch.zeros(len(seqs), width, device=dev)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        lp[i, : len(c)] = lp_all[i, len(p) - 1 : len(p) - 1 + len(c)]
+    mask = fast_train.completion_mask(completions, width, device=dev)
+    loss, _ = policy_loss(lp, lp.detach(), advantages.to(dev), mask, ref_logprobs=ref_lp, beta=beta)
+    return loss, lp.detach()
+
+
+def _fast_loss(model, prompts, completions, advantages, ref_lp, beta, temperature, **kw):
+    batches = fast_train.pack_rollouts(prompts, completions, max_tokens=40, device=model.device)
+    assert len(batches) > 1  # several packs: the loss is accumulated across them
+    mask = fast_train.completion_mask(completions, batches[0].width, device=model.device)
+    loss, _ = fast_train.grpo_backward(
+        model,
+        batches,
+        advantages.to(model.device),
+        mask,
+        ref_logprobs=ref_lp,
+        beta=beta,
+        temperature=temperature,
+        chunk_size=7,
+        **kw,
+    )
+    return loss, batches
+
+
+def _grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten().float() for p in model.parameters()])
+
+
+def test_packed_training_equals_simple_fp32(device):
+    """No autocast, padded attention: the packed path is the simple one, rearranged."""
+    model = make_model(device, vocab=300).train()
+    prompts, completions, adv = _rollouts(300)
+    ref_model = make_model(device, vocab=300, seed=7)
+    batches = fast_train.pack_rollouts(prompts, completions, max_tokens=40, device=device)
+    ref_lp = fast_train.completion_logprobs(
+        ref_model, batches, len(prompts), attention="sdpa", amp=False, temperature=0.9
+    )
+    loss_s, lp_s = _simple_loss(model, prompts, completions, adv, ref_lp, 0.04, 0.9)
+    loss_s.backward()
+    g_simple = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss_f, _ = _fast_loss(
+        model,
+        prompts,
+        completions,
+        adv,
+        ref_lp,
+        0.04,
+        0.9,
+        attention="sdpa",
+        amp=False,
+        checkpoint=True,
+    )
+    g_fast = _grads(model)
+    assert torch.allclose(loss_f, loss_s.detach(), rtol=1e-5, atol=1e-6)
+    assert ((g_fast - g_simple).norm() / g_simple.norm()).item() < 1e-4
+    lp_packed = fast_train.completion_logprobs(
+        model, batches, len(prompts), attention="sdpa", amp=False, temperature=0.9
+    )
+    mask = fast_train.completion_mask(completions, device=device)
+    assert torch.allclose(lp_packed[mask], lp_s[mask], atol=1e-5)
+
+
+def test_packed_bf16_varlen_matches_simple(device):
+    """fp32 master weights, bf16 autocast, FlashAttention varlen, checkpointing: same loss
+    and gradients as the plain fp32 padded path within bf16 tolerance."""
+    cuda_only()
+    model = make_model(device, vocab=300).train()
+    cfg = model.config
+    opts = fast_train._varlen_options(
+        device, torch.bfloat16, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    )
+    assert opts is not None, "varlen attention unavailable"
+    prompts, completions, adv = _rollouts(300)
+    ref_lp = torch.zeros(len(prompts), max(len(c) for c in completions), device=device) - 3.0
+    loss_s, _ = _simple_loss(model, prompts, completions, adv, ref_lp, 0.04, 1.0)
+    loss_s.backward()
+    g_simple = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loss_f, _ = _fast_loss(
+        model, prompts, completions, adv, ref_lp, 0.04, 1.0, attention="varlen", checkpoint=True
+    )
+    g_fast = _grads(model)
+    assert abs(loss_f.item() - loss_s.item()) < 2e-2 * max(1.0, abs(loss_s.item()))
+    cos = torch.nn.functional.cosine_similarity(g_fast, g_simple, dim=0).item()
+    assert cos > 0.99, cos
+    assert ((g_fast - g_simple).norm() / g_simple.norm()).item() < 0.1
+
+
+def test_chunked_logprobs_gradient(device):
+    """The custom backward of the chunked LM head equals autograd through full logits."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g).to(device).requires_grad_()
+    w = torch.randn(50, 16, generator=g).to(device).requires_grad_()
+    t = torch.randint(0, 50, (37,), generator=g).to(device)
+    upstream = torch.randn(37, generator=g).to(device)
+    out = fast_train.chunked_logprobs(h, w, t, temperature=0.7, chunk_size=8)
+    (out * upstream).sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = torch.log_softmax((h @ w.t()) / 0.7, -1).gather(1, t[:, None])[:, 0]
+    (ref * upstream).sum().backward()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(gh, h.grad, atol=1e-5) and torch.allclose(gw, w.grad, atol=1e-5)
