@@ -603,13 +603,16 @@ def markdown_table(report: dict) -> str:
 
 
 def print_table(report: dict) -> None:
+    """The results on the console: one column per set, so it fits a narrow terminal."""
     from rich.table import Table
 
     table = Table(title=f"eval: {report['model']['path']} ({report['template']})")
-    for name, _ in TABLE_COLUMNS:
-        table.add_column(name, justify="left" if name == "set" else "right")
-    for row in table_rows(report["sets"]):
-        table.add_row(*row)
+    rows = table_rows(report["sets"])
+    table.add_column("")
+    for row in rows:
+        table.add_column(row[0], justify="right")
+    for i, (name, _) in enumerate(TABLE_COLUMNS[1:], 1):
+        table.add_row(name, *(row[i] for row in rows))
     console.print(table)
 
 

@@ -265,15 +265,16 @@ def _jsonl(rows: Sequence[dict]) -> str:
 
 
 def print_summary(summary: dict) -> None:
+    """The funnel on the console: one row per exit, one column per set and the total."""
     from rich.table import Table
 
+    parts = {**summary["sets"], "total": summary["total"]}
     table = Table(title=f"rejection sampling: {summary['model']['path']}")
-    table.add_column("set")
+    table.add_column("")
+    for label in parts:
+        table.add_column(label, justify="right")
     for name in ("sampled", "correct", *FUNNEL, "kept"):
-        table.add_column(name, justify="right")
-    for label, part in {**summary["sets"], "total": summary["total"]}.items():
-        c = part["counts"]
-        table.add_row(label, *(str(c[name]) for name in ("sampled", "correct", *FUNNEL, "kept")))
+        table.add_row(name, *(str(part["counts"][name]) for part in parts.values()))
     console.print(table)
 
 
