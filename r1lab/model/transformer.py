@@ -143,13 +143,14 @@ class Attention(nn.Module):
             cache.v[self.layer_idx][:, :, start : start + t] = v
             k = cache.k[self.layer_idx][:, :, : start + t]
             v = cache.v[self.layer_idx][:, :, : start + t]
-        if self.n_kv != self.n_heads:
-            # Expanding the shared heads keeps one attention kernel for every torch >= 2.5.
-            rep = self.n_heads // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        # Grouped-query attention inside the kernel: no copy of the shared key/value heads.
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal and mask is None,
+            enable_gqa=self.n_kv != self.n_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
