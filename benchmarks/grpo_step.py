@@ -160,6 +160,8 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
         sync()
         t0 = time.perf_counter()
         completions = sample(model, prompts, params)
+        if not args.keep_engine:  # its weights copy and KV cache are not needed to train
+            fast_generate.release(model)
         sync()
         t1 = time.perf_counter()
         comp_ids = [c.token_ids for c in completions]
@@ -211,7 +213,53 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
         emit(tool="r1lab", **record)
         summarise(result, args.warmup)
         write_json(args.out, result)
+        if args.profile and step == args.warmup:
+            profile_step(
+                args, model, ref, prompts, params, policy_packs, ref_packs, advantages, mask, ref_lp
+            )
     return result
+
+
+def profile_step(
+    args, model, ref, prompts, params, policy_packs, ref_packs, advantages, mask, ref_lp
+):
+    """Where the time of one step goes: the top GPU kernels of each phase, to a text file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from r1lab.engine import fast_generate, fast_train
+    from r1lab.engine.generate import sample
+
+    phases = {
+        "rollout": lambda: sample(model, prompts, params),
+        "ref": lambda: fast_train.completion_logprobs(
+            ref, ref_packs, mask.shape[0], chunk_size=args.chunk_size
+        ),
+        "policy": lambda: fast_train.grpo_backward(
+            model,
+            policy_packs,
+            advantages,
+            mask,
+            ref_logprobs=ref_lp,
+            beta=args.beta,
+            chunk_size=args.chunk_size,
+            checkpoint=not args.no_checkpoint,
+            compile=False if args.no_compile else None,
+        ),
+    }
+    lines = []
+    for name, fn in phases.items():
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            sync()
+        table = prof.key_averages().table(
+            sort_by="cuda_time_total", row_limit=25, max_name_column_width=70
+        )
+        lines += [f"==== {name}", table]
+        if name == "rollout" and not args.keep_engine:
+            fast_generate.release(model)
+    model.zero_grad(set_to_none=True)
+    Path(args.out).with_suffix(".profile.txt").write_text("\n".join(lines))
 
 
 def summarise(result: dict, warmup: int) -> None:
@@ -441,7 +489,10 @@ def run_worker_subprocess(tool: str, args, out: Path) -> dict | None:
         str(args.ref_pack_tokens),
         "--chunk-size",
         str(args.chunk_size),
-    ] + (["--no-checkpoint"] if args.no_checkpoint else [])
+    ]
+    for flag in ("no_checkpoint", "no_compile", "keep_engine", "profile"):
+        if getattr(args, flag):
+            cmd.append("--" + flag.replace("_", "-"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         proc = subprocess.run(cmd, env=env, timeout=args.tool_timeout)
@@ -512,6 +563,8 @@ def orchestrate(args) -> None:
             "ref_pack_tokens": args.ref_pack_tokens,
             "chunk_size": args.chunk_size,
             "checkpoint": not args.no_checkpoint,
+            "compiled_layers": not args.no_compile,
+            "sampler_memory_kept": args.keep_engine,
         },
         "results": {},
     }
@@ -590,6 +643,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ref-pack-tokens", type=int, default=32768)
     ap.add_argument("--chunk-size", type=int, default=1024, help="LM-head rows per chunk")
     ap.add_argument("--no-checkpoint", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="eager decoder layers in training")
+    ap.add_argument("--keep-engine", action="store_true", help="keep the sampler's memory")
+    ap.add_argument("--profile", action="store_true", help="profile one step after the warm-up")
     ap.add_argument("--out", default="grpo_step.json")
     ap.add_argument("--workdir", default="/tmp/grpo_bench")
     ap.add_argument("--tool-timeout", type=float, default=None, help="seconds per tool")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -33,6 +34,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from r1lab.rl.losses import loss_normalizer, policy_loss
+
+try:  # Triton ships with CUDA builds of torch; the CPU build has none.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    triton = tl = None
+    HAS_TRITON = False
 
 ATTENTION_BACKENDS = ("auto", "varlen", "sdpa")
 
@@ -230,35 +240,33 @@ def _padded_attention(q, k, v, cu: torch.Tensor, max_len: int) -> torch.Tensor:
     return out.transpose(1, 2)[valid].reshape(t, h * d)
 
 
-def _attention_fn(backend: str, batch: PackedBatch, model):
-    """(q (T, H, D), k, v (T, KV, D)) -> (T, H * D) for one pack, by the chosen backend."""
+def _attention_options(backend: str, model) -> dict | None:
+    """The varlen call options for this model and dtype, or None for the padded path."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
-    cu, max_len = batch.cu_seqlens, batch.max_seqlen
     dev = model.device
-    dtype = (
-        torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.dtype
-    )
-    options = None
-    if backend == "varlen" or (
-        backend == "auto" and dev.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-    ):
-        cfg = model.config
-        options = _varlen_options(
-            dev, dtype, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        )
-        if options is None and backend == "varlen":
+    autocast = torch.is_autocast_enabled(dev.type)
+    dtype = torch.get_autocast_dtype(dev.type) if autocast else model.dtype
+    if backend == "sdpa" or dtype not in (torch.float16, torch.bfloat16) or dev.type != "cuda":
+        if backend == "varlen":
             raise RuntimeError("varlen attention is not usable here (needs CUDA and fp16/bf16)")
-
-    def attend(q, k, v):
-        if options is None:
-            return _padded_attention(q, k, v, cu, max_len)
-        return _varlen_call(q, k, v, cu, max_len, options).reshape(q.shape[0], -1)
-
-    return attend
+        return None
+    cfg = model.config
+    options = _varlen_options(
+        dev, dtype, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    )
+    if options is None and backend == "varlen":
+        raise RuntimeError("varlen attention failed its check against the padded path")
+    return options
 
 
 # ---- the decoder over a pack -------------------------------------------------------------------
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as the model's module computes it (fp32 statistics)."""
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on (T, heads, D) with cos/sin (T, 1, D/2), in fp32 as the model's `apply_rope`."""
     xf = x.float()
@@ -266,44 +274,235 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-def _layer_forward(layer, x, cos, sin, attend):
-    """One decoder layer on (T, hidden) through the model's own modules."""
-    a = layer.self_attn
-    t = x.shape[0]
-    h = layer.input_layernorm(x)
-    q = a.q_proj(h).view(t, a.n_heads, a.head_dim)
-    k = a.k_proj(h).view(t, a.n_kv, a.head_dim)
-    v = a.v_proj(h).view(t, a.n_kv, a.head_dim)
-    if a.q_norm is not None:
-        q, k = a.q_norm(q), a.k_norm(k)
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-    x = x + a.o_proj(attend(q, k, v))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+def _make_layer_fn(cfg, attn_options: dict | None):
+    """A decoder layer as a function of tensors only (the layer's weights are arguments).
+
+    Taking no module keeps one compiled graph valid for every layer. q/k/v and gate/up
+    are each one matmul over the concatenated weights (their gradients split back to the
+    separate parameters through the concatenation); the math is the model's.
+    """
+    eps, heads, kv, hd = (
+        cfg.rms_norm_eps,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    )
+    qk_norm, has_bias = cfg.qk_norm, cfg.attention_bias
+
+    def layer(x, cos, sin, cu, max_len, ln1, wq, wk, wv, bq, bk, bv, qn, kn, wo, ln2, wg, wu, wd):
+        t = x.shape[0]
+        h = _rms(x, ln1, eps)
+        bias = torch.cat((bq, bk, bv)) if has_bias else None
+        qkv = F.linear(h, torch.cat((wq, wk, wv)), bias)
+        q, k, v = qkv.split((heads * hd, kv * hd, kv * hd), dim=-1)
+        q, k, v = q.reshape(t, heads, hd), k.reshape(t, kv, hd), v.reshape(t, kv, hd)
+        if qk_norm:
+            q, k = _rms(q, qn, eps), _rms(k, kn, eps)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        if attn_options is None:
+            o = _padded_attention(q, k, v, cu, max_len)
+        else:
+            o = _varlen_call(q, k, v, cu, max_len, attn_options).reshape(t, -1)
+        x = x + F.linear(o, wo)
+        gate, up = F.linear(_rms(x, ln2, eps), torch.cat((wg, wu))).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, wd)
+
+    return layer
+
+
+def _layer_weights(layer) -> tuple:
+    a, m = layer.self_attn, layer.mlp
+    qn = a.q_norm.weight if a.q_norm is not None else None
+    kn = a.k_norm.weight if a.k_norm is not None else None
+    return (
+        layer.input_layernorm.weight,
+        a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+        a.q_proj.bias, a.k_proj.bias, a.v_proj.bias,
+        qn, kn, a.o_proj.weight,
+        layer.post_attention_layernorm.weight,
+        m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight,
+    )  # fmt: skip
+
+
+_COMPILED: dict[tuple, object] = {}
+
+
+def _compiled_layer_fn(model, attn_options: dict | None, sample_batch: PackedBatch):
+    """The layer function through torch.compile, or None where compiling fails or disagrees.
+
+    Fusing the elementwise work (norms, RoPE, SiLU, casts) cuts the kernel launches and
+    autograd nodes of a layer several-fold, which is what bounds a training step's speed
+    at this model size. Checked once, forward and backward, against the eager function.
+    """
+    key = (id(model.config), repr(attn_options), torch.is_autocast_enabled(model.device.type))
+    if key in _COMPILED:
+        return _COMPILED[key]
+    _COMPILED[key] = None
+    eager = _make_layer_fn(model.config, attn_options)
+    try:
+        compiled = torch.compile(_make_layer_fn(model.config, attn_options), dynamic=True)
+        layer = model.model.layers[0]
+        n = min(48, sample_batch.num_tokens)
+        cu = torch.tensor([0, n // 3, n], dtype=torch.int32, device=model.device)
+        pos = torch.cat((torch.arange(n // 3), torch.arange(n - n // 3))).to(model.device)
+        freqs = pos.float()[:, None] * model.inv_freq[None, :]
+        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        gen = torch.Generator().manual_seed(0)
+        x0 = torch.randn(n, model.config.hidden_size, generator=gen).to(model.device, model.dtype)
+        weights = _layer_weights(layer)
+        outs = []
+        for fn in (eager, compiled):
+            x = x0.clone().requires_grad_()
+            y = fn(x, cos, sin, cu, n - n // 3, *weights)
+            (gx,) = torch.autograd.grad(y.float().square().mean(), x)
+            outs.append((y.detach().float(), gx.float()))
+        (y_e, g_e), (y_c, g_c) = outs
+        err = max((y_e - y_c).norm() / y_e.norm(), (g_e - g_c).norm() / g_e.norm()).item()
+        if err < 2e-2:
+            _COMPILED[key] = compiled
+    except Exception:  # noqa: BLE001 - no compiler, or it failed: the eager path serves
+        pass
+    return _COMPILED[key]
 
 
 def packed_hidden_states(
-    model, batch: PackedBatch, attention: str = "auto", checkpoint: bool = False
+    model,
+    batch: PackedBatch,
+    attention: str = "auto",
+    checkpoint: bool = False,
+    compile: bool | None = None,
 ) -> torch.Tensor:
-    """Final-norm hidden states (T, hidden) of a pack; attention stays inside each sequence."""
+    """Final-norm hidden states (T, hidden) of a pack; attention stays inside each sequence.
+
+    `compile=None` compiles the layer for gradient passes on CUDA (where the launch
+    count matters) and runs eagerly otherwise.
+    """
+    options = _attention_options(attention, model)
     freqs = batch.position_ids.float()[:, None] * model.inv_freq[None, :]
     cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
-    attend = _attention_fn(attention, batch, model)
+    grad = torch.is_grad_enabled()
+    if compile is None:
+        compile = grad and model.device.type == "cuda"
+    layer_fn = _compiled_layer_fn(model, options, batch) if compile else None
+    layer_fn = layer_fn or _make_layer_fn(model.config, options)
+    cu, max_len = batch.cu_seqlens, batch.max_seqlen
     x = model.model.embed_tokens(batch.input_ids)
     for layer in model.model.layers:
-        if checkpoint and torch.is_grad_enabled():
-            x = _checkpoint(_layer_forward, layer, x, cos, sin, attend, use_reentrant=False)
+        args = (x, cos, sin, cu, max_len, *_layer_weights(layer))
+        if checkpoint and grad:
+            x = _checkpoint(layer_fn, *args, use_reentrant=False)
         else:
-            x = _layer_forward(layer, x, cos, sin, attend)
+            x = layer_fn(*args)
     return model.model.norm(x)
 
 
-# ---- log-probs through the LM head in chunks ----------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _lse_pick_kernel(logits_ptr, tgt_ptr, inv_t, lse_ptr, pick_ptr, V, BLOCK: tl.constexpr):
+        """One row: log-sum-exp of logits * inv_t (fp32) and the target's scaled logit."""
+        row = tl.program_id(0).to(tl.int64)
+        lane = tl.arange(0, BLOCK)
+        m = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + lane
+            x = tl.load(logits_ptr + row * V + cols, mask=cols < V, other=float("-inf"))
+            x = x.to(tl.float32) * inv_t
+            m_new = tl.maximum(m, x)
+            s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+            m = m_new
+        top = tl.max(m, 0)
+        tl.store(lse_ptr + row, top + tl.log(tl.sum(s * tl.exp(m - top), 0)))
+        tgt = tl.load(tgt_ptr + row)
+        tl.store(pick_ptr + row, tl.load(logits_ptr + row * V + tgt).to(tl.float32) * inv_t)
+
+    @triton.jit
+    def _softmax_grad_kernel(logits_ptr, lse_ptr, g_ptr, tgt_ptr, inv_t, V, BLOCK: tl.constexpr):
+        """In place: logits -> d logprob / d logits * g = (onehot - softmax) * g * inv_t."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        cm = cols < V
+        ptr = logits_ptr + row * V + cols
+        x = tl.load(ptr, mask=cm, other=0.0).to(tl.float32) * inv_t
+        g = tl.load(g_ptr + row) * inv_t
+        p = tl.exp(x - tl.load(lse_ptr + row))
+        d = tl.where(cols == tl.load(tgt_ptr + row), g - p * g, -p * g)
+        tl.store(ptr, d.to(logits_ptr.dtype.element_ty), mask=cm)
+
+
+def _use_kernels(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _chunk_forward(hc, w, targets, temperature):
+    """(log-sum-exp, picked scaled logit) of one chunk of rows, both fp32."""
+    logits = F.linear(hc, w)
+    if _use_kernels(logits):
+        rows, vocab = logits.shape
+        lse = torch.empty(rows, device=hc.device, dtype=torch.float32)
+        pick = torch.empty_like(lse)
+        _lse_pick_kernel[(rows,)](
+            logits, targets, 1.0 / temperature, lse, pick, vocab, BLOCK=2048, num_warps=8
+        )
+        return lse, pick
+    logits = logits.float()
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return torch.logsumexp(logits, -1), logits.gather(1, targets[:, None])[:, 0]
+
+
+def _chunk_grad_logits(hc, w, targets, lse, g, temperature):
+    """d(sum_i g_i * logprob_i) / d logits for one chunk, in the compute dtype."""
+    logits = F.linear(hc, w)
+    if _use_kernels(logits):
+        rows, vocab = logits.shape
+        _softmax_grad_kernel[(rows, triton.cdiv(vocab, 4096))](
+            logits, lse, g, targets, 1.0 / temperature, vocab, BLOCK=4096, num_warps=8
+        )
+        return logits
+    p = logits.float()
+    if temperature != 1.0:
+        p.div_(temperature)
+    p.sub_(lse[:, None]).exp_()
+    gs = (g / temperature)[:, None]
+    p.mul_(-gs).scatter_add_(1, targets[:, None], gs)
+    return p.to(hc.dtype)
+
+
+_ACCUMULATE_WAY: list[str] = []
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with a, b in the compute dtype.
+
+    On CUDA an fp32-output matmul accumulates straight into `acc` where this torch has
+    one (`out_dtype`); otherwise the product is formed in the compute dtype and added.
+    """
+    ways = ["out_dtype", "plain"] if acc.is_cuda and acc.dtype != a.dtype else ["plain"]
+    if _ACCUMULATE_WAY and _ACCUMULATE_WAY[0] in ways:
+        ways = _ACCUMULATE_WAY[:1]
+    for way in ways:
+        try:
+            if way == "out_dtype":
+                acc += torch.mm(a, b, out_dtype=acc.dtype)
+            else:
+                acc += (a @ b).to(acc.dtype)
+        except (TypeError, RuntimeError, NotImplementedError):
+            continue
+        if not _ACCUMULATE_WAY and acc.is_cuda:
+            _ACCUMULATE_WAY.append(way)
+        return
+    raise RuntimeError("no way to accumulate the LM-head gradient")
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     """log softmax(h @ W.T / T)[target] for every row of h, one chunk of rows at a time.
 
     Saves only the inputs and each row's log-sum-exp; the backward recomputes a chunk's
-    logits, turns them into (onehot - softmax) * grad / T, and multiplies back into the
-    gradients of h and W. Peak extra memory is one chunk's logits, not the batch's.
+    logits, turns them in place into (onehot - softmax) * grad / T, and multiplies back
+    into the gradients of h and W. Peak extra memory is one chunk's logits, not the
+    batch's; on CUDA each chunk's softmax work is one Triton pass over its logits.
     """
 
     @staticmethod
@@ -312,12 +511,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
         lse = torch.empty_like(out)
         for s in range(0, h.shape[0], chunk_size):
-            logits = F.linear(h[s : s + chunk_size], w).float()
-            if temperature != 1.0:
-                logits.div_(temperature)
-            lse[s : s + chunk_size] = torch.logsumexp(logits, -1)
-            picked = logits.gather(1, targets[s : s + chunk_size, None])[:, 0]
-            out[s : s + chunk_size] = picked - lse[s : s + chunk_size]
+            e = s + chunk_size
+            lse[s:e], pick = _chunk_forward(h[s:e], w, targets[s:e], temperature)
+            out[s:e] = pick - lse[s:e]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk_size, ctx.compute_dtype = temperature, chunk_size, compute_dtype
         return out
@@ -329,20 +525,14 @@ class _ChunkedLogprobs(torch.autograd.Function):
         h, w = hidden.to(cd), weight.to(cd)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        grad_out = grad_out.float() / temp
+        grad_out = grad_out.float().contiguous()
         for s in range(0, h.shape[0], chunk):
-            hc = h[s : s + chunk]
-            p = F.linear(hc, w).float()
-            if temp != 1.0:
-                p.div_(temp)
-            p.sub_(lse[s : s + chunk, None]).exp_()
-            g = grad_out[s : s + chunk, None]
-            p.mul_(-g).scatter_add_(1, targets[s : s + chunk, None], g)
-            d = p.to(cd)
-            del p
+            e = s + chunk
+            d = _chunk_grad_logits(h[s:e], w, targets[s:e], lse[s:e], grad_out[s:e], temp)
             if grad_h is not None:
-                grad_h[s : s + chunk] = d @ w
-            grad_w += (d.t() @ hc).float()
+                torch.mm(d, w, out=grad_h[s:e])
+            _accumulate(grad_w, d.t(), h[s:e])
+            del d
         grad_h = grad_h.to(hidden.dtype) if grad_h is not None else None
         grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None, None
@@ -388,10 +578,11 @@ def packed_logprobs(
     attention: str = "auto",
     checkpoint: bool = False,
     amp: bool | None = None,
+    compile: bool | None = None,
 ) -> torch.Tensor:
     """Log-prob (M,) of each completion token of a pack under `model` (differentiable)."""
     with _autocast(model, amp):
-        hidden = packed_hidden_states(model, batch, attention, checkpoint)
+        hidden = packed_hidden_states(model, batch, attention, checkpoint, compile)
         picked = hidden.index_select(0, batch.pred_index)
         return chunked_logprobs(
             picked, model.lm_head.weight, batch.targets, temperature, chunk_size
@@ -433,6 +624,7 @@ def grpo_backward(
     attention: str = "auto",
     checkpoint: bool = True,
     amp: bool | None = None,
+    compile: bool | None = None,
     **loss_options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Accumulate the gradient of the whole batch's policy loss, one pack at a time.
@@ -450,7 +642,8 @@ def grpo_backward(
     weight_sum = mask.sum().clamp(min=1).float()
     for b in batches:
         lp = to_rows(
-            packed_logprobs(model, b, temperature, chunk_size, attention, checkpoint, amp), b
+            packed_logprobs(model, b, temperature, chunk_size, attention, checkpoint, amp, compile),
+            b,
         )
         rows = b.rows
         old = lp.detach() if old_logprobs is None else old_logprobs[rows]
