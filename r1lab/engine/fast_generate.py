@@ -218,38 +218,6 @@ if HAS_TRITON:
         tl.store(out_ptr + row * FF + cols, (s * u).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _sample_update(
-        logits_ptr,
-        filt_ptr,
-        row,
-        V,
-        cols,
-        u,
-        inv_t,
-        m,
-        s,
-        best,
-        best_idx,
-        GREEDY: tl.constexpr,
-        FILTERED: tl.constexpr,
-    ):
-        """Fold one block of a row's logits into the per-lane running max, sum and pick."""
-        cm = cols < V
-        x = tl.load(logits_ptr + row * V + cols, mask=cm, other=float("-inf"))
-        x = x.to(tl.float32) * inv_t
-        m_new = tl.maximum(m, x)
-        s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
-        if FILTERED:
-            score = tl.load(filt_ptr + row * V + cols, mask=cm, other=float("-inf"))
-            score = score.to(tl.float32) * inv_t
-        else:
-            score = x
-        if not GREEDY:
-            score = score - tl.log(-tl.log(u))
-        upd = cm & (score > best)
-        return m_new, s, tl.where(upd, score, best), tl.where(upd, cols, best_idx)
-
-    @triton.jit
     def _sample_kernel(
         logits_ptr,
         filt_ptr,
@@ -267,88 +235,36 @@ if HAS_TRITON:
 
         Sampling is Gumbel-max (argmax of logits/T + Gumbel noise), which draws exactly from
         softmax(logits / T); the noise comes from a counter-based generator keyed by the
-        call's seed and the step, so a replayed graph draws fresh numbers every step, four
-        uniforms per generator call. Each lane keeps its own running max, sum and best
-        pick, visiting its columns in increasing order; lanes are combined at the end
-        (ties go to the lowest index, as argmax does).
+        call's seed and the step, so a replayed graph draws fresh numbers every step. Each
+        lane keeps its own running max, sum and best pick; lanes are combined at the end.
         """
         row = tl.program_id(0)
         inv_t = 1.0 / tl.load(temp_ptr)
         seed = tl.load(seed_ptr) + tl.load(step_ptr) * 1000003
-        SUB: tl.constexpr = BLOCK // 4
-        lane = tl.arange(0, SUB)
-        m = tl.full([SUB], -1.0e30, dtype=tl.float32)
-        s = tl.zeros([SUB], dtype=tl.float32)
-        best = tl.full([SUB], float("-inf"), dtype=tl.float32)
-        best_idx = tl.zeros([SUB], dtype=tl.int32)
+        lane = tl.arange(0, BLOCK)
+        m = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        best_idx = tl.zeros([BLOCK], dtype=tl.int32)
         for start in range(0, V, BLOCK):
-            if GREEDY:
-                u0 = tl.zeros([SUB], dtype=tl.float32)
-                u1 = u0
-                u2 = u0
-                u3 = u0
+            cols = start + lane
+            cm = cols < V
+            x = tl.load(logits_ptr + row * V + cols, mask=cm, other=float("-inf"))
+            x = x.to(tl.float32) * inv_t
+            m_new = tl.maximum(m, x)
+            s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+            m = m_new
+            if FILTERED:
+                score = tl.load(filt_ptr + row * V + cols, mask=cm, other=float("-inf"))
+                score = score.to(tl.float32) * inv_t
             else:
-                u0, u1, u2, u3 = tl.rand4x(seed, row * V + start + lane)
-            m, s, best, best_idx = _sample_update(
-                logits_ptr,
-                filt_ptr,
-                row,
-                V,
-                start + lane,
-                u0,
-                inv_t,
-                m,
-                s,
-                best,
-                best_idx,
-                GREEDY,
-                FILTERED,
-            )
-            m, s, best, best_idx = _sample_update(
-                logits_ptr,
-                filt_ptr,
-                row,
-                V,
-                start + SUB + lane,
-                u1,
-                inv_t,
-                m,
-                s,
-                best,
-                best_idx,
-                GREEDY,
-                FILTERED,
-            )
-            m, s, best, best_idx = _sample_update(
-                logits_ptr,
-                filt_ptr,
-                row,
-                V,
-                start + 2 * SUB + lane,
-                u2,
-                inv_t,
-                m,
-                s,
-                best,
-                best_idx,
-                GREEDY,
-                FILTERED,
-            )
-            m, s, best, best_idx = _sample_update(
-                logits_ptr,
-                filt_ptr,
-                row,
-                V,
-                start + 3 * SUB + lane,
-                u3,
-                inv_t,
-                m,
-                s,
-                best,
-                best_idx,
-                GREEDY,
-                FILTERED,
-            )
+                score = x
+            if not GREEDY:
+                u = tl.rand(seed, row * V + cols)
+                score = score - tl.log(-tl.log(u))
+            upd = cm & (score > best)
+            best_idx = tl.where(upd, cols, best_idx)
+            best = tl.where(upd, score, best)
         top = tl.max(m, 0)
         total = tl.sum(s * tl.exp(m - top), 0)
         b = tl.max(best, 0)

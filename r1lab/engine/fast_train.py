@@ -431,8 +431,18 @@ if HAS_TRITON:
         tl.store(ptr, d.to(logits_ptr.dtype.element_ty), mask=cm)
 
 
+_KERNELS_BROKEN: list[str] = []
+
+
 def _use_kernels(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    """Triton for the softmax passes on CUDA, unless a launch has failed before."""
+    on = t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return HAS_TRITON and on and not _KERNELS_BROKEN
+
+
+def _kernel_failed(err: Exception) -> None:
+    """Remember that the kernels do not build here; the torch path takes over."""
+    _KERNELS_BROKEN.append(repr(err))
 
 
 def _chunk_forward(hc, w, targets, temperature):
@@ -442,10 +452,13 @@ def _chunk_forward(hc, w, targets, temperature):
         rows, vocab = logits.shape
         lse = torch.empty(rows, device=hc.device, dtype=torch.float32)
         pick = torch.empty_like(lse)
-        _lse_pick_kernel[(rows,)](
-            logits, targets, 1.0 / temperature, lse, pick, vocab, BLOCK=2048, num_warps=8
-        )
-        return lse, pick
+        try:
+            _lse_pick_kernel[(rows,)](
+                logits, targets, 1.0 / temperature, lse, pick, vocab, BLOCK=2048, num_warps=8
+            )
+            return lse, pick
+        except Exception as err:  # noqa: BLE001 - a kernel that does not build here
+            _kernel_failed(err)
     logits = logits.float()
     if temperature != 1.0:
         logits.div_(temperature)
@@ -457,10 +470,13 @@ def _chunk_grad_logits(hc, w, targets, lse, g, temperature):
     logits = F.linear(hc, w)
     if _use_kernels(logits):
         rows, vocab = logits.shape
-        _softmax_grad_kernel[(rows, triton.cdiv(vocab, 4096))](
-            logits, lse, g, targets, 1.0 / temperature, vocab, BLOCK=4096, num_warps=8
-        )
-        return logits
+        try:
+            _softmax_grad_kernel[(rows, triton.cdiv(vocab, 4096))](
+                logits, lse, g, targets, 1.0 / temperature, vocab, BLOCK=4096, num_warps=8
+            )
+            return logits
+        except Exception as err:  # noqa: BLE001 - a kernel that does not build here
+            _kernel_failed(err)
     p = logits.float()
     if temperature != 1.0:
         p.div_(temperature)
