@@ -10,10 +10,11 @@ import torch
 from r1lab.config import ConfigError, build_config
 from r1lab.model.checkpoint import load_model, save_model
 from r1lab.model.config import config_for_size
-from r1lab.model.tokenizer import load_tokenizer, train_tokenizer
+from r1lab.model.tokenizer import load_tokenizer, r1_zero_prompt, train_tokenizer
 from r1lab.model.transformer import Transformer
 from r1lab.stages import pretrain
 from r1lab.stages.data import pack_rows
+from r1lab.stages.pretrain import encode_documents, split_prompt
 from r1lab.training import is_done, read_jsonl
 
 # A few seconds on a CPU: 240 short documents, a few thousand parameters, 12 steps.
@@ -171,6 +172,20 @@ def test_packing_keeps_documents_whole_and_targets_every_token_but_the_first():
     assert int(mask.sum()) == sum(len(d) - 1 for d in docs)
 
 
+def test_r1_zero_documents_are_encoded_as_the_prompt_is_encoded_alone():
+    question = "What is 12+34+56?"
+    completion = " <think> First, 12+34=46. Then 46+56=102. </think> <answer> 102 </answer>"
+    docs = [r1_zero_prompt(question) + completion, "What is 1+2+3?\nThe answer is 6."]
+    tokenizer = train_tokenizer(docs * 20, 400)
+    assert split_prompt(docs[0]) == (r1_zero_prompt(question), completion)
+    assert split_prompt(docs[1]) == ("", docs[1])
+
+    ids = encode_documents(docs, tokenizer)
+    prompt_ids = tokenizer(r1_zero_prompt(question))["input_ids"]
+    assert ids[0][: len(prompt_ids)] == prompt_ids  # what the sampler will be given
+    assert all(doc[-1] == tokenizer.eos_token_id for doc in ids)
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [
@@ -180,6 +195,7 @@ def test_packing_keeps_documents_whole_and_targets_every_token_but_the_first():
         ({"lr": -1}, "lr"),
         ({"size": "micro", "seq_len": 1000}, "seq_len"),
         ({"families": ["chain_sum"], "family_weights": [1, 2]}, "family_weights"),
+        ({"corpus_options": {"typo_fraction": 0.1}}, "corpus_options"),
     ],
 )
 def test_a_bad_setting_names_its_field(overrides, field):

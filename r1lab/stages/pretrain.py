@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from r1lab.config import StageConfig, resolve_device, resolve_dtype, write_config
 from r1lab.model.config import SIZES, ModelConfig, config_for_size
-from r1lab.model.tokenizer import load_tokenizer, train_tokenizer
+from r1lab.model.tokenizer import R1_ZERO_TEMPLATE, load_tokenizer, train_tokenizer
 from r1lab.model.transformer import Transformer
 from r1lab.stages.data import (
     Budget,
@@ -60,6 +60,14 @@ from r1lab.training import (
 STAGE = "pretrain"
 # Settings that may change between an interrupted run and its resume.
 RESUME_NEUTRAL = {"device", "log_every", "eval_every", "save_every"}
+R1_ZERO_HEAD, R1_ZERO_TAIL = R1_ZERO_TEMPLATE.split("{prompt}")
+CORPUS_OPTIONS = (
+    "r1_zero_fraction",
+    "no_reasoning_fraction",
+    "flawed_fraction",
+    "check_fraction",
+    "mixed_language_fraction",
+)
 
 
 class Config(StageConfig):
@@ -76,13 +84,22 @@ class Config(StageConfig):
     n_documents: int = Field(default=40_000, ge=2)
     val_documents: int = Field(default=500, ge=1)  # held out from the corpus for val_loss
     vocab_size: int = Field(default=1024, ge=266)  # upper bound; a small corpus gives fewer
+    tokenizer_documents: int = Field(default=5000, ge=1)  # BPE trained on this many documents
+    # Shares of the document forms, passed to pretrain_documents (r1_zero_fraction,
+    # no_reasoning_fraction, flawed_fraction, check_fraction, mixed_language_fraction).
+    corpus_options: dict[str, float] = Field(default_factory=dict)
 
-    # model (r1lab.model.config.SIZES)
+    # model (r1lab.model.config.SIZES), with ModelConfig fields to change, e.g. num_hidden_layers
     size: str = "tiny"
+    model_overrides: dict[str, Any] = Field(default_factory=dict)
+    # Std of the normal weight init. 0.05 rather than the usual 0.02: the tiny model then
+    # learns to copy the question's numbers (the step its accuracy hinges on) in ~2M tokens
+    # instead of ~5M (docs/supervised.md).
+    init_std: float = Field(default=0.05, gt=0)
 
     # optimisation
     seq_len: int = Field(default=128, ge=8)  # tokens per packed row
-    batch_size: int = Field(default=64, ge=1)  # rows per optimizer step
+    batch_size: int = Field(default=16, ge=1)  # rows per optimizer step (small: more updates)
     micro_batch_size: int | None = Field(default=None, ge=1)  # rows per forward (memory)
     lr: float = Field(default=2e-3, gt=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # cosine decays to lr * this
@@ -94,8 +111,8 @@ class Config(StageConfig):
     max_minutes: float | None = Field(default=3.5, gt=0)  # wall clock of the whole stage
 
     # logging and checkpoints
-    log_every: int = Field(default=25, ge=1)
-    eval_every: int = Field(default=100, ge=1)
+    log_every: int = Field(default=50, ge=1)
+    eval_every: int = Field(default=200, ge=1)
     save_every: int = Field(default=200, ge=1)
 
     @field_validator("families", "levels", mode="before")
@@ -125,6 +142,16 @@ class Config(StageConfig):
             raise ValueError(f"unknown size {value!r}; known sizes: {', '.join(SIZES)}")
         return value
 
+    @field_validator("corpus_options")
+    @classmethod
+    def _known_corpus_options(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(CORPUS_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown corpus options {unknown}; known: {', '.join(CORPUS_OPTIONS)}"
+            )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.family_weights is not None and (
@@ -133,7 +160,9 @@ class Config(StageConfig):
             raise ValueError("family_weights needs one positive weight per entry of families")
         if self.val_documents >= self.n_documents:
             raise ValueError("val_documents must be smaller than n_documents")
-        context = SIZES[self.size]["max_position_embeddings"]
+        context = self.model_overrides.get(
+            "max_position_embeddings", SIZES[self.size]["max_position_embeddings"]
+        )
         if self.seq_len > context:
             raise ValueError(
                 f"seq_len {self.seq_len} exceeds the {self.size} model's context {context}"
@@ -149,16 +178,47 @@ def build_corpus(cfg: Config) -> list[str]:
     for i, (family, weight) in enumerate(zip(cfg.families, weights)):
         n = round(cfg.n_documents * weight / sum(weights))
         docs += pretrain_documents(
-            family, n, cfg.seed + 1000 * i, levels=cfg.levels, zh_fraction=cfg.zh_fraction
+            family,
+            n,
+            cfg.seed + 1000 * i,
+            levels=cfg.levels,
+            zh_fraction=cfg.zh_fraction,
+            **cfg.corpus_options,
         )
     random.Random(f"{cfg.seed}:corpus").shuffle(docs)
     return docs
 
 
+def split_prompt(doc: str) -> tuple[str, str]:
+    """(prompt, completion) of an R1-Zero conversation; other documents are all completion.
+
+    The tokenizer merges across spaces, so "Assistant: " followed by the reasoning encodes
+    to other tokens than the prompt "...Assistant:" does alone. The later stages encode the
+    prompt alone and sample the rest, so the corpus is encoded the same way: the model then
+    trains on exactly the tokens it is prompted with.
+    """
+    if doc.startswith(R1_ZERO_HEAD):
+        end = doc.find(R1_ZERO_TAIL, len(R1_ZERO_HEAD))
+        if end >= 0:
+            cut = end + len(R1_ZERO_TAIL)
+            return doc[:cut], doc[cut:]
+    return "", doc
+
+
+def encode_documents(docs: list[str], tokenizer) -> list[list[int]]:
+    """Token ids of each document (prompt and completion encoded apart), ending with EOS."""
+    from r1lab.api import encode_prompts
+
+    prompts, completions = zip(*(split_prompt(d) for d in docs))
+    prompt_ids = encode_prompts(tokenizer, list(prompts))
+    completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [p + c + [eos] for p, c in zip(prompt_ids, completion_ids)]
+
+
 def encode_corpus(docs: list[str], tokenizer, cfg: Config, pad_id: int):
     """(train rows, val rows): each document ends with EOS so the model learns to stop."""
-    eos = tokenizer.eos_token_id
-    ids = [d + [eos] for d in tokenizer(docs, add_special_tokens=False)["input_ids"]]
+    ids = encode_documents(docs, tokenizer)
     masks = [[1] * len(d) for d in ids]
     split = len(ids) - cfg.val_documents
     train = pack_rows(ids[:split], masks[:split], cfg.seq_len, pad_id)
@@ -173,8 +233,11 @@ def build_model(cfg: Config, tokenizer) -> Transformer:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **cfg.model_overrides,
     )
-    return Transformer(model_cfg)
+    model = Transformer(model_cfg)
+    model.reset_parameters(std=cfg.init_std)
+    return model
 
 
 def take_base(cfg: Config, out: Path) -> dict:
@@ -243,7 +306,10 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
 
     # corpus and tokenizer (a resumed run keeps the tokenizer it saved)
     docs = build_corpus(cfg)
-    tokenizer = load_tokenizer(out / "model") if record else train_tokenizer(docs, cfg.vocab_size)
+    if record is not None:
+        tokenizer = load_tokenizer(out / "model")
+    else:
+        tokenizer = train_tokenizer(docs[: cfg.tokenizer_documents], cfg.vocab_size)
     pad_id = tokenizer.pad_token_id
     train_rows, val_rows = encode_corpus(docs, tokenizer, cfg, pad_id)
     data_hash = rows_fingerprint(*train_rows)
@@ -268,8 +334,14 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     write_config(cfg, out / "config.yaml")
     log = MetricsLog(out / "metrics.jsonl", resume_step=step + 1 if record else None)
 
+    initial_val, eval_s = extra.get("initial_val_loss"), extra.get("eval_s", 0.0)
+    if initial_val is None:
+        t0 = time.perf_counter()
+        initial_val = eval_loss(model, val_rows, cfg.batch_size, device, autocast)
+        eval_s = time.perf_counter() - t0
+    # max_minutes covers the whole stage: the setup so far, the loop, and a final validation.
     setup_s = extra.get("setup_s", time.perf_counter() - clock_start)
-    loop_s = max(0.0, cfg.max_minutes * 60 - setup_s) if cfg.max_minutes else None
+    loop_s = max(0.0, cfg.max_minutes * 60 - setup_s - eval_s) if cfg.max_minutes else None
     budget = Budget(cfg.max_steps, loop_s)
     n_params = model.num_parameters()
     console.print(
@@ -281,9 +353,6 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     clock = Clock(extra.get("train_s", 0.0))
     tokens = extra.get("tokens", 0)
     val_loss = extra.get("val_loss")
-    initial_val = extra.get("initial_val_loss")
-    if initial_val is None:
-        initial_val = eval_loss(model, val_rows, cfg.batch_size, device, autocast)
     recent: list[float] = []
     session_tokens, session_start = 0, time.perf_counter()
 
@@ -292,6 +361,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             "config": settings,
             "data_hash": data_hash,
             "setup_s": setup_s,
+            "eval_s": eval_s,
             "train_s": clock.elapsed(),
             "tokens": tokens,
             "val_loss": val_loss,

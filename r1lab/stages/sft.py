@@ -26,6 +26,7 @@ from pydantic import Field, field_validator, model_validator
 
 from r1lab.config import StageConfig, resolve_device, resolve_dtype, write_config
 from r1lab.model.checkpoint import load_model
+from r1lab.model.config import ModelConfig
 from r1lab.model.tokenizer import load_tokenizer
 from r1lab.stages.data import (
     Budget,
@@ -82,10 +83,10 @@ class Config(StageConfig):
     seq_len: int = Field(default=256, ge=8)
     batch_size: int = Field(default=16, ge=1)  # rows per optimizer step
     micro_batch_size: int | None = Field(default=None, ge=1)  # rows per forward (memory)
-    epochs: int = Field(default=2, ge=1)
+    epochs: int = Field(default=3, ge=1)
     max_steps: int | None = Field(default=None, ge=1)  # cap on optimizer steps
     max_minutes: float | None = Field(default=None, gt=0)  # wall-clock cap of the loop
-    lr: float = Field(default=5e-4, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # cosine to a tenth (R1 recipe)
     warmup_steps: int = Field(default=10, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -160,6 +161,13 @@ def build_rows(cfg: Config, examples: list[dict], tokenizer, pad_id: int):
     return train, val, stats
 
 
+def stored_dtype(folder: Path) -> str | None:
+    """The dtype the base checkpoint was saved in: the fine-tuned model is written the same
+    way (a bf16 checkpoint stays bf16), while training and state/ keep fp32 weights."""
+    extra = ModelConfig.from_file(folder / "config.json").extra
+    return extra.get("dtype") or extra.get("torch_dtype")
+
+
 # ---- the stage ---------------------------------------------------------------------------------
 def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     """Fine-tune `cfg.model` on `cfg.data` into `out_dir/model`; returns the stage summary."""
@@ -190,6 +198,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
 
     # model and optimizer (fp32 weights; bf16 autocast on GPU)
     model = load_model(source, dtype=torch.float32, device=device)
+    export_dtype = stored_dtype(source)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
@@ -239,7 +248,9 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             "val_loss": val_loss,
             "initial_val_loss": initial_val,
         }
-        save_checkpoint(out, model, optimizer, tokenizer, step, sampler.position(), saved)
+        save_checkpoint(
+            out, model, optimizer, tokenizer, step, sampler.position(), saved, export_dtype
+        )
 
     def validate() -> float | None:
         if val_rows is None:
