@@ -61,7 +61,7 @@ def test_pairs_file_errors_name_file_and_line(base_dir, tmp_path):
         + "\n"
     )
     cfg = rm_stage.Config(model=str(base_dir), data=[str(bad)])
-    with pytest.raises(ValueError, match=r"pairs.jsonl:2: missing or non-text field 'chosen'"):
+    with pytest.raises(ValueError, match=r"pairs.jsonl line 2: missing or non-text field 'chosen'"):
         rm_stage.run(cfg, tmp_path / "out")
     assert not (tmp_path / "out" / "model").exists()
 

@@ -26,6 +26,7 @@ from torch import nn
 from r1lab.config import StageConfig, resolve_device, write_config
 from r1lab.model.checkpoint import atomic_write_text, load_model, save_model
 from r1lab.model.tokenizer import load_tokenizer
+from r1lab.rows import DataError, read_rows
 from r1lab.training import (
     MetricsLog,
     clip_grad,
@@ -201,8 +202,8 @@ def load_pairs(cfg: Config) -> list[dict]:
     for source in cfg.data:
         if source == "procedural":
             pairs += procedural_pairs(cfg)
-        elif source.endswith(".jsonl") or Path(source).exists():
-            pairs += _read_pairs_jsonl(Path(source))
+        elif Path(source).suffix in (".jsonl", ".json", ".parquet") or Path(source).exists():
+            pairs += _read_pairs_file(Path(source))
         else:
             pairs += _read_pairs_hub(source)
     if not pairs:
@@ -210,22 +211,15 @@ def load_pairs(cfg: Config) -> list[dict]:
     return pairs
 
 
-def _read_pairs_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        raise FileNotFoundError(f"preference data not found: {path}")
-    rows = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+def _read_pairs_file(path: Path) -> list[dict]:
+    """`{prompt, chosen, rejected}` rows; a bad row names the file, line and field."""
+    pairs = []
+    for where, row in read_rows(path):
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(row.get(key), str):
-                raise ValueError(f"{path}:{line_no}: missing or non-text field {key!r}")
-        rows.append(row)
-    return rows
+                raise DataError(f"{where}: missing or non-text field {key!r}")
+        pairs.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+    return pairs
 
 
 def _read_pairs_hub(name: str) -> list[dict]:

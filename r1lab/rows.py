@@ -1,0 +1,91 @@
+"""Reading dataset files: jsonl / json / parquet rows, each with where it came from.
+
+One reader for every stage and task, so a bad file gets the same clear error everywhere:
+it names the file, the line (or row) and, from the caller, the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+Row = tuple[str, dict]  # (where: "file.jsonl line 12", fields)
+
+
+class DataError(ValueError):
+    """A dataset file or row that cannot be used; the message names file, line, field."""
+
+
+# --- reading rows ---------------------------------------------------------------------
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    """Rows of a local `.jsonl` / `.json` / `.parquet` file, each with where it came from.
+
+    JSON lines are numbered by line (1-based, blank lines skipped but counted); parquet
+    and JSON-array rows by row (1-based).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        rows = [(f"{path} row {i}", r) for i, r in enumerate(_read_parquet(path), 1)]
+    elif suffix in (".jsonl", ".ndjson", ".json"):
+        rows = _read_json(path)
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError(
+            f"reading {path} needs pyarrow: pip install pyarrow (or 'r1lab[hub]')"
+        ) from e
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001  (pyarrow raises several types for a bad file)
+        raise DataError(f"{path}: cannot read parquet: {e}") from e
+
+
+def _read_json(path: Path) -> list[Row]:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
+    if path.suffix.lower() == ".json" and data.lstrip()[:1] == b"[":
+        try:
+            items = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: invalid JSON: {e}") from e
+        rows = []
+        for i, item in enumerate(items, 1):
+            if not isinstance(item, dict):
+                raise DataError(f"{path} row {i}: expected a JSON object, got {kind_name(item)}")
+            rows.append((f"{path} row {i}", item))
+        return rows
+    rows = []
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            item = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from e
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from e
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: expected a JSON object, got {kind_name(item)}")
+        rows.append((where, item))
+    return rows
+
+
+def kind_name(value: Any) -> str:
+    return type(value).__name__
