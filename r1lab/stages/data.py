@@ -178,6 +178,14 @@ def mix_sources(
 
 
 # ---- tokens, masks and packed rows -----------------------------------------------------------
+def encode_prompts_batched(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """`r1lab.api.encode_prompts` (the sampler's encoding: default special tokens) in one
+    batched call, which is many times faster for tens of thousands of prompts."""
+    if not prompts:
+        return []
+    return tokenizer(prompts)["input_ids"]
+
+
 def tokenize_examples(
     rows: list[dict], tokenizer, seq_len: int
 ) -> tuple[list[list[int]], list[list[int]], int]:
@@ -187,12 +195,10 @@ def tokenize_examples(
     is later prompted with. An example longer than `seq_len` is cut at the end (counted and
     returned); one whose prompt alone fills the row has nothing to learn and is dropped.
     """
-    from r1lab.api import encode_prompts
-
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; SFT needs one to teach the model to stop")
-    prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    prompts = encode_prompts_batched(tokenizer, [r["prompt"] for r in rows])
     responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
     docs, masks, cut = [], [], 0
     for prompt, response in zip(prompts, responses):
