@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 
-from r1lab.config import ConfigError
+from r1lab.config import ConfigError, StageConfig
 from r1lab.engine.logprobs import token_logprobs
 from r1lab.model.checkpoint import (
     TRAINER_STATE_NAME,
@@ -39,6 +40,38 @@ from r1lab.training import clip_grad, resolve_model_dir
 
 BUILTIN_SOURCES = ("cold-start", "non-reasoning")
 REQUIRED_FIELDS = ("prompt", "response")
+
+
+class ProceduralConfig(StageConfig):
+    """Settings of the stages that draw on the built-in procedural families."""
+
+    families: list[str] = Field(default_factory=lambda: ["chain_sum"], min_length=1)
+    levels: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    zh_fraction: float = Field(default=0.3, ge=0, le=1)  # share of questions posed in Chinese
+
+    @field_validator("families", "levels", mode="before")
+    @classmethod
+    def _one_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, int)) else value
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, value: list[str]) -> list[str]:
+        from r1lab.tasks.procedural import FAMILY_NAMES
+
+        unknown = [f for f in value if f not in FAMILY_NAMES]
+        if unknown:
+            raise ValueError(f"unknown families {unknown}; known: {', '.join(FAMILY_NAMES)}")
+        return value
+
+    @field_validator("levels")
+    @classmethod
+    def _known_levels(cls, value: list[int]) -> list[int]:
+        from r1lab.tasks.procedural import LEVELS
+
+        if any(level not in LEVELS for level in value):
+            raise ValueError(f"levels must be among {list(LEVELS)}, got {value}")
+        return value
 
 
 class DataError(ValueError):

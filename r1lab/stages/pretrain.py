@@ -23,13 +23,14 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from r1lab.config import StageConfig, resolve_device, resolve_dtype, write_config
+from r1lab.config import resolve_device, resolve_dtype, write_config
 from r1lab.model.config import SIZES, ModelConfig, config_for_size
 from r1lab.model.tokenizer import R1_ZERO_TEMPLATE, load_tokenizer, train_tokenizer
 from r1lab.model.transformer import Transformer
 from r1lab.stages.data import (
     Budget,
     Clock,
+    ProceduralConfig,
     RowSampler,
     autocast_for,
     check_resumable,
@@ -43,7 +44,7 @@ from r1lab.stages.data import (
     saved_state,
     train_step,
 )
-from r1lab.tasks.procedural import FAMILY_NAMES, LEVELS, pretrain_documents
+from r1lab.tasks.procedural import pretrain_documents
 from r1lab.training import (
     DONE_FILE,
     MetricsLog,
@@ -71,17 +72,14 @@ CORPUS_OPTIONS = (
 )
 
 
-class Config(StageConfig):
+class Config(ProceduralConfig):
     """`r1lab pretrain`. The defaults are the tiny CPU run: 1000 steps, at most 5 minutes."""
 
     # A model folder, stage run dir or Hub id to take as the base instead of training.
     init_from: str | None = None
 
     # corpus (r1lab.tasks.procedural)
-    families: list[str] = Field(default_factory=lambda: ["chain_sum"], min_length=1)
     family_weights: list[float] | None = None  # share of documents per family (default equal)
-    levels: list[int] = Field(default_factory=lambda: [1], min_length=1)
-    zh_fraction: float = Field(default=0.3, ge=0, le=1)
     n_documents: int = Field(default=40_000, ge=2)
     val_documents: int = Field(default=500, ge=1)  # held out from the corpus for val_loss
     vocab_size: int = Field(default=1024, ge=266)  # upper bound; a small corpus gives fewer
@@ -118,26 +116,6 @@ class Config(StageConfig):
     log_every: int = Field(default=50, ge=1)
     eval_every: int = Field(default=200, ge=1)
     save_every: int = Field(default=200, ge=1)
-
-    @field_validator("families", "levels", mode="before")
-    @classmethod
-    def _one_is_a_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, (str, int)) else value
-
-    @field_validator("families")
-    @classmethod
-    def _known_families(cls, value: list[str]) -> list[str]:
-        unknown = [f for f in value if f not in FAMILY_NAMES]
-        if unknown:
-            raise ValueError(f"unknown families {unknown}; known: {', '.join(FAMILY_NAMES)}")
-        return value
-
-    @field_validator("levels")
-    @classmethod
-    def _known_levels(cls, value: list[int]) -> list[int]:
-        if any(level not in LEVELS for level in value):
-            raise ValueError(f"levels must be among {list(LEVELS)}, got {value}")
-        return value
 
     @field_validator("size")
     @classmethod

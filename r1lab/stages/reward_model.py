@@ -23,10 +23,11 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from r1lab.config import StageConfig, resolve_device, write_config
+from r1lab.config import resolve_device, write_config
 from r1lab.model.checkpoint import atomic_write_text, load_model, save_model
 from r1lab.model.tokenizer import load_tokenizer
 from r1lab.rows import DataError, read_rows
+from r1lab.stages.data import ProceduralConfig
 from r1lab.training import (
     MetricsLog,
     clip_grad,
@@ -46,12 +47,9 @@ HEAD_FILE = "reward_head.safetensors"
 HEAD_INFO = "reward_head.json"
 
 
-class Config(StageConfig):
+class Config(ProceduralConfig):
     model: str = Field("", description="decoder to start from: model folder or stage run dir")
     data: list[str] = Field(default_factory=lambda: ["procedural"])
-    families: list[str] = Field(default_factory=lambda: ["chain_sum"])
-    levels: list[int] = Field(default_factory=lambda: [1])
-    zh_fraction: float = Field(0.3, ge=0, le=1)
     n_pairs: int = Field(3000, ge=10)
     judge: Literal["summary", "response"] = "summary"
     heldout_fraction: float = Field(0.1, gt=0, lt=1)

@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from r1lab.config import StageConfig, resolve_device, resolve_dtype, write_config
+from r1lab.config import resolve_device, resolve_dtype, write_config
 from r1lab.model.checkpoint import load_model
 from r1lab.model.config import ModelConfig
 from r1lab.model.tokenizer import load_tokenizer
 from r1lab.stages.data import (
     Budget,
     Clock,
+    ProceduralConfig,
     RowSampler,
     autocast_for,
     check_resumable,
@@ -46,7 +47,6 @@ from r1lab.stages.data import (
     tokenize_examples,
     train_step,
 )
-from r1lab.tasks.procedural import FAMILY_NAMES, LEVELS
 from r1lab.training import (
     DONE_FILE,
     MetricsLog,
@@ -65,7 +65,7 @@ STAGE = "sft"
 RESUME_NEUTRAL = {"device", "log_every", "eval_every", "save_every"}
 
 
-class Config(StageConfig):
+class Config(ProceduralConfig):
     """`r1lab sft`. The defaults are the tiny CPU cold start (about a minute on 2 cores)."""
 
     model: str  # the starting model: a model folder, a stage run dir or a Hub id
@@ -73,10 +73,7 @@ class Config(StageConfig):
     # data: each source is a built-in generator, a .jsonl with prompt/response, or a dataset id
     data: list[str] = Field(default_factory=lambda: ["cold-start"], min_length=1)
     data_weights: list[float] | None = None  # share of each source in the mixture
-    families: list[str] = Field(default_factory=lambda: ["chain_sum"], min_length=1)
-    levels: list[int] = Field(default_factory=lambda: [1], min_length=1)
     n_examples: int = Field(default=2000, ge=1)  # per built-in source
-    zh_fraction: float = Field(default=0.3, ge=0, le=1)
     val_examples: int = Field(default=100, ge=0)  # held out from the mixture for val_loss
 
     # optimisation
@@ -99,25 +96,10 @@ class Config(StageConfig):
     eval_every: int = Field(default=50, ge=1)
     save_every: int = Field(default=100, ge=1)
 
-    @field_validator("data", "families", "levels", mode="before")
+    @field_validator("data", mode="before")
     @classmethod
-    def _one_is_a_list(cls, value: Any) -> Any:
+    def _data_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, (str, int)) else value
-
-    @field_validator("families")
-    @classmethod
-    def _known_families(cls, value: list[str]) -> list[str]:
-        unknown = [f for f in value if f not in FAMILY_NAMES]
-        if unknown:
-            raise ValueError(f"unknown families {unknown}; known: {', '.join(FAMILY_NAMES)}")
-        return value
-
-    @field_validator("levels")
-    @classmethod
-    def _known_levels(cls, value: list[int]) -> list[int]:
-        if any(level not in LEVELS for level in value):
-            raise ValueError(f"levels must be among {list(LEVELS)}, got {value}")
-        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
