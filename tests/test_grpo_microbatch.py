@@ -100,7 +100,7 @@ def test_masked_rows_get_no_gradient(randomize):
     """A row left out of the loss (a truncated completion under mask_truncated) adds nothing."""
     policy = micro_model(0, randomize)
     batch = rollout_batch()
-    cfg = Config(model="unused", aggregation="token-mean", max_new_tokens=12)
+    cfg = Config(model="unused", aggregation="token-mean", max_new_tokens=12, beta=0.0)
 
     policy.zero_grad(set_to_none=True)
     accumulate_gradients(policy, batch, [3], cfg, pad_id=PAD)

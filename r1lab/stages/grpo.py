@@ -128,8 +128,8 @@ class Config(StageConfig):
     reward_model_on: Literal["summary", "response"] = "summary"
     reward_model_last_steps: int | None = Field(None, ge=1)
     # optimisation
-    steps: int = Field(250, ge=1)
-    lr: float = Field(1e-5, gt=0)
+    steps: int = Field(120, ge=1)
+    lr: float = Field(2e-5, gt=0)
     warmup_steps: int = Field(10, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = Field(0.0, ge=0)
@@ -140,7 +140,7 @@ class Config(StageConfig):
         0, ge=0, description="sequences per forward; 0 = whole mini-batch"
     )
     # objective
-    beta: float = Field(0.0, ge=0, description="KL coefficient; 0 skips the reference model")
+    beta: float = Field(0.001, ge=0, description="KL coefficient; 0 skips the reference model")
     eps_low: float = Field(0.2, ge=0)
     eps_high: float | None = Field(None, ge=0)
     ratio_level: Literal["token", "sequence"] = "token"
@@ -150,9 +150,11 @@ class Config(StageConfig):
     norm_length: float | None = Field(None, gt=0)
     adv_scale: Literal["group", "batch", "none"] = "group"
     adv_baseline: Literal["mean", "loo"] = "mean"
-    ref_refresh_every: int = Field(400, ge=0, description="steps between reference updates; 0 = never")
+    ref_refresh_every: int = Field(
+        400, ge=0, description="steps between reference updates; 0 = never"
+    )
     # evaluation on held-out questions (the eval stage's protocol)
-    eval_every: int = Field(50, ge=0, description="0 = only before and after")
+    eval_every: int = Field(40, ge=0, description="0 = only before and after")
     eval_n: int = Field(200, ge=1)
     eval_k: int = Field(4, ge=1)
     eval_task: TaskSpec | None = None
@@ -162,7 +164,7 @@ class Config(StageConfig):
     eval_max_new_tokens: int | None = Field(None, ge=1)
     # logging, checkpoints, limits
     log_samples: int = Field(2, ge=0)
-    save_every: int = Field(50, ge=1)
+    save_every: int = Field(40, ge=1)
     max_nan_steps: int = Field(3, ge=1)
     max_minutes: float | None = Field(None, gt=0)
 
@@ -389,7 +391,8 @@ def accumulate_gradients(
     The gradient is added to `.grad` (the caller zeroes and steps). Every micro-batch loss
     is divided by the same whole-mini-batch normaliser, so the summed gradient equals the
     one of a single pass over the mini-batch for any `micro_batch_size`.
-    `old_logprobs=None` means on-policy: the current log-probs, detached.
+    `old_logprobs=None` means on-policy: the current log-probs, detached. `ref_model` is
+    needed when `cfg.beta` > 0.
     Returns token-weighted stats; `finite` is False (and nothing more is added) as soon as
     a micro-batch loss is NaN or infinite.
     """

@@ -1,9 +1,8 @@
 """The rollout half of GRPO: draw questions, sample a group of answers each, score them.
 
-Kept apart from `grpo.py` so that the stage file holds the update and the loop, and so
-that the rejection-sampling stage can reuse the same drawing and scoring. Everything is
-reproducible from (seed, step): a resumed run draws and samples exactly what the
-uninterrupted run would have.
+Kept apart from `grpo.py` so that the stage file holds the update and the loop.
+Everything is reproducible from (seed, step): a resumed run draws and samples exactly
+what the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -23,6 +22,8 @@ from r1lab.model.tokenizer import render_prompt
 from r1lab.tasks.base import Example, Task, get_task
 from r1lab.training import console
 
+SAMPLE_TEXT_CHARS = 1500  # longest completion text kept in samples.jsonl
+
 # Built-in rewards whose behaviour follows the prompt template (the structure they check,
 # where they read the final answer): their options default to the run's template.
 TEMPLATE_OPTIONS: dict[str, Callable[[str], dict]] = {
@@ -39,10 +40,8 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-SAMPLE_TEXT_CHARS = 1500
-
-
 def question_key(text: str) -> str:
+    """A question as compared across train and eval sets (case and spacing ignored)."""
     return " ".join(text.split()).lower()
 
 
