@@ -131,8 +131,8 @@ def test_killed_run_resumes_where_it_saved(micro_dir, rewards_module, tmp_path, 
 
     real_save = grpo.save_checkpoint
 
-    def save_then_die(out, snapshot, tokenizer, step, extra):
-        real_save(out, snapshot, tokenizer, step, extra)
+    def save_then_die(out, snapshot, tokenizer, step, extra, *args):
+        real_save(out, snapshot, tokenizer, step, extra, *args)
         if step == 2:
             raise Killed
 

@@ -51,6 +51,7 @@ from r1lab.model.checkpoint import (
 )
 from r1lab.model.tokenizer import load_tokenizer
 from r1lab.rl import group_advantages, loss_normalizer, policy_loss, truncation_mask
+from r1lab.stages.data import autocast_for
 from r1lab.stages.rollout import (
     Group,
     RewardSet,
@@ -301,21 +302,36 @@ def collate(batch: TrainBatch, indices: list[int], pad_id: int, device) -> dict[
     }
 
 
+def compute_dtype(cfg: Config, model) -> torch.dtype:
+    """The dtype forwards run in: the configured one (bf16 on GPU by default).
+
+    The policy's own weights stay fp32 (master weights): AdamW steps of lr ~1e-6 on bf16
+    weights would mostly round away.
+    """
+    return resolve_dtype(cfg.dtype, str(model.device))
+
+
 def completion_logprobs(
-    model, mb: dict[str, Any], temperature: float, with_entropy: bool = False
+    model,
+    mb: dict[str, Any],
+    temperature: float,
+    with_entropy: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (and entropies) of the completion tokens, (n, completion width).
+    """Log-probs (and entropies) of the completion tokens, (n, completion width), in fp32.
 
     Taken under softmax(logits / temperature), the distribution the rollout sampled from,
-    so that the importance ratio compares the same quantity.
+    so that the importance ratio compares the same quantity. `dtype` below fp32 runs the
+    forward under autocast.
     """
-    lp, ent = token_logprobs(
-        model,
-        mb["input_ids"],
-        mb["attention_mask"],
-        temperature=temperature,
-        with_entropy=with_entropy,
-    )
+    with autocast_for(str(model.device), dtype):
+        lp, ent = token_logprobs(
+            model,
+            mb["input_ids"],
+            mb["attention_mask"],
+            temperature=temperature,
+            with_entropy=with_entropy,
+        )
     start = mb["prompt_width"] - 1
     width = mb["mask"].shape[1]
     return lp[:, start : start + width], (
@@ -347,7 +363,7 @@ def old_policy_logprobs(policy, batch: TrainBatch, cfg: Config, pad_id: int) -> 
     out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
     for chunk in micro_batches(batch, list(range(len(batch))), cfg.micro_batch_size):
         mb = collate(batch, chunk, pad_id, policy.device)
-        lp, _ = completion_logprobs(policy, mb, cfg.temperature)
+        lp, _ = completion_logprobs(policy, mb, cfg.temperature, dtype=compute_dtype(cfg, policy))
         for row, i in enumerate(chunk):
             out[i] = lp[row, : len(batch.completion_ids[i])].detach()
     return out
@@ -399,9 +415,10 @@ def accumulate_gradients(
     normalizer = minibatch_normalizer(batch, indices, cfg)
     sums: Counter = Counter()
     use_ref = ref_model is not None and cfg.beta > 0
+    dtype = compute_dtype(cfg, policy)
     for chunk in micro_batches(batch, indices, cfg.micro_batch_size):
         mb = collate(batch, chunk, pad_id, policy.device)
-        lp, ent = completion_logprobs(policy, mb, cfg.temperature, with_entropy=True)
+        lp, ent = completion_logprobs(policy, mb, cfg.temperature, True, dtype)
         width = lp.shape[1]
         old = (
             lp.detach()
@@ -411,7 +428,7 @@ def accumulate_gradients(
         ref = None
         if use_ref:
             with torch.no_grad():
-                ref, _ = completion_logprobs(ref_model, mb, cfg.temperature)
+                ref, _ = completion_logprobs(ref_model, mb, cfg.temperature, dtype=dtype)
         loss, stats = policy_loss(
             lp,
             old,
@@ -609,13 +626,18 @@ class TrainingSnapshot:
 
 
 def save_checkpoint(
-    out: Path, snapshot: TrainingSnapshot, tokenizer, step: int, extra: dict
+    out: Path,
+    snapshot: TrainingSnapshot,
+    tokenizer,
+    step: int,
+    extra: dict,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
-    """state/ (everything to resume) first, then model/ (the HF folder users load)."""
+    """state/ (everything to resume, fp32) first, then model/ (the HF folder, in `dtype`)."""
     save_training_state(
         out / "state", optimizer=snapshot, step=step, data_position=step, extra=extra
     )
-    save_model(snapshot.policy, out / "model", tokenizer=tokenizer)
+    save_model(snapshot.policy, out / "model", tokenizer=tokenizer, dtype=dtype)
 
 
 # ---- the stage ------------------------------------------------------------------------------
@@ -657,19 +679,18 @@ class RunState:
 
 
 def load_models(cfg: Config):
-    """Policy, tokenizer, reference model (None when beta is 0) and optimizer."""
+    """Policy (fp32 master weights), tokenizer, reference model (None when beta is 0), optimizer."""
     if not cfg.model:
         raise ConfigError(
             "grpo config: field 'model' is required (a model folder, hub id or stage run dir)"
         )
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
     folder = resolve_model_dir(cfg.model)
-    policy = load_model(folder, dtype=dtype, device=device)
+    policy = load_model(folder, dtype=torch.float32, device=device)  # master weights
     tokenizer = load_tokenizer(folder)
     ref_model = None
-    if cfg.beta > 0:
-        ref_model = copy.deepcopy(policy).eval()
+    if cfg.beta > 0:  # frozen: kept in the compute dtype
+        ref_model = copy.deepcopy(policy).to(compute_dtype(cfg, policy)).eval()
         ref_model.requires_grad_(False)
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=cfg.weight_decay)
     return policy, tokenizer, ref_model, optimizer
@@ -908,7 +929,9 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             advance(1)
             track_nan(rs, record, step, cfg, out)
             if stopped or step % cfg.save_every == 0 or step == cfg.steps:
-                save_checkpoint(out, rs.snapshot, rs.tokenizer, step, rs.extra())
+                save_checkpoint(
+                    out, rs.snapshot, rs.tokenizer, step, rs.extra(), compute_dtype(cfg, rs.policy)
+                )
             if stopped:
                 console.print(f"[yellow]grpo: {stopped}; stopping")
                 break
