@@ -253,9 +253,6 @@ class TrainBatch:
     def __len__(self) -> int:
         return len(self.completion_ids)
 
-    def tokens(self, indices: list[int]) -> int:
-        return sum(len(self.prompt_ids[i]) + len(self.completion_ids[i]) for i in indices)
-
 
 def build_batch(groups: list[Group], cfg: Config) -> TrainBatch:
     """Flatten the groups to sequences and compute the group-relative advantages."""
@@ -571,7 +568,7 @@ EVAL_KEYS = (
 )
 
 
-def evaluate_policy(rs, cfg: Config) -> dict[str, float]:
+def evaluate_policy(rs: RunState, cfg: Config) -> dict[str, float]:
     """Held-out pass@1 etc. by the eval stage's own function and protocol (k samples, T=0.6)."""
     from r1lab.stages.evaluate import evaluate
 
@@ -937,6 +934,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
                 break
 
     summary = {
+        "stage": "grpo",
         "steps": step,
         "steps_planned": cfg.steps,
         "stopped_early": stopped,
