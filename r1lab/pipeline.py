@@ -199,6 +199,11 @@ def run_pipeline(
 ) -> Path:
     """Run (or resume) the stage graph of `preset_name` in `out`; returns the report path."""
     preset = load_preset(preset_name)
+    if not set(preset) & set(STAGE_NAMES):
+        raise ConfigError(
+            f"preset {preset_name!r} has no pipeline stage sections (it has: {', '.join(preset) or 'nothing'}); "
+            f"a pipeline preset names stages among {', '.join(STAGE_NAMES)}"
+        )
     parsed = parse_overrides(overrides or [])
     _check_overrides(parsed)
     run_dir = Path(out or f"runs/{preset_name}").resolve()

@@ -59,5 +59,7 @@ def test_micro_pipeline_survives_a_kill_and_skips_finished_stages(tmp_path, monk
 def test_unknown_stage_and_bad_override_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown stage 'nope'"):
         pipeline.run_pipeline("micro", str(tmp_path), only="nope")
+    with pytest.raises(ConfigError, match="no pipeline stage sections"):
+        pipeline.run_pipeline("r1-zero", str(tmp_path))
     with pytest.raises(ConfigError, match="STAGE.key=value"):
         pipeline.run_pipeline("micro", str(tmp_path), overrides=["steps=3"])

@@ -46,13 +46,9 @@ def test_pipeline_preset_validates(name):
 def test_real_recipe_settings_are_the_papers():
     cfg = stage_configs("qwen2.5-math-1.5b")
     zero = cfg["r1-zero"]
-    assert (zero.lr, zero.beta, zero.group_size, zero.questions_per_step, zero.temperature) == (
-        3e-6,
-        0.001,
-        16,
-        32,
-        1.0,
-    )
+    assert (zero.lr, zero.beta, zero.group_size, zero.temperature) == (3e-6, 0.001, 16, 1.0)
+    assert zero.questions_per_step // zero.mini_batches == 32  # questions per optimizer step
+    assert zero.ref_refresh_every * zero.mini_batches == 400  # optimizer steps between refreshes
     assert cfg["reasoning-rl"].eps_low == 10.0
     assert cfg["eval"].temperature == 0.6 and cfg["eval"].top_p == 0.95 and not cfg["eval"].greedy
 
@@ -86,6 +82,7 @@ def test_real_recipe_grpo_runs_on_a_reduced_qwen2(tmp_path, shared_data_dir):
         "tasks": [{"name": "math500", "weight": 1.0, **data}],
         "eval_task": {"name": "math500", **data},
         "questions_per_step": 2,
+        "mini_batches": 1,
         "group_size": 4,
         "max_new_tokens": 12,
         "steps": 2,
