@@ -229,12 +229,15 @@ def run_pipeline(
         cfg = stage_config(stage, run_dir, preset, parsed)
         stage_dir = run_dir / stage.name
         record.status = "skipped" if is_done(stage_dir, cfg.fingerprint()) else "done"
+        eval_dir = run_dir / "eval" / stage.name
+        if record.status == "done" and eval_dir.exists():
+            shutil.rmtree(eval_dir)  # a model trained anew is evaluated anew
         stage_module(stage.kind).run(cfg, stage_dir, resume=_same_settings(cfg, stage_dir))
         record.seconds = time.time() - t0
         if stage.eval_template and not skip_eval:
             t1 = time.time()
             ecfg = eval_config(stage, run_dir, preset, parsed)
-            stage_module("evaluate").run(ecfg, run_dir / "eval" / stage.name, resume=True)
+            stage_module("evaluate").run(ecfg, eval_dir, resume=True)
             record.eval_seconds = time.time() - t1
         records.append(record)
         _write_timings(run_dir, record)
