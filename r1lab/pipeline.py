@@ -228,6 +228,12 @@ def run_pipeline(
         t0 = time.time()
         cfg = stage_config(stage, run_dir, preset, parsed)
         stage_dir = run_dir / stage.name
+        stale = _newer_inputs(stage, run_dir)
+        if stale:
+            console.print(
+                f"[yellow]{stage.name}: {', '.join(stale)} changed since it ran; running it again"
+            )
+            shutil.rmtree(stage_dir)
         record.status = "skipped" if is_done(stage_dir, cfg.fingerprint()) else "done"
         eval_dir = run_dir / "eval" / stage.name
         if record.status == "done" and eval_dir.exists():
@@ -247,6 +253,24 @@ def run_pipeline(
     report = write_report(run_dir, preset_name=preset_name)
     console.rule(f"[bold green]pipeline finished in {_fmt(time.time() - started)}: {report}")
     return report
+
+
+def _inputs(stage: Stage) -> list[str]:
+    names = [stage.model_from, *stage.data_from, stage.reward_model_from]
+    return [n for n in names if n]
+
+
+def _newer_inputs(stage: Stage, run_dir: Path) -> list[str]:
+    """Upstream stages that finished after this one did: its outputs are out of date."""
+    done = run_dir / stage.name / "DONE"
+    if not done.exists():
+        return []
+    mine = done.stat().st_mtime_ns
+    return [
+        n
+        for n in _inputs(stage)
+        if (run_dir / n / "DONE").exists() and (run_dir / n / "DONE").stat().st_mtime_ns > mine
+    ]
 
 
 def _same_settings(cfg, stage_dir: Path) -> bool:

@@ -63,3 +63,15 @@ def test_unknown_stage_and_bad_override_are_clear_errors(tmp_path):
         pipeline.run_pipeline("r1-zero", str(tmp_path))
     with pytest.raises(ConfigError, match="STAGE.key=value"):
         pipeline.run_pipeline("micro", str(tmp_path), overrides=["steps=3"])
+
+
+def test_a_stage_is_out_of_date_when_an_input_finished_after_it(tmp_path):
+    stage = next(s for s in pipeline.GRAPH if s.name == "rejection-sft")
+    for name in ("base", "rejection", "rejection-sft"):
+        (tmp_path / name).mkdir()
+    for name, when in (("base", 100), ("rejection", 200), ("rejection-sft", 300)):
+        (tmp_path / name / "DONE").write_text("{}")
+        os.utime(tmp_path / name / "DONE", ns=(when * 10**9, when * 10**9))
+    assert pipeline._newer_inputs(stage, tmp_path) == []
+    os.utime(tmp_path / "rejection" / "DONE", ns=(400 * 10**9, 400 * 10**9))  # rejection ran again
+    assert pipeline._newer_inputs(stage, tmp_path) == ["rejection"]
