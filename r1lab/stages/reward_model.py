@@ -308,7 +308,7 @@ def run(cfg: Config, out_dir, resume: bool = True) -> dict:
                     "step": step,
                     "loss": loss.item(),
                     "accuracy": float((margin > 0).float().mean()),
-                    "margin": float(margin.mean()),
+                    "margin": margin.mean().item(),
                     "grad_norm": grad_norm,
                 }
                 log.write(record)
