@@ -36,6 +36,7 @@ from r1lab.model.checkpoint import (
     save_model,
     save_training_state,
 )
+from r1lab.rows import DataError  # one error type for every bad dataset file
 from r1lab.training import clip_grad, resolve_model_dir
 
 BUILTIN_SOURCES = ("cold-start", "non-reasoning")
@@ -72,10 +73,6 @@ class ProceduralConfig(StageConfig):
         if any(level not in LEVELS for level in value):
             raise ValueError(f"levels must be among {list(LEVELS)}, got {value}")
         return value
-
-
-class DataError(ValueError):
-    """Training data that cannot be used; the message names the file, line and field."""
 
 
 # ---- prompt/response sources -------------------------------------------------------------
