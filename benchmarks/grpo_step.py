@@ -120,6 +120,9 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
     from r1lab.training import clip_grad, make_optimizer
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.kernel_config:  # launch shapes picked by benchmarks/decode_kernels.py
+        for name, value in json.loads(Path(args.kernel_config).read_text())["best"].items():
+            setattr(fast_generate, name, value)
     torch.manual_seed(0)
     cfg = ModelConfig(
         model_type="qwen2",
@@ -490,6 +493,8 @@ def run_worker_subprocess(tool: str, args, out: Path) -> dict | None:
         "--chunk-size",
         str(args.chunk_size),
     ]
+    if args.kernel_config:
+        cmd += ["--kernel-config", args.kernel_config]
     for flag in ("no_checkpoint", "no_compile", "keep_engine", "profile"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
@@ -565,6 +570,9 @@ def orchestrate(args) -> None:
             "checkpoint": not args.no_checkpoint,
             "compiled_layers": not args.no_compile,
             "sampler_memory_kept": args.keep_engine,
+            "kernel_config": json.loads(Path(args.kernel_config).read_text())["best"]
+            if args.kernel_config
+            else None,
         },
         "results": {},
     }
@@ -639,13 +647,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--beta", type=float, default=0.001)
-    ap.add_argument("--pack-tokens", type=int, default=8192, help="tokens per policy micro-batch")
+    ap.add_argument("--pack-tokens", type=int, default=16384, help="tokens per policy micro-batch")
     ap.add_argument("--ref-pack-tokens", type=int, default=32768)
     ap.add_argument("--chunk-size", type=int, default=1024, help="LM-head rows per chunk")
     ap.add_argument("--no-checkpoint", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="eager decoder layers in training")
     ap.add_argument("--keep-engine", action="store_true", help="keep the sampler's memory")
     ap.add_argument("--profile", action="store_true", help="profile one step after the warm-up")
+    ap.add_argument(
+        "--kernel-config", metavar="JSON", help="decode kernel shapes from decode_kernels.py"
+    )
     ap.add_argument("--out", default="grpo_step.json")
     ap.add_argument("--workdir", default="/tmp/grpo_bench")
     ap.add_argument("--tool-timeout", type=float, default=None, help="seconds per tool")

@@ -13,10 +13,11 @@ for every token. Here:
   step reads or writes (token, position, cache slot, step count, finished flags, outputs)
   lives in device buffers, so one captured CUDA graph serves every step and the host only
   replays it;
-- small Triton kernels fuse what would be many launches: residual add + RMSNorm, RoPE +
-  cache write, SiLU * up, grouped-query decode attention that reads each row's cache up to
-  the current slot, and sampling (temperature, Gumbel-max, log-prob) in one pass over the
-  vocabulary;
+- small Triton kernels fuse what would be many launches: residual add + RMSNorm; RoPE,
+  the cache write and grouped-query decode attention (each row's cache read up to the
+  current slot) in one kernel; SiLU * up; and sampling (temperature, Gumbel-max, log-prob)
+  in one pass over the vocabulary, cut into slices so that small batches fill the GPU,
+  then a draw by inverting the CDF within one slice;
 - each prompt is prefilled once and its cache copied to its `n` rows (the GRPO group);
 - the host looks at the finished flags every `CHECK_EVERY` steps only, and stops as soon
   as every row has stopped.
@@ -54,6 +55,9 @@ except ImportError:  # pragma: no cover - depends on the install
 
 CHECK_EVERY = 16  # decode steps between two looks at the finished flags (one host sync)
 MAX_STOP_IDS = 16  # stop tokens held in a fixed-size device buffer
+# Launch shapes of the decode kernels (measured on an H200: benchmarks/RESULTS.md).
+ATTN_BLOCK_N, ATTN_WARPS = 64, 4  # cached keys per loop step; warps per (row, KV head)
+SAMPLE_BLOCK, SAMPLE_SPLITS = 2048, 16  # vocabulary columns per loop step; slices per row
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LAST_STATS: dict = {}
 
@@ -105,52 +109,13 @@ if HAS_TRITON:
         tl.store(out_ptr + row * N + offs, (w * y).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rope_cache_kernel(
+    def _rope_decode_attn_kernel(
         qkv_ptr,
-        q_ptr,
         kc_ptr,
         vc_ptr,
         cos_ptr,
         sin_ptr,
         pos_ptr,
-        slot_ptr,
-        L,
-        H: tl.constexpr,
-        KV: tl.constexpr,
-        D: tl.constexpr,
-    ):
-        """Rotate q and k of one head of one row; k and v go to the cache at the current slot."""
-        row = tl.program_id(0)
-        head = tl.program_id(1)
-        half = tl.arange(0, D // 2)
-        stride = (H + 2 * KV) * D
-        pos = tl.load(pos_ptr + row)
-        cos = tl.load(cos_ptr + pos * (D // 2) + half)
-        sin = tl.load(sin_ptr + pos * (D // 2) + half)
-        src = qkv_ptr + row * stride + head * D
-        x1 = tl.load(src + half).to(tl.float32)
-        x2 = tl.load(src + D // 2 + half).to(tl.float32)
-        o1 = (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty)
-        o2 = (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty)
-        if head < H:
-            dst = q_ptr + (row * H + head) * D
-            tl.store(dst + half, o1)
-            tl.store(dst + D // 2 + half, o2)
-        else:
-            kvh = head - H
-            slot = tl.load(slot_ptr)
-            off = ((row * KV + kvh) * L + slot) * D
-            tl.store(kc_ptr + off + half, o1)
-            tl.store(kc_ptr + off + D // 2 + half, o2)
-            d = tl.arange(0, D)
-            v = tl.load(qkv_ptr + row * stride + (H + KV + kvh) * D + d)
-            tl.store(vc_ptr + off + d, v)
-
-    @triton.jit
-    def _decode_attn_kernel(
-        q_ptr,
-        kc_ptr,
-        vc_ptr,
         ok_ptr,
         slot_ptr,
         out_ptr,
@@ -164,39 +129,66 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         IEEE: tl.constexpr,
     ):
-        """One row, one KV head: its REP query heads against the cached keys 0..slot.
+        """One row, one KV head: RoPE, the new key and value into the cache, then attention.
 
-        The query heads that share a KV head are the rows of one small matrix, so the keys
-        and values are read once for all of them and never expanded.
+        The REP query heads that share a KV head are the rows of one small matrix, so the
+        cached keys and values are read once for all of them and never expanded. Rotated
+        vectors stay as two halves (dot products add the halves), so nothing is re-joined.
+        The new token's key is used from registers, not read back from the cache, so the
+        cache write needs no barrier; the cached keys are slots 0 .. slot - 1.
         """
         row = tl.program_id(0)
         kvh = tl.program_id(1)
-        qi = tl.arange(0, QB)
+        half = tl.arange(0, D // 2)
         d = tl.arange(0, D)
+        qi = tl.arange(0, QB)
         qmask = qi < REP
-        q_off = (row * H + kvh * REP + qi[:, None]) * D + d[None, :]
-        q = tl.load(q_ptr + q_off, mask=qmask[:, None], other=0.0)
-        n_keys = tl.load(slot_ptr) + 1
-        m_i = tl.full([QB], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([QB], dtype=tl.float32)
-        acc = tl.zeros([QB, D], dtype=tl.float32)
+        stride = (H + 2 * KV) * D
+        pos = tl.load(pos_ptr + row)
+        slot = tl.load(slot_ptr)
+        cos = tl.load(cos_ptr + pos * (D // 2) + half)
+        sin = tl.load(sin_ptr + pos * (D // 2) + half)
+        dt = kc_ptr.dtype.element_ty
+        # the new key (rotated, rounded as the cache holds it) and value, into the cache
+        k_src = qkv_ptr + row * stride + (H + kvh) * D
+        k1 = tl.load(k_src + half).to(tl.float32)
+        k2 = tl.load(k_src + D // 2 + half).to(tl.float32)
+        k1, k2 = (k1 * cos - k2 * sin).to(dt), (k2 * cos + k1 * sin).to(dt)
+        v_new = tl.load(qkv_ptr + row * stride + (H + KV + kvh) * D + d)
         base = (row * KV + kvh) * L * D
-        for start in range(0, n_keys, BLOCK_N):
+        tl.store(kc_ptr + base + slot * D + half, k1)
+        tl.store(kc_ptr + base + slot * D + D // 2 + half, k2)
+        tl.store(vc_ptr + base + slot * D + d, v_new)
+        # the REP query heads, rotated, as two (QB, D/2) halves
+        q_src = qkv_ptr + row * stride + (kvh * REP + qi[:, None]) * D
+        q1 = tl.load(q_src + half[None, :], mask=qmask[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(q_src + D // 2 + half[None, :], mask=qmask[:, None], other=0.0).to(tl.float32)
+        q1, q2 = (q1 * cos - q2 * sin).to(dt), (q2 * cos + q1 * sin).to(dt)
+        # the new key first: every row's own token is a valid key
+        m_i = (
+            tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], 1)
+            + tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], 1)
+        ) * scale
+        l_i = tl.full([QB], 1.0, dtype=tl.float32)
+        acc = tl.zeros([QB, D], dtype=tl.float32) + v_new.to(tl.float32)[None, :]
+        for start in range(0, slot, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
-            in_range = j < n_keys
+            in_range = j < slot
             ok = tl.load(ok_ptr + row * L + j, mask=in_range, other=0) != 0
-            kv_off = base + j[:, None] * D + d[None, :]
-            k = tl.load(kc_ptr + kv_off, mask=in_range[:, None], other=0.0)
+            k_off = base + j[:, None] * D
+            ka = tl.load(kc_ptr + k_off + half[None, :], mask=in_range[:, None], other=0.0)
+            kb = tl.load(kc_ptr + k_off + D // 2 + half[None, :], mask=in_range[:, None], other=0.0)
             if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                s = tl.dot(q1, tl.trans(ka), input_precision="ieee")
+                s = tl.dot(q2, tl.trans(kb), s, input_precision="ieee")
             else:
-                s = tl.dot(q, tl.trans(k))
+                s = tl.dot(q2, tl.trans(kb), tl.dot(q1, tl.trans(ka)))
             s = tl.where((in_range & ok)[None, :], s * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vc_ptr + kv_off, mask=in_range[:, None], other=0.0)
+            v = tl.load(vc_ptr + k_off + d[None, :], mask=in_range[:, None], other=0.0)
             if IEEE:
                 pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -204,7 +196,8 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(out_ptr + q_off, out.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
+        o_off = (row * H + kvh * REP + qi[:, None]) * D + d[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, FF, BLOCK: tl.constexpr):
@@ -218,36 +211,32 @@ if HAS_TRITON:
         tl.store(out_ptr + row * FF + cols, (s * u).to(out_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _sample_kernel(
+    def _sample_stats_kernel(
         logits_ptr,
         filt_ptr,
         V,
+        CHUNK,
         temp_ptr,
-        seed_ptr,
-        step_ptr,
-        tok_ptr,
-        lp_ptr,
-        GREEDY: tl.constexpr,
+        stats_ptr,
+        idx_ptr,
+        SPLITS: tl.constexpr,
         FILTERED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """One pass over a row of logits: log-sum-exp and the pick, then the pick's log-prob.
-
-        Sampling is Gumbel-max (argmax of logits/T + Gumbel noise), which draws exactly from
-        softmax(logits / T); the noise comes from a counter-based generator keyed by the
-        call's seed and the step, so a replayed graph draws fresh numbers every step. Each
-        lane keeps its own running max, sum and best pick; lanes are combined at the end.
-        """
-        row = tl.program_id(0)
+        """One slice of one row: max and sum of exp of logits/T, of the sampling scores
+        (the filtered logits, or the same), and the slice's first highest score."""
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
         inv_t = 1.0 / tl.load(temp_ptr)
-        seed = tl.load(seed_ptr) + tl.load(step_ptr) * 1000003
         lane = tl.arange(0, BLOCK)
         m = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
         s = tl.zeros([BLOCK], dtype=tl.float32)
+        fm = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
+        fs = tl.zeros([BLOCK], dtype=tl.float32)
         best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         best_idx = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, V, BLOCK):
-            cols = start + lane
+        for offset in range(0, CHUNK, BLOCK):
+            cols = split * CHUNK + offset + lane
             cm = cols < V
             x = tl.load(logits_ptr + row * V + cols, mask=cm, other=float("-inf"))
             x = x.to(tl.float32) * inv_t
@@ -255,23 +244,95 @@ if HAS_TRITON:
             s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
             m = m_new
             if FILTERED:
-                score = tl.load(filt_ptr + row * V + cols, mask=cm, other=float("-inf"))
-                score = score.to(tl.float32) * inv_t
+                f = tl.load(filt_ptr + row * V + cols, mask=cm, other=float("-inf"))
+                f = f.to(tl.float32) * inv_t
+                fm_new = tl.maximum(fm, f)
+                fs = fs * tl.exp(fm - fm_new) + tl.exp(f - fm_new)
+                fm = fm_new
             else:
-                score = x
-            if not GREEDY:
-                u = tl.rand(seed, row * V + cols)
-                score = score - tl.log(-tl.log(u))
-            upd = cm & (score > best)
+                f = x
+            upd = cm & (f > best)
             best_idx = tl.where(upd, cols, best_idx)
-            best = tl.where(upd, score, best)
+            best = tl.where(upd, f, best)
+        if not FILTERED:
+            fm, fs = m, s
         top = tl.max(m, 0)
-        total = tl.sum(s * tl.exp(m - top), 0)
+        ftop = tl.max(fm, 0)
         b = tl.max(best, 0)
-        idx = tl.min(tl.where(best == b, best_idx, V), 0)
-        picked = tl.load(logits_ptr + row * V + idx).to(tl.float32) * inv_t
-        tl.store(tok_ptr + row, idx.to(tl.int64))
-        tl.store(lp_ptr + row, picked - (top + tl.log(total)))
+        out = stats_ptr + (row * SPLITS + split) * 5
+        tl.store(out, top)
+        tl.store(out + 1, tl.sum(s * tl.exp(m - top), 0))
+        tl.store(out + 2, ftop)
+        tl.store(out + 3, tl.sum(fs * tl.exp(fm - ftop), 0))
+        tl.store(out + 4, b)
+        tl.store(idx_ptr + row * SPLITS + split, tl.min(tl.where(best == b, best_idx, V), 0))
+
+    @triton.jit
+    def _sample_pick_kernel(
+        logits_ptr,
+        filt_ptr,
+        V,
+        CHUNK,
+        temp_ptr,
+        seed_ptr,
+        step_ptr,
+        stats_ptr,
+        idx_ptr,
+        tok_ptr,
+        lp_ptr,
+        SPLITS: tl.constexpr,
+        GREEDY: tl.constexpr,
+        FILTERED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """Combine a row's slices and pick: the first highest score (greedy), or a draw by
+        inverting the CDF of softmax(score): one uniform per row picks the slice from the
+        slices' sums, then a prefix sum over that slice alone finds the token. So only the
+        stats pass reads the whole vocabulary, and no per-column random numbers are needed.
+        The uniform comes from a counter-based generator keyed by the call's seed and the
+        step, so a replayed graph draws fresh numbers every step."""
+        row = tl.program_id(0).to(tl.int64)
+        inv_t = 1.0 / tl.load(temp_ptr)
+        sp = tl.arange(0, SPLITS)
+        st = stats_ptr + (row * SPLITS + sp) * 5
+        m, s = tl.load(st), tl.load(st + 1)
+        top = tl.max(m, 0)
+        lse = top + tl.log(tl.sum(s * tl.exp(m - top), 0))
+        if GREEDY:
+            best = tl.load(st + 4)
+            b = tl.max(best, 0)
+            pick = tl.min(tl.where(best == b, tl.load(idx_ptr + row * SPLITS + sp), V), 0)
+        else:
+            fm, fs = tl.load(st + 2), tl.load(st + 3)
+            ftop = tl.max(fm, 0)
+            w = fs * tl.exp(fm - ftop)
+            cum = tl.cumsum(w, 0)
+            seed = tl.load(seed_ptr) + tl.load(step_ptr) * 1000003
+            target = tl.rand(seed, row.to(tl.int32)) * tl.sum(w, 0)
+            last = tl.max(tl.where(w > 0, sp, 0), 0)
+            k = tl.minimum(tl.min(tl.where(cum > target, sp, SPLITS), 0), last)
+            rest = target - tl.sum(tl.where(sp < k, w, 0.0), 0)
+            lane = tl.arange(0, BLOCK)
+            run = 0.0
+            pick = V
+            fallback = 0
+            for offset in range(0, CHUNK, BLOCK):
+                cols = k * CHUNK + offset + lane
+                cm = cols < V
+                if FILTERED:
+                    f = tl.load(filt_ptr + row * V + cols, mask=cm, other=float("-inf"))
+                else:
+                    f = tl.load(logits_ptr + row * V + cols, mask=cm, other=float("-inf"))
+                e = tl.exp(f.to(tl.float32) * inv_t - ftop)
+                c = run + tl.cumsum(e, 0)
+                pick = tl.minimum(pick, tl.min(tl.where(cm & (c > rest), cols, V), 0))
+                fallback = tl.maximum(fallback, tl.max(tl.where(cm & (e > 0), cols, 0), 0))
+                run += tl.sum(e, 0)
+            # rounding can leave the draw just past the slice's last token: take that token
+            pick = tl.where(pick < V, pick, fallback)
+        logit = tl.load(logits_ptr + row * V + pick).to(tl.float32) * inv_t
+        tl.store(tok_ptr + row, pick.to(tl.int64))
+        tl.store(lp_ptr + row, logit - lse)
 
 
 # ---- the fused operations, with torch equivalents ---------------------------------------------
@@ -291,29 +352,15 @@ class _TritonOps:
             HAS_ADD=add is not None,
         )
 
-    def rope_cache(self, e, qkv, q_out, layer):
-        r = qkv.shape[0]
-        _rope_cache_kernel[(r, e.n_heads + e.n_kv)](
+    def rope_attention(self, e, qkv, out, layer):
+        rep = e.n_heads // e.n_kv
+        _rope_decode_attn_kernel[(qkv.shape[0], e.n_kv)](
             qkv,
-            q_out,
             e.k_cache[layer],
             e.v_cache[layer],
             e.cos,
             e.sin,
             e.positions,
-            e.slot,
-            e.max_len,
-            H=e.n_heads,
-            KV=e.n_kv,
-            D=e.head_dim,
-        )
-
-    def attention(self, e, q, out, layer):
-        rep = e.n_heads // e.n_kv
-        _decode_attn_kernel[(q.shape[0], e.n_kv)](
-            q,
-            e.k_cache[layer],
-            e.v_cache[layer],
             e.key_ok,
             e.slot,
             out,
@@ -324,8 +371,9 @@ class _TritonOps:
             D=e.head_dim,
             REP=rep,
             QB=max(16, triton.next_power_of_2(rep)),
-            BLOCK_N=64,
+            BLOCK_N=ATTN_BLOCK_N,
             IEEE=e.dtype == torch.float32,
+            num_warps=ATTN_WARPS,
         )
 
     def silu_mul(self, gu, out):
@@ -333,20 +381,24 @@ class _TritonOps:
         _silu_mul_kernel[(gu.shape[0], triton.cdiv(ff, 1024))](gu, out, ff, BLOCK=1024)
 
     def sample(self, e, logits, filtered, greedy):
-        _sample_kernel[(logits.shape[0],)](
-            logits,
-            filtered if filtered is not None else logits,
-            logits.shape[-1],
-            e.temperature,
-            e.seed,
-            e.step,
-            e.sampled,
-            e.sampled_lp,
-            GREEDY=greedy,
-            FILTERED=filtered is not None,
-            BLOCK=4096,
-            num_warps=16,
-        )
+        rows, vocab = logits.shape
+        block = min(SAMPLE_BLOCK, max(16, triton.next_power_of_2(vocab)))
+        splits = min(SAMPLE_SPLITS, triton.next_power_of_2(triton.cdiv(vocab, block)))
+        chunk = triton.cdiv(triton.cdiv(vocab, splits), block) * block
+        if e.sample_stats is None or e.sample_stats.shape[1] != splits:
+            # allocated in the warm-up steps, before any graph capture
+            e.sample_stats = torch.empty(rows, splits, 5, device=e.device, dtype=torch.float32)
+            e.sample_index = torch.empty(rows, splits, device=e.device, dtype=torch.int32)
+        filt = filtered if filtered is not None else logits
+        _sample_stats_kernel[(rows, splits)](
+            logits, filt, vocab, chunk, e.temperature, e.sample_stats, e.sample_index,
+            SPLITS=splits, FILTERED=filtered is not None, BLOCK=block,
+        )  # fmt: skip
+        _sample_pick_kernel[(rows,)](
+            logits, filt, vocab, chunk, e.temperature, e.seed, e.step, e.sample_stats,
+            e.sample_index, e.sampled, e.sampled_lp, SPLITS=splits, GREEDY=greedy,
+            FILTERED=filtered is not None, BLOCK=block,
+        )  # fmt: skip
 
 
 class _TorchOps:
@@ -359,19 +411,17 @@ class _TorchOps:
         y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
         out.copy_(w * y)
 
-    def rope_cache(self, e, qkv, q_out, layer):
+    def rope_attention(self, e, qkv, out, layer):
         r, h, kv, d = qkv.shape[0], e.n_heads, e.n_kv, e.head_dim
         q = qkv[:, : h * d].view(r, h, d)
         k = qkv[:, h * d : (h + kv) * d].view(r, kv, d)
         v = qkv[:, (h + kv) * d :].view(r, kv, d)
         cos = e.cos.index_select(0, e.positions)[:, None, :]
         sin = e.sin.index_select(0, e.positions)[:, None, :]
-        q_out.copy_(_rotate(q, cos, sin))
+        q = _rotate(q, cos, sin)
         e.k_cache[layer].index_copy_(2, e.slot, _rotate(k, cos, sin).unsqueeze(2))
         e.v_cache[layer].index_copy_(2, e.slot, v.unsqueeze(2))
-
-    def attention(self, e, q, out, layer):
-        r, rep = q.shape[0], e.n_heads // e.n_kv
+        rep = h // kv
         visible = e.key_ok & (torch.arange(e.max_len, device=q.device) <= e.slot)
         qg = q.view(r, e.n_kv, rep, e.head_dim)
         a = F.scaled_dot_product_attention(
@@ -504,7 +554,7 @@ class DecodeEngine:
         # activations of one step
         self.x = empty(rows, self.hidden)
         self.h = empty(rows, self.hidden)
-        self.q = empty(rows, self.n_heads, self.head_dim)
+        self.sample_stats = self.sample_index = None  # the sampler's per-slice results
         self.attn = empty(rows, self.n_heads * self.head_dim)
         self.act = empty(rows, self.ffn)
         self.graphs: dict[_Mode, torch.cuda.CUDAGraph] = {}
@@ -617,8 +667,7 @@ class DecodeEngine:
             qkv = F.linear(self.h, self.w_qkv[i], self.b_qkv[i])
             if self.qk_norm:
                 self._qk_norm(qkv, i)
-            ops.rope_cache(self, qkv, self.q, i)
-            ops.attention(self, self.q, self.attn, i)
+            ops.rope_attention(self, qkv, self.attn, i)
             ops.add_rmsnorm(self.x, F.linear(self.attn, self.w_o[i]), self.ln2[i], self.h, self.eps)
             ops.silu_mul(F.linear(self.h, self.w_gu[i]), self.act)
             nxt = self.ln1[i + 1] if i + 1 < self.n_layers else self.final_norm

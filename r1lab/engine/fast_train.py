@@ -374,15 +374,15 @@ def packed_hidden_states(
 ) -> torch.Tensor:
     """Final-norm hidden states (T, hidden) of a pack; attention stays inside each sequence.
 
-    `compile=None` compiles the layer for gradient passes on CUDA (where the launch
-    count matters) and runs eagerly otherwise.
+    `compile=None` compiles the layer on CUDA (where the launch count bounds the speed
+    of the policy, old-policy and reference passes alike) and runs eagerly elsewhere.
     """
     options = _attention_options(attention, model)
     freqs = batch.position_ids.float()[:, None] * model.inv_freq[None, :]
     cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
     grad = torch.is_grad_enabled()
     if compile is None:
-        compile = grad and model.device.type == "cuda"
+        compile = model.device.type == "cuda"
     layer_fn = _compiled_layer_fn(model, options, batch) if compile else None
     layer_fn = layer_fn or _make_layer_fn(model.config, options)
     cu, max_len = batch.cu_seqlens, batch.max_seqlen
