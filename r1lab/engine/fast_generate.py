@@ -56,8 +56,8 @@ except ImportError:  # pragma: no cover - depends on the install
 CHECK_EVERY = 16  # decode steps between two looks at the finished flags (one host sync)
 MAX_STOP_IDS = 16  # stop tokens held in a fixed-size device buffer
 # Launch shapes of the decode kernels (measured on an H200: benchmarks/RESULTS.md).
-ATTN_BLOCK_N, ATTN_WARPS = 64, 4  # cached keys per loop step; warps per (row, KV head)
-SAMPLE_BLOCK, SAMPLE_SPLITS = 2048, 16  # vocabulary columns per loop step; slices per row
+ATTN_BLOCK_N, ATTN_WARPS = 64, 2  # cached keys per loop step; warps per (row, KV head)
+SAMPLE_BLOCK, SAMPLE_SPLITS = 1024, 32  # vocabulary columns per loop step; slices per row
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LAST_STATS: dict = {}
 
@@ -198,6 +198,69 @@ if HAS_TRITON:
         out = acc / l_i[:, None]
         o_off = (row * H + kvh * REP + qi[:, None]) * D + d[None, :]
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
+
+    @triton.jit
+    def _record_embed_kernel(
+        sampled_ptr,
+        sampled_lp_ptr,
+        finished_ptr,
+        lengths_ptr,
+        stop_ptr,
+        step_ptr,
+        out_tok_ptr,
+        out_lp_ptr,
+        tokens_ptr,
+        embed_ptr,
+        ln_ptr,
+        x_ptr,
+        h_ptr,
+        pad_id,
+        L,
+        N,
+        eps,
+        NSTOP: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """One row after the pick: record the token (the pad once the row has finished) and
+        its log-prob, mark a stop, then embed the token and RMS-normalise it for layer 0.
+
+        Replaces a dozen one-line launches per decode step with one.
+        """
+        row = tl.program_id(0).to(tl.int64)
+        step = tl.load(step_ptr)
+        was = tl.load(finished_ptr + row).to(tl.int32)
+        fin = was != 0
+        tok = tl.where(fin, pad_id, tl.load(sampled_ptr + row))
+        tl.store(out_tok_ptr + row * L + step, tok)
+        tl.store(out_lp_ptr + row * L + step, tl.load(sampled_lp_ptr + row))
+        stops = tl.load(stop_ptr + tl.arange(0, NSTOP))
+        stopped = (tl.sum((stops == tok).to(tl.int32), 0) > 0) & (was == 0)
+        length = tl.load(lengths_ptr + row)
+        tl.store(lengths_ptr + row, tl.where(stopped, step + 1, length))
+        tl.store(finished_ptr + row, (fin | stopped).to(finished_ptr.dtype.element_ty))
+        tl.store(tokens_ptr + row, tok)
+        offs = tl.arange(0, BLOCK)
+        m = offs < N
+        x = tl.load(embed_ptr + tok * N + offs, mask=m, other=0.0)
+        tl.store(x_ptr + row * N + offs, x, mask=m)
+        xf = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
+        y = (xf * inv).to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(ln_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(h_ptr + row * N + offs, (w * y).to(h_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _advance_kernel(pos_ptr, slot_ptr, step_ptr, rows, last, BLOCK: tl.constexpr):
+        """After a step's forward: every position, the cache slot and the step count + 1.
+
+        The last step's forward writes one slot past the outputs; slot and step are kept
+        inside the buffers.
+        """
+        for start in range(0, rows, BLOCK):
+            r = start + tl.arange(0, BLOCK)
+            tl.store(pos_ptr + r, tl.load(pos_ptr + r, mask=r < rows) + 1, mask=r < rows)
+        tl.store(slot_ptr, tl.minimum(tl.load(slot_ptr) + 1, last))
+        tl.store(step_ptr, tl.minimum(tl.load(step_ptr) + 1, last))
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, FF, BLOCK: tl.constexpr):
@@ -376,6 +439,16 @@ class _TritonOps:
             num_warps=ATTN_WARPS,
         )
 
+    def record_and_embed(self, e):
+        _record_embed_kernel[(e.rows,)](
+            e.sampled, e.sampled_lp, e.finished, e.lengths, e.stop_ids, e.step, e.out_tokens,
+            e.out_logprobs, e.tokens, e.embed, e.ln1[0], e.x, e.h, e.pad_id, e.max_len,
+            e.hidden, e.eps, NSTOP=MAX_STOP_IDS, BLOCK=triton.next_power_of_2(e.hidden),
+        )  # fmt: skip
+
+    def advance(self, e):
+        _advance_kernel[(1,)](e.positions, e.slot, e.step, e.rows, e.max_len - 1, BLOCK=1024)
+
     def silu_mul(self, gu, out):
         ff = out.shape[-1]
         _silu_mul_kernel[(gu.shape[0], triton.cdiv(ff, 1024))](gu, out, ff, BLOCK=1024)
@@ -428,6 +501,23 @@ class _TorchOps:
             qg, e.k_cache[layer], e.v_cache[layer], attn_mask=visible[:, None, None, :]
         )
         out.copy_(a.reshape(r, -1))
+
+    def record_and_embed(self, e):
+        tok = torch.where(e.finished, e.pad_id, e.sampled)
+        e.out_tokens.index_copy_(1, e.step, tok[:, None])
+        e.out_logprobs.index_copy_(1, e.step, e.sampled_lp[:, None])
+        stopped = (tok[:, None] == e.stop_ids[None, :]).any(-1) & ~e.finished
+        e.lengths.copy_(torch.where(stopped, e.step + 1, e.lengths))
+        e.finished.logical_or_(stopped)
+        e.tokens.copy_(tok)
+        torch.index_select(e.embed, 0, e.tokens, out=e.x)
+        self.add_rmsnorm(e.x, None, e.ln1[0], e.h, e.eps)
+
+    def advance(self, e):
+        e.positions.add_(1)
+        # the last step's forward writes one slot past the outputs; keep both inside the buffers
+        e.slot.add_(1).clamp_(max=e.max_len - 1)
+        e.step.add_(1).clamp_(max=e.max_len - 1)
 
     def silu_mul(self, gu, out):
         ff = out.shape[-1]
@@ -653,16 +743,7 @@ class DecodeEngine:
         if not mode.greedy and (mode.top_k or mode.top_p < 1.0):
             filtered = _filter_logits(logits, mode.top_k, mode.top_p)
         ops.sample(self, logits, filtered, mode.greedy)
-        tok = torch.where(self.finished, self.pad_id, self.sampled)
-        self.out_tokens.index_copy_(1, self.step, tok[:, None])
-        self.out_logprobs.index_copy_(1, self.step, self.sampled_lp[:, None])
-        stopped = (tok[:, None] == self.stop_ids[None, :]).any(-1) & ~self.finished
-        self.lengths.copy_(torch.where(stopped, self.step + 1, self.lengths))
-        self.finished.logical_or_(stopped)
-        self.tokens.copy_(tok)
-        # the forward of the new token
-        torch.index_select(self.embed, 0, self.tokens, out=self.x)
-        ops.add_rmsnorm(self.x, None, self.ln1[0], self.h, self.eps)
+        ops.record_and_embed(self)  # then the forward of the new token
         for i in range(self.n_layers):
             qkv = F.linear(self.h, self.w_qkv[i], self.b_qkv[i])
             if self.qk_norm:
@@ -673,10 +754,7 @@ class DecodeEngine:
             nxt = self.ln1[i + 1] if i + 1 < self.n_layers else self.final_norm
             out = self.h_last if i + 1 == self.n_layers else self.h
             ops.add_rmsnorm(self.x, F.linear(self.act, self.w_down[i]), nxt, out, self.eps)
-        self.positions.add_(1)
-        # the last step's forward writes one slot past the outputs; keep both inside the buffers
-        self.slot.add_(1).clamp_(max=self.max_len - 1)
-        self.step.add_(1).clamp_(max=self.max_len - 1)
+        ops.advance(self)
 
     def _qk_norm(self, qkv: torch.Tensor, i: int) -> None:
         r, hd, kd = qkv.shape[0], self.n_heads * self.head_dim, self.n_kv * self.head_dim
