@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", default=None, metavar="STAGE", help="run just this stage")
     run.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
                      help="rerun from this stage on (earlier finished stages are reused)")
+    run.add_argument("--jobs", type=int, default=None, metavar="N",
+                     help="stages run at once where the graph allows, one CPU thread each "
+                          "(default: the preset's pipeline.jobs, else 2 on a machine with 2+ cores)")
     run.add_argument("overrides", nargs="*", help="stage.key=value, e.g. r1-zero.steps=50")
 
     for name, (_, _, help_text) in STAGES.items():
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             from r1lab.pipeline import run_pipeline
 
             run_pipeline(args.preset, args.out, only=args.only, from_stage=args.from_stage,
-                         overrides=args.overrides)
+                         overrides=args.overrides, jobs=args.jobs)
             return 0
         if args.command == "report":
             from r1lab.report import write_report

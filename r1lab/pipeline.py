@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
+import os
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +119,7 @@ STAGE_NAMES = tuple(s.name for s in GRAPH)
 class StageRecord:
     name: str
     status: str = "pending"  # pending | done | skipped (already done) | failed
+    started: float = 0.0  # wall-clock start (time.time())
     seconds: float = 0.0
     eval_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -196,8 +200,17 @@ def run_pipeline(
     only: str | None = None,
     from_stage: str | None = None,
     overrides: list[str] | None = None,
+    jobs: int | None = None,
 ) -> Path:
-    """Run (or resume) the stage graph of `preset_name` in `out`; returns the report path."""
+    """Run (or resume) the stage graph of `preset_name` in `out`; returns the report path.
+
+    `jobs` stages run at once where the graph allows (default: the preset's
+    `pipeline.jobs`, else 2 when the machine has 2 cores or more). Every stage trains on
+    one CPU thread, so on a 2-core machine the student branch (student-base, student-rl)
+    and the side stages (r1-zero, reward-model) run beside the main line instead of after
+    it. With more than one job each stage runs in its own process and writes its console
+    output to `<run>/logs/<stage>.log`; `jobs=1` runs them in this process, in order.
+    """
     preset = load_preset(preset_name)
     if not set(preset) & set(STAGE_NAMES):
         raise ConfigError(
@@ -216,43 +229,166 @@ def run_pipeline(
                 if d.exists():
                     shutil.rmtree(d)
 
-    skip_eval = bool(preset.get("pipeline", {}).get("skip_eval", False))
-    records: list[StageRecord] = []
+    settings = preset.get("pipeline", {})
+    skip_eval = bool(settings.get("skip_eval", False))
+    if jobs is None:
+        jobs = int(settings.get("jobs", min(2, os.cpu_count() or 1)))
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
     started = time.time()
-    for index, stage in enumerate(selected, 1):
-        console.rule(
-            f"[bold]stage {index}/{len(selected)}: {stage.name}[/] ({stage.notes}) "
-            f"— elapsed {_fmt(time.time() - started)}{_eta(run_dir, selected[index - 1 :])}"
-        )
-        record = StageRecord(stage.name)
-        t0 = time.time()
-        cfg = stage_config(stage, run_dir, preset, parsed)
-        stage_dir = run_dir / stage.name
-        stale = _newer_inputs(stage, run_dir)
-        if stale:
-            console.print(
-                f"[yellow]{stage.name}: {', '.join(stale)} changed since it ran; running it again"
+    job = (preset_name, str(run_dir), parsed, skip_eval)
+    if jobs == 1 or len(selected) == 1:
+        for index, stage in enumerate(selected, 1):
+            console.rule(
+                f"[bold]stage {index}/{len(selected)}: {stage.name}[/] ({stage.notes}) "
+                f"— elapsed {_fmt(time.time() - started)}{_eta(run_dir, selected[index - 1 :])}"
             )
-            shutil.rmtree(stage_dir)
-        record.status = "skipped" if is_done(stage_dir, cfg.fingerprint()) else "done"
-        eval_dir = run_dir / "eval" / stage.name
-        if record.status == "done" and eval_dir.exists():
-            shutil.rmtree(eval_dir)  # a model trained anew is evaluated anew
-        stage_module(stage.kind).run(cfg, stage_dir, resume=_same_settings(cfg, stage_dir))
-        record.seconds = time.time() - t0
-        if stage.eval_template and not skip_eval:
-            t1 = time.time()
-            ecfg = eval_config(stage, run_dir, preset, parsed)
-            stage_module("evaluate").run(ecfg, eval_dir, resume=True)
-            record.eval_seconds = time.time() - t1
-        records.append(record)
-        _write_timings(run_dir, record)
+            _write_timings(run_dir, run_stage(stage.name, *job))
+    else:
+        _run_in_parallel(selected, job, jobs, run_dir, started)
 
     from r1lab.report import write_report
 
     report = write_report(run_dir, preset_name=preset_name)
     console.rule(f"[bold green]pipeline finished in {_fmt(time.time() - started)}: {report}")
     return report
+
+
+def run_stage(
+    name: str, preset_name: str, run_dir: str, parsed: dict, skip_eval: bool
+) -> StageRecord:
+    """One stage and its evaluation: skipped when done with these settings, else (re)run."""
+    stage = next(s for s in GRAPH if s.name == name)
+    run_dir = Path(run_dir)
+    preset = load_preset(preset_name)
+    record = StageRecord(stage.name, started=time.time())
+    cfg = stage_config(stage, run_dir, preset, parsed)
+    stage_dir = run_dir / stage.name
+    stale = _newer_inputs(stage, run_dir)
+    if stale:
+        console.print(
+            f"[yellow]{stage.name}: {', '.join(stale)} changed since it ran; running it again"
+        )
+        shutil.rmtree(stage_dir)
+    record.status = "skipped" if is_done(stage_dir, cfg.fingerprint()) else "done"
+    eval_dir = run_dir / "eval" / stage.name
+    if record.status == "done" and eval_dir.exists():
+        shutil.rmtree(eval_dir)  # a model trained anew is evaluated anew
+    stage_module(stage.kind).run(cfg, stage_dir, resume=_same_settings(cfg, stage_dir))
+    record.seconds = time.time() - record.started
+    if stage.eval_template and not skip_eval:
+        t1 = time.time()
+        ecfg = eval_config(stage, run_dir, preset, parsed)
+        stage_module("evaluate").run(ecfg, eval_dir, resume=True)
+        record.eval_seconds = time.time() - t1
+    return record
+
+
+def _run_in_parallel(selected: list[Stage], job: tuple, jobs: int, run_dir: Path, started: float):
+    """Start every stage whose inputs are finished, up to `jobs` at once, longest path first.
+
+    A stage's inputs that are not part of this run (`--only`, `--from`) must already be on
+    disk, as in the sequential order. If a stage fails, the running ones finish, nothing new
+    starts, and the first error is raised.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    names = {s.name for s in selected}
+    pending = list(selected)
+    finished: set[str] = set()
+    priority = _path_lengths(run_dir)
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    running: dict = {}
+    error: BaseException | None = None
+    context = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch state
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+        while pending or running:
+            ready = [
+                s for s in pending if all(n in finished or n not in names for n in _inputs(s))
+            ]
+            ready.sort(key=lambda s: -priority.get(s.name, 0.0))
+            while ready and len(running) < jobs and error is None:
+                stage = ready.pop(0)
+                pending.remove(stage)
+                log = logs / f"{stage.name}.log"
+                running[pool.submit(_logged_stage, stage.name, job, str(log))] = stage
+                left = [s.name for s in pending + list(running.values())]
+                eta = _parallel_eta(run_dir, left, priority)
+                console.print(
+                    f"[bold]start {stage.name}[/] ({stage.notes}) — elapsed "
+                    f"{_fmt(time.time() - started)}{eta}; log: {log}"
+                )
+            if not running:
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in done:
+                stage = running.pop(future)
+                try:
+                    record = future.result()
+                except BaseException as err:  # noqa: BLE001 - reported after the others end
+                    console.print(f"[red]{stage.name} failed: {err} (see {logs / stage.name}.log)")
+                    error = error or err
+                    continue
+                finished.add(stage.name)
+                _write_timings(run_dir, record)
+                console.print(
+                    f"[green]{record.status} {stage.name}[/] in {_fmt(record.seconds + record.eval_seconds)}"
+                    f" — {len(finished)}/{len(selected)} stages, elapsed {_fmt(time.time() - started)}"
+                )
+            if error is not None:
+                pending.clear()
+    if error is not None:
+        raise error
+
+
+def _worker_init() -> None:
+    """A stage process dies with the pipeline: a killed `r1lab run` leaves no stage writing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _logged_stage(name: str, job: tuple, log_path: str) -> StageRecord:
+    """`run_stage` in a worker process, its console output into the stage's log file."""
+    import contextlib
+
+    os.environ.setdefault("R1LAB_NO_PROGRESS", "1")  # no bars in a file
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        console.file = log
+        return run_stage(name, *job)
+
+
+def _parallel_eta(run_dir: Path, left: list[str], lengths: dict[str, float]) -> str:
+    """The longest chain of stages still to finish, from the last run's timings."""
+    if not (run_dir / "timings.json").exists() or not left:
+        return ""
+    return f", eta ~{_fmt(max(lengths[n] for n in left))} (from the last run's timings)"
+
+
+def _path_lengths(run_dir: Path) -> dict[str, float]:
+    """Seconds from each stage's start to the end of the longest chain of stages after it.
+
+    From the last run's timings where known (60 s otherwise): the scheduler starts the
+    stage on the critical path first.
+    """
+    path = run_dir / "timings.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+
+    def cost(name: str) -> float:
+        t = data.get(name, {})
+        return t.get("seconds", 60.0) + t.get("eval_seconds", 0.0)
+
+    lengths: dict[str, float] = {}
+    for stage in reversed(GRAPH):  # GRAPH lists every stage after its inputs
+        after = [lengths[s.name] for s in GRAPH if stage.name in _inputs(s)]
+        lengths[stage.name] = cost(stage.name) + max(after, default=0.0)
+    return lengths
 
 
 def _inputs(stage: Stage) -> list[str]:
@@ -298,6 +434,7 @@ def _write_timings(run_dir: Path, record: StageRecord) -> None:
         data[record.name] = {
             "seconds": round(record.seconds, 1),
             "eval_seconds": round(record.eval_seconds, 1),
+            "started": round(record.started, 1),
         }
     data["_host"] = {"machine": platform.machine(), "python": platform.python_version()}
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")

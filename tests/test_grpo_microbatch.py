@@ -45,9 +45,10 @@ CASES = [(agg, on_policy, "token") for agg in AGGREGATIONS for on_policy in (Tru
 CASES.append(("seq-mean-token-mean", False, "sequence"))
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("aggregation, on_policy, ratio_level", CASES)
 def test_gradient_is_independent_of_micro_batch_size(
-    randomize, aggregation, on_policy, ratio_level
+    randomize, aggregation, on_policy, ratio_level, packed
 ):
     policy, ref, stale = (micro_model(s, randomize) for s in (0, 1, 2))
     batch = rollout_batch()
@@ -62,6 +63,7 @@ def test_gradient_is_independent_of_micro_batch_size(
         eps_high=0.28,
         max_new_tokens=12,
         temperature=0.9,
+        packed=packed,
     )
     old = None if on_policy else old_policy_logprobs(stale, batch, Config(**base), PAD)
 
@@ -94,6 +96,34 @@ def test_gradient_is_independent_of_micro_batch_size(
             assert stats[key] == pytest.approx(full_stats[key], abs=1e-6)
     if not on_policy:
         assert full_stats["clip_ratio/low_mean"] + full_stats["clip_ratio/high_mean"] > 0
+
+
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_packed_equals_padded(randomize, on_policy):
+    """Sequences laid end to end give the padded path's loss, stats and gradients."""
+    policy, ref, stale = (micro_model(s, randomize) for s in (0, 1, 2))
+    batch = rollout_batch(seed=3)
+    base = dict(model="unused", beta=0.04, eps_high=0.28, max_new_tokens=12, temperature=0.8)
+    results = {}
+    for packed in (True, False):
+        cfg = Config(**base, packed=packed, micro_batch_size=5)
+        old = None if on_policy else old_policy_logprobs(stale, batch, cfg, PAD)
+        policy.zero_grad(set_to_none=True)
+        stats = accumulate_gradients(
+            policy, batch, list(range(len(batch))), cfg, pad_id=PAD, old_logprobs=old,
+            ref_model=ref,
+        )  # fmt: skip
+        results[packed] = (gradients(policy), stats, old)
+    (g_packed, s_packed, old_packed), (g_padded, s_padded, old_padded) = results.values()
+    if not on_policy:
+        for a, b in zip(old_packed, old_padded):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert sum(g.abs().sum() for g in g_padded.values()) > 0
+    for name, g in g_padded.items():
+        torch.testing.assert_close(g_packed[name], g, atol=1e-5, rtol=1e-4, msg=name)
+    for key in ("loss", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean"):
+        assert s_packed[key] == pytest.approx(s_padded[key], abs=1e-5), key
+    assert s_packed["tokens"] == s_padded["tokens"]
 
 
 def test_masked_rows_get_no_gradient(randomize):

@@ -28,13 +28,13 @@ def test_micro_pipeline_survives_a_kill_and_skips_finished_stages(tmp_path, monk
 
     monkeypatch.setattr(MetricsLog, "write", dying_write)
     with pytest.raises(Killed):
-        pipeline.run_pipeline("micro", str(run_dir))
+        pipeline.run_pipeline("micro", str(run_dir), jobs=1)  # in-process: the patch applies
     assert (run_dir / "base" / "DONE").exists() and (run_dir / "r1-zero" / "DONE").exists()
     assert not (run_dir / "cold-start" / "DONE").exists()
     finished_before = {s: (run_dir / s / "DONE").stat().st_mtime_ns for s in ("base", "r1-zero")}
 
     monkeypatch.setattr(MetricsLog, "write", real_write)
-    report = pipeline.run_pipeline("micro", str(run_dir))
+    report = pipeline.run_pipeline("micro", str(run_dir), jobs=1)
 
     # Finished stages were not redone; every stage finished; every model stage was evaluated.
     for stage, mtime in finished_before.items():
@@ -52,8 +52,31 @@ def test_micro_pipeline_survives_a_kill_and_skips_finished_stages(tmp_path, monk
 
     # A third run finds everything done and only rebuilds the report.
     timings = json.loads((run_dir / "timings.json").read_text())
-    pipeline.run_pipeline("micro", str(run_dir))
+    pipeline.run_pipeline("micro", str(run_dir), jobs=1)
     assert json.loads((run_dir / "timings.json").read_text())["base"] == timings["base"]
+
+
+def test_parallel_stages_wait_for_their_inputs(tmp_path):
+    """Two stages at a time, each in its own process: every stage finishes, none starts
+    before its inputs have finished, the side branches overlap the main line, and a rerun
+    skips everything."""
+    run_dir = tmp_path / "run"
+    pipeline.run_pipeline("micro", str(run_dir), jobs=2)
+    timings = json.loads((run_dir / "timings.json").read_text())
+    end = {n: t["started"] + t["seconds"] + t["eval_seconds"] for n, t in timings.items() if n[0] != "_"}
+    for stage in pipeline.GRAPH:
+        assert (run_dir / stage.name / "DONE").exists(), stage.name
+        assert (run_dir / "logs" / f"{stage.name}.log").exists(), stage.name
+        for upstream in pipeline._inputs(stage):
+            assert timings[stage.name]["started"] >= end[upstream] - 0.2, (stage.name, upstream)
+    overlaps = [
+        (a, b) for a in end for b in end
+        if a < b and timings[a]["started"] < end[b] and timings[b]["started"] < end[a]
+    ]  # fmt: skip
+    assert overlaps, "no two stages ran at the same time"
+    done = {s.name: (run_dir / s.name / "DONE").stat().st_mtime_ns for s in pipeline.GRAPH}
+    pipeline.run_pipeline("micro", str(run_dir), jobs=2)
+    assert {s.name: (run_dir / s.name / "DONE").stat().st_mtime_ns for s in pipeline.GRAPH} == done
 
 
 def test_unknown_stage_and_bad_override_are_clear_errors(tmp_path):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from r1lab.engine.logprobs import entropy_from_logits
 from r1lab.rl.losses import loss_normalizer, policy_loss
 
 try:  # Triton ships with CUDA builds of torch; the CPU build has none.
@@ -401,21 +402,35 @@ def packed_hidden_states(
 if HAS_TRITON:
 
     @triton.jit
-    def _lse_pick_kernel(logits_ptr, tgt_ptr, inv_t, lse_ptr, pick_ptr, V, BLOCK: tl.constexpr):
-        """One row: log-sum-exp of logits * inv_t (fp32) and the target's scaled logit."""
+    def _lse_pick_kernel(
+        logits_ptr, tgt_ptr, inv_t, lse_ptr, pick_ptr, ent_ptr, V, BLOCK: tl.constexpr,
+        ENTROPY: tl.constexpr,
+    ):  # fmt: skip
+        """One row: log-sum-exp of logits * inv_t (fp32), the target's scaled logit and, if
+        asked, the entropy lse - E[x] (E[x] kept as a running sum rescaled like the lse)."""
         row = tl.program_id(0).to(tl.int64)
         lane = tl.arange(0, BLOCK)
         m = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
         s = tl.zeros([BLOCK], dtype=tl.float32)
+        t = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + lane
             x = tl.load(logits_ptr + row * V + cols, mask=cols < V, other=float("-inf"))
             x = x.to(tl.float32) * inv_t
             m_new = tl.maximum(m, x)
-            s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
+            scale = tl.exp(m - m_new)
+            e = tl.exp(x - m_new)
+            s = s * scale + e
+            if ENTROPY:
+                t = t * scale + tl.where(cols < V, e * x, 0.0)
             m = m_new
         top = tl.max(m, 0)
-        tl.store(lse_ptr + row, top + tl.log(tl.sum(s * tl.exp(m - top), 0)))
+        w = tl.exp(m - top)
+        total = tl.sum(s * w, 0)
+        lse = top + tl.log(total)
+        tl.store(lse_ptr + row, lse)
+        if ENTROPY:
+            tl.store(ent_ptr + row, lse - tl.sum(t * w, 0) / total)
         tgt = tl.load(tgt_ptr + row)
         tl.store(pick_ptr + row, tl.load(logits_ptr + row * V + tgt).to(tl.float32) * inv_t)
 
@@ -447,24 +462,26 @@ def _kernel_failed(err: Exception) -> None:
     _KERNELS_BROKEN.append(repr(err))
 
 
-def _chunk_forward(hc, w, targets, temperature):
-    """(log-sum-exp, picked scaled logit) of one chunk of rows, both fp32."""
+def _chunk_forward(hc, w, targets, temperature, entropy: bool = False):
+    """(log-sum-exp, picked scaled logit, entropy or None) of one chunk of rows, all fp32."""
     logits = F.linear(hc, w)
     if _use_kernels(logits):
         rows, vocab = logits.shape
         lse = torch.empty(rows, device=hc.device, dtype=torch.float32)
-        pick = torch.empty_like(lse)
+        pick, ent = torch.empty_like(lse), torch.empty_like(lse) if entropy else None
         try:
             _lse_pick_kernel[(rows,)](
-                logits, targets, 1.0 / temperature, lse, pick, vocab, BLOCK=2048, num_warps=8
-            )
-            return lse, pick
+                logits, targets, 1.0 / temperature, lse, pick, ent if entropy else lse, vocab,
+                BLOCK=2048, ENTROPY=entropy, num_warps=8,
+            )  # fmt: skip
+            return lse, pick, ent
         except Exception as err:  # noqa: BLE001 - a kernel that does not build here
             _kernel_failed(err)
+    ent = entropy_from_logits(logits, temperature) if entropy else None
     logits = logits.float()
     if temperature != 1.0:
         logits.div_(temperature)
-    return torch.logsumexp(logits, -1), logits.gather(1, targets[:, None])[:, 0]
+    return torch.logsumexp(logits, -1), logits.gather(1, targets[:, None])[:, 0], ent
 
 
 def _chunk_grad_logits(hc, w, targets, lse, g, temperature):
@@ -524,20 +541,24 @@ class _ChunkedLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, compute_dtype):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, compute_dtype, entropy):
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         out = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
         lse = torch.empty_like(out)
+        ent = torch.zeros_like(out)  # a diagnostic: no gradient flows through it
         for s in range(0, h.shape[0], chunk_size):
             e = s + chunk_size
-            lse[s:e], pick = _chunk_forward(h[s:e], w, targets[s:e], temperature)
+            lse[s:e], pick, chunk_ent = _chunk_forward(h[s:e], w, targets[s:e], temperature, entropy)
             out[s:e] = pick - lse[s:e]
+            if entropy:
+                ent[s:e] = chunk_ent
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk_size, ctx.compute_dtype = temperature, chunk_size, compute_dtype
-        return out
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         hidden, weight, targets, lse = ctx.saved_tensors
         cd, temp, chunk = ctx.compute_dtype, ctx.temperature, ctx.chunk_size
         h, w = hidden.to(cd), weight.to(cd)
@@ -553,7 +574,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             del d
         grad_h = grad_h.to(hidden.dtype) if grad_h is not None else None
         grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def chunked_logprobs(
@@ -562,11 +583,13 @@ def chunked_logprobs(
     targets: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = 1024,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+):
     """Token log-probs (M,) fp32 from hidden states (M, d) and the LM head weight (V, d).
 
     Matmuls run in the autocast dtype when autocast is on (else in the inputs' dtype);
-    softmax statistics are fp32.
+    softmax statistics are fp32. `with_entropy` also returns each row's entropy of
+    softmax(logits / T), (M,) fp32 without gradient, from the same pass over the logits.
     """
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
@@ -574,15 +597,22 @@ def chunked_logprobs(
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     with torch.autocast(dev, enabled=False):
-        return _ChunkedLogprobs.apply(
-            hidden, weight, targets, float(temperature), int(chunk_size), compute_dtype
-        )
+        logprobs, entropy = _ChunkedLogprobs.apply(
+            hidden, weight, targets, float(temperature), int(chunk_size), compute_dtype,
+            with_entropy,
+        )  # fmt: skip
+    return (logprobs, entropy) if with_entropy else logprobs
 
 
-def _autocast(model, amp: bool | None):
-    """bf16 autocast when the weights are fp32 on CUDA (fp32 master weights), unless told."""
+def _autocast(model, amp: bool | torch.dtype | None):
+    """Autocast for the forward: `None` = bf16 when the weights are fp32 on CUDA (fp32 master
+    weights); True = bf16; a dtype = that dtype (fp32 = none); False = none."""
     if amp is None:
         amp = model.device.type == "cuda" and model.dtype == torch.float32
+    if isinstance(amp, torch.dtype):
+        if amp == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(model.device.type, dtype=amp)
     if not amp:
         return contextlib.nullcontext()
     return torch.autocast(model.device.type, dtype=torch.bfloat16)
@@ -595,15 +625,17 @@ def packed_logprobs(
     chunk_size: int = 1024,
     attention: str = "auto",
     checkpoint: bool = False,
-    amp: bool | None = None,
+    amp: bool | torch.dtype | None = None,
     compile: bool | None = None,
-) -> torch.Tensor:
-    """Log-prob (M,) of each completion token of a pack under `model` (differentiable)."""
+    with_entropy: bool = False,
+):
+    """Log-prob (M,) of each completion token of a pack under `model` (differentiable);
+    with `with_entropy`, (log-probs, entropies) of those positions."""
     with _autocast(model, amp):
         hidden = packed_hidden_states(model, batch, attention, checkpoint, compile)
         picked = hidden.index_select(0, batch.pred_index)
         return chunked_logprobs(
-            picked, model.lm_head.weight, batch.targets, temperature, chunk_size
+            picked, model.lm_head.weight, batch.targets, temperature, chunk_size, with_entropy
         )
 
 

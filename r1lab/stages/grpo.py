@@ -11,7 +11,9 @@ One step (R1_RECIPE.md):
    model (refreshed to the policy every `ref_refresh_every` steps; not even loaded when
    beta is 0). Each mini-batch is split into micro-batches of `micro_batch_size`
    sequences whose losses share the mini-batch's normaliser, so the gradient does not
-   depend on the micro-batch size.
+   depend on the micro-batch size. A micro-batch's sequences are laid end to end without
+   padding (`packed`, the fast path of r1lab.engine.fast_train: on CUDA, compiled and
+   checkpointed layers, varlen attention, chunked log-probs through the LM head).
 
 Old-policy log-probs: with one mini-batch and one epoch the update is on-policy, so the
 old log-probs are the current ones detached (ratio exactly 1) and no extra forward is
@@ -40,6 +42,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from r1lab.config import ConfigError, StageConfig, resolve_device, resolve_dtype, write_config
+from r1lab.engine import fast_train
 from r1lab.engine.logprobs import token_logprobs
 from r1lab.model.checkpoint import (
     atomic_write_text,
@@ -139,6 +142,11 @@ class Config(StageConfig):
     mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch of a rollout")
     micro_batch_size: int = Field(
         0, ge=0, description="sequences per forward; 0 = whole mini-batch"
+    )
+    packed: bool = Field(
+        True,
+        description="train on the sequences laid end to end without padding "
+        "(r1lab.engine.fast_train); false: left/right-padded batches",
     )
     # objective
     beta: float = Field(0.001, ge=0, description="KL coefficient; 0 skips the reference model")
@@ -336,6 +344,53 @@ def completion_logprobs(
     )
 
 
+def packed_completion_logprobs(
+    model,
+    batch: TrainBatch,
+    chunk: list[int],
+    cfg: Config,
+    width: int,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`completion_logprobs` for the sequences `chunk`, laid end to end with no padding.
+
+    The same (n, width) layout and values as the padded path, but no compute on pad
+    tokens: a rollout's completions differ in length by several times, so padding to the
+    longest wastes most of a padded forward. On CUDA the decoder layers are compiled and
+    checkpointed and attention is FlashAttention's varlen kernel (see fast_train).
+    """
+    pack = fast_train.pack_rollouts(
+        [batch.prompt_ids[i] for i in chunk],
+        [batch.completion_ids[i] for i in chunk],
+        max_tokens=2**62,  # one pack: the micro-batch is the unit of memory here
+        device=model.device,
+    )[0]
+    out = fast_train.packed_logprobs(
+        model,
+        pack,
+        cfg.temperature,
+        checkpoint=model.device.type == "cuda" and torch.is_grad_enabled(),
+        amp=compute_dtype(cfg, model),
+        with_entropy=with_entropy,
+    )
+    lp, ent = out if with_entropy else (out, None)
+
+    def rows(values: torch.Tensor) -> torch.Tensor:
+        r = fast_train.to_rows(values, pack)
+        return torch.nn.functional.pad(r, (0, width - r.shape[1])) if r.shape[1] < width else r
+
+    return rows(lp), (rows(ent) if ent is not None else None)
+
+
+def chunk_logprobs(
+    model, batch: TrainBatch, chunk: list[int], mb: dict[str, Any], cfg: Config, entropy=False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Completion log-probs (and entropies) of one micro-batch by the configured path."""
+    if cfg.packed:
+        return packed_completion_logprobs(model, batch, chunk, cfg, mb["mask"].shape[1], entropy)
+    return completion_logprobs(model, mb, cfg.temperature, entropy, compute_dtype(cfg, model))
+
+
 def micro_batches(batch: TrainBatch, indices: list[int], size: int) -> list[list[int]]:
     """Split `indices` into chunks of `size` (0 = one chunk), similar lengths together."""
     if size <= 0 or size >= len(indices):
@@ -360,7 +415,7 @@ def old_policy_logprobs(policy, batch: TrainBatch, cfg: Config, pad_id: int) -> 
     out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
     for chunk in micro_batches(batch, list(range(len(batch))), cfg.micro_batch_size):
         mb = collate(batch, chunk, pad_id, policy.device)
-        lp, _ = completion_logprobs(policy, mb, cfg.temperature, dtype=compute_dtype(cfg, policy))
+        lp, _ = chunk_logprobs(policy, batch, chunk, mb, cfg)
         for row, i in enumerate(chunk):
             out[i] = lp[row, : len(batch.completion_ids[i])].detach()
     return out
@@ -412,10 +467,9 @@ def accumulate_gradients(
     normalizer = minibatch_normalizer(batch, indices, cfg)
     sums: Counter = Counter()
     use_ref = ref_model is not None and cfg.beta > 0
-    dtype = compute_dtype(cfg, policy)
     for chunk in micro_batches(batch, indices, cfg.micro_batch_size):
         mb = collate(batch, chunk, pad_id, policy.device)
-        lp, ent = completion_logprobs(policy, mb, cfg.temperature, True, dtype)
+        lp, ent = chunk_logprobs(policy, batch, chunk, mb, cfg, entropy=True)
         width = lp.shape[1]
         old = (
             lp.detach()
@@ -425,7 +479,7 @@ def accumulate_gradients(
         ref = None
         if use_ref:
             with torch.no_grad():
-                ref, _ = completion_logprobs(ref_model, mb, cfg.temperature, dtype=dtype)
+                ref, _ = chunk_logprobs(ref_model, batch, chunk, mb, cfg)
         loss, stats = policy_loss(
             lp,
             old,
