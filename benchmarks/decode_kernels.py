@@ -58,24 +58,13 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
+    from grpo_step import SHAPES, model_config  # the same model as the step benchmark
+
     from r1lab.engine import fast_generate as fg
-    from r1lab.model.config import ModelConfig
     from r1lab.model.transformer import Transformer
 
     dev = torch.device("cuda")
-    cfg = ModelConfig(
-        model_type="qwen2",
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=1,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_theta=1e6,
-        tie_word_embeddings=True,
-        pad_token_id=2,
-    )
+    cfg = model_config(SHAPES["0.5b"], layers=1)
     torch.manual_seed(0)
     model = Transformer(cfg).to(dev)
     rows, width = args.rows, args.prompt_len

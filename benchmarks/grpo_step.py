@@ -111,10 +111,31 @@ def decode_roofline_ms(cfg, rows: int, width: int, new: int, bandwidth_gbs: floa
     }
 
 
+def model_config(shape: dict, layers: int | None = None):
+    """r1lab's config of a Qwen2.5-shaped decoder from SHAPES; no stop token, so every
+    completion is full length. `layers` overrides the depth (a one-layer kernel test)."""
+    from r1lab.model.config import ModelConfig
+
+    return ModelConfig(
+        model_type="qwen2",
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["ffn"],
+        num_hidden_layers=layers or shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv"],
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        bos_token_id=BOS,
+        eos_token_id=None,
+        pad_token_id=PAD,
+    )
+
+
 def run_r1lab(args, shape: dict, work: dict) -> dict:
     from r1lab.engine import fast_generate, fast_train
     from r1lab.engine.generate import SamplingParams, sample
-    from r1lab.model.config import ModelConfig
     from r1lab.model.transformer import Transformer
     from r1lab.rl.advantages import group_advantages
     from r1lab.training import clip_grad, make_optimizer
@@ -124,21 +145,7 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
         for name, value in json.loads(Path(args.kernel_config).read_text())["best"].items():
             setattr(fast_generate, name, value)
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        model_type="qwen2",
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["ffn"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv"],
-        max_position_embeddings=4096,
-        rope_theta=1e6,
-        tie_word_embeddings=True,
-        bos_token_id=BOS,
-        eos_token_id=None,  # no stop token: every completion is full length
-        pad_token_id=PAD,
-    )
+    cfg = model_config(shape)
     model = Transformer(cfg).to(dev)  # fp32 master weights
     ref = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
     optimizer = make_optimizer(model, lr=3e-6, weight_decay=0.0, betas=(0.9, 0.999))

@@ -365,8 +365,9 @@ def _logged_stage(name: str, job: tuple, log_path: str) -> StageRecord:
 
 
 def _parallel_eta(run_dir: Path, left: list[str], lengths: dict[str, float]) -> str:
-    """The longest chain of stages still to finish, from the last run's timings."""
-    if not (run_dir / "timings.json").exists() or not left:
+    """The longest chain of stages still to finish, when the last run timed all of them."""
+    path = run_dir / "timings.json"
+    if not left or not path.exists() or not set(left) <= set(json.loads(path.read_text())):
         return ""
     return f", eta ~{_fmt(max(lengths[n] for n in left))} (from the last run's timings)"
 

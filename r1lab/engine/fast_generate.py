@@ -90,6 +90,15 @@ def release(model) -> None:
 if HAS_TRITON:
 
     @triton.jit
+    def _store_rmsnorm(x, w_ptr, out_row_ptr, offs, m, N, eps):
+        """out = w * rmsnorm(x) for one row x, rounded where the RMSNorm module rounds."""
+        xf = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
+        y = (xf * inv).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_row_ptr + offs, (w * y).to(out_row_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _add_rmsnorm_kernel(
         x_ptr, add_ptr, w_ptr, out_ptr, eps, N, BLOCK: tl.constexpr, HAS_ADD: tl.constexpr
     ):
@@ -102,11 +111,7 @@ if HAS_TRITON:
             a = tl.load(add_ptr + row * N + offs, mask=m, other=0.0)
             x = (x.to(tl.float32) + a.to(tl.float32)).to(x_ptr.dtype.element_ty)
             tl.store(x_ptr + row * N + offs, x, mask=m)
-        xf = x.to(tl.float32)
-        inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
-        y = (xf * inv).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * N + offs, (w * y).to(out_ptr.dtype.element_ty), mask=m)
+        _store_rmsnorm(x, w_ptr, out_ptr + row * N, offs, m, N, eps)
 
     @triton.jit
     def _rope_decode_attn_kernel(
@@ -243,11 +248,7 @@ if HAS_TRITON:
         m = offs < N
         x = tl.load(embed_ptr + tok * N + offs, mask=m, other=0.0)
         tl.store(x_ptr + row * N + offs, x, mask=m)
-        xf = x.to(tl.float32)
-        inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
-        y = (xf * inv).to(x_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(ln_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(h_ptr + row * N + offs, (w * y).to(h_ptr.dtype.element_ty), mask=m)
+        _store_rmsnorm(x, ln_ptr, h_ptr + row * N, offs, m, N, eps)
 
     @triton.jit
     def _advance_kernel(pos_ptr, slot_ptr, step_ptr, rows, last, BLOCK: tl.constexpr):
