@@ -294,3 +294,22 @@ def test_chunked_logprobs_gradient(device):
     (ref * upstream).sum().backward()
     assert torch.allclose(out, ref, atol=1e-5)
     assert torch.allclose(gh, h.grad, atol=1e-5) and torch.allclose(gw, w.grad, atol=1e-5)
+
+
+def test_chunked_entropy_matches_full_softmax(device):
+    """The entropy taken in the same pass as the log-probs equals the full-softmax one and
+    leaves the log-probs' values and gradients unchanged."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(29, 16, generator=g).to(device).requires_grad_()
+    w = torch.randn(70, 16, generator=g).to(device)
+    t = torch.randint(0, 70, (29,), generator=g).to(device)
+    lp, ent = fast_train.chunked_logprobs(h, w, t, temperature=0.8, chunk_size=8, with_entropy=True)
+    assert not ent.requires_grad
+    logp = torch.log_softmax((h @ w.t()).detach() / 0.8, -1)
+    assert torch.allclose(ent, -(logp.exp() * logp).sum(-1), atol=1e-5)
+    lp.sum().backward()
+    grad = h.grad.clone()
+    h.grad = None
+    fast_train.chunked_logprobs(h, w, t, temperature=0.8, chunk_size=8).sum().backward()
+    assert torch.allclose(grad, h.grad, atol=1e-6)
+    assert torch.allclose(lp, logp.gather(1, t[:, None])[:, 0], atol=1e-5)
