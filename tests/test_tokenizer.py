@@ -27,6 +27,7 @@ from r1lab.model.tokenizer import (
     r1_chat_prompt,
     r1_zero_prompt,
     render_prompt,
+    save_tokenizer,
     train_tokenizer,
 )
 from r1lab.tasks.procedural import pretrain_documents
@@ -123,8 +124,21 @@ def test_vocab_size_is_respected(corpus):
         train_tokenizer(corpus, vocab_size=100)
 
 
+def test_saved_config_uses_names_transformers_4_and_5_share(tokenizer, tmp_path):
+    """transformers 4.x cannot load `TokenizersBackend` or a list of `extra_special_tokens`."""
+    import json
+
+    save_tokenizer(tokenizer, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "extra_special_tokens" not in config
+    assert USER in config["additional_special_tokens"]
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert USER in loaded.all_special_tokens and loaded.pad_token == tokenizer.pad_token
+
+
 def test_save_and_load(tokenizer, tmp_path):
-    tokenizer.save_pretrained(tmp_path)
+    save_tokenizer(tokenizer, tmp_path)
     loaded = load_tokenizer(tmp_path)
     plain = AutoTokenizer.from_pretrained(str(tmp_path))
     for other in (loaded, plain):

@@ -298,7 +298,9 @@ def save_model(
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            from r1lab.model.tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)
     return Path(path)
 
 

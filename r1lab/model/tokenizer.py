@@ -59,6 +59,34 @@ _TAG_SPLIT = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS + REASONIN
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def save_tokenizer(tokenizer, path: str | Path) -> None:
+    """`tokenizer.save_pretrained(path)`, in a form transformers 4.x and 5.x both load.
+
+    transformers 5 records its generic fast tokenizer as `TokenizersBackend` and the extra
+    special tokens under `extra_special_tokens`; transformers 4.x knows neither name. Both
+    versions read the older names (`PreTrainedTokenizerFast`, `additional_special_tokens`)
+    to the same tokenizer, so those are written. A model-specific tokenizer class (a
+    Qwen2Tokenizer, say) is left as it is.
+    """
+    import json
+
+    tokenizer.save_pretrained(str(path))
+    config_path = Path(path) / "tokenizer_config.json"
+    if not config_path.exists():
+        return
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") != "TokenizersBackend":
+        return
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.pop("backend", None)
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list) and "additional_special_tokens" not in config:
+        config["additional_special_tokens"] = extra
+    elif extra is not None:
+        config["extra_special_tokens"] = extra
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load the tokenizer saved in a local folder (never runs code shipped with it)."""
     folder = Path(path)
