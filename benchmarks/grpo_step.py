@@ -187,16 +187,7 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
         sync()
         t2 = time.perf_counter()
         model.train()
-        loss, stats = fast_train.grpo_backward(
-            model,
-            policy_packs,
-            advantages,
-            mask,
-            ref_logprobs=ref_lp,
-            beta=args.beta,
-            chunk_size=args.chunk_size,
-            checkpoint=not args.no_checkpoint,
-        )
+        loss, stats = policy_pass(args, model, policy_packs, advantages, mask, ref_lp)
         grad_norm = clip_grad(model, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -230,6 +221,23 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
     return result
 
 
+def policy_pass(args, model, packs, advantages, mask, ref_lp):
+    """The policy's forward and backward over its packs, as the options ask (timed and profiled)."""
+    from r1lab.engine import fast_train
+
+    return fast_train.grpo_backward(
+        model,
+        packs,
+        advantages,
+        mask,
+        ref_logprobs=ref_lp,
+        beta=args.beta,
+        chunk_size=args.chunk_size,
+        checkpoint=not args.no_checkpoint,
+        compile=False if args.no_compile else None,
+    )
+
+
 def profile_step(
     args, model, ref, prompts, params, policy_packs, ref_packs, advantages, mask, ref_lp
 ):
@@ -244,17 +252,7 @@ def profile_step(
         "ref": lambda: fast_train.completion_logprobs(
             ref, ref_packs, mask.shape[0], chunk_size=args.chunk_size
         ),
-        "policy": lambda: fast_train.grpo_backward(
-            model,
-            policy_packs,
-            advantages,
-            mask,
-            ref_logprobs=ref_lp,
-            beta=args.beta,
-            chunk_size=args.chunk_size,
-            checkpoint=not args.no_checkpoint,
-            compile=False if args.no_compile else None,
-        ),
+        "policy": lambda: policy_pass(args, model, policy_packs, advantages, mask, ref_lp),
     }
     lines = []
     for name, fn in phases.items():

@@ -463,23 +463,7 @@ def evaluate_with_records(
     return result, rows
 
 
-def evaluate(
-    model,
-    tokenizer,
-    examples: Sequence[Example],
-    task: Task | str,
-    *,
-    template: str = "r1-zero",
-    k: int = 4,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    max_new_tokens: int = 128,
-    greedy: bool = False,
-    seed: int | None = 0,
-    max_batch_size: int = 256,
-    progress: bool = True,
-    n_shown: int = 3,
-) -> dict:
+def evaluate(model, tokenizer, examples: Sequence[Example], task: Task | str, **options) -> dict:
     """Evaluate `model` on `examples` with the paper's protocol; returns the result dict.
 
     Keys: pass@1 (mean over the k samples, then over questions) and its standard error,
@@ -489,24 +473,10 @@ def evaluate(
     truncation_rate, unjudged (checker failures, counted wrong), n_questions, k, sampling,
     breakdown (per subject / level / language / family when the examples' meta splits the
     set), samples (a few responses) and timing. `greedy=True` forces k=1, temperature 0.
+    The options (template, k, temperature, top_p, max_new_tokens, greedy, seed,
+    max_batch_size, progress, n_shown) are `evaluate_with_records`'s.
     """
-    result, _ = evaluate_with_records(
-        model,
-        tokenizer,
-        examples,
-        task,
-        template=template,
-        k=k,
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        greedy=greedy,
-        seed=seed,
-        max_batch_size=max_batch_size,
-        progress=progress,
-        n_shown=n_shown,
-    )
-    return result
+    return evaluate_with_records(model, tokenizer, examples, task, **options)[0]
 
 
 # --- the stage ----------------------------------------------------------------------------
