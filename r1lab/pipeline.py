@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.markup import escape
+
 from r1lab.config import ConfigError, build_config, load_preset, parse_overrides
 from r1lab.training import console, is_done
 
@@ -113,6 +115,7 @@ GRAPH: tuple[Stage, ...] = (
     ),
 )
 STAGE_NAMES = tuple(s.name for s in GRAPH)
+STATUS_EVERY_S = 30.0  # with stages in parallel: seconds between two status lines
 
 
 @dataclass
@@ -321,7 +324,14 @@ def _run_in_parallel(selected: list[Stage], job: tuple, jobs: int, run_dir: Path
                 )
             if not running:
                 break
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            done, _ = wait(list(running), timeout=STATUS_EVERY_S, return_when=FIRST_COMPLETED)
+            if not done:  # a heartbeat: what each running stage last said in its log
+                for stage in running.values():
+                    console.print(
+                        f"  {stage.name}: {_last_line(logs / f'{stage.name}.log')} — elapsed "
+                        f"{_fmt(time.time() - started)}",
+                        highlight=False,
+                    )
             for future in done:
                 stage = running.pop(future)
                 try:
@@ -340,6 +350,19 @@ def _run_in_parallel(selected: list[Stage], job: tuple, jobs: int, run_dir: Path
                 pending.clear()
     if error is not None:
         raise error
+
+
+def _last_line(path: Path, width: int = 90) -> str:
+    """The last non-empty line of a stage's log (its latest progress line), shortened."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return "starting"
+    lines = [ln.strip() for ln in tail.replace("\r", "\n").splitlines() if ln.strip()]
+    return escape(lines[-1][:width]) if lines else "starting"
 
 
 def _worker_init() -> None:

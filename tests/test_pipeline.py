@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -56,12 +57,15 @@ def test_micro_pipeline_survives_a_kill_and_skips_finished_stages(tmp_path, monk
     assert json.loads((run_dir / "timings.json").read_text())["base"] == timings["base"]
 
 
-def test_parallel_stages_wait_for_their_inputs(tmp_path):
+def test_parallel_stages_wait_for_their_inputs(tmp_path, monkeypatch, capsys):
     """Two stages at a time, each in its own process: every stage finishes, none starts
-    before its inputs have finished, the side branches overlap the main line, and a rerun
-    skips everything."""
+    before its inputs have finished, the side branches overlap the main line, the console
+    says what the running stages are doing, and a rerun skips everything."""
     run_dir = tmp_path / "run"
+    monkeypatch.setattr(pipeline, "STATUS_EVERY_S", 0.2)
     pipeline.run_pipeline("micro", str(run_dir), jobs=2)
+    console_text = capsys.readouterr().err
+    assert re.search(r"^  [a-z0-9-]+: .+ — elapsed \dm\d\ds$", console_text, re.M), console_text
     timings = json.loads((run_dir / "timings.json").read_text())
     end = {n: t["started"] + t["seconds"] + t["eval_seconds"] for n, t in timings.items() if n[0] != "_"}
     for stage in pipeline.GRAPH:
