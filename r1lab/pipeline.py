@@ -18,6 +18,7 @@ model is evaluated with the same protocol on the same held-out sets, in `<run>/e
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import multiprocessing
@@ -240,17 +241,24 @@ def run_pipeline(
         raise ConfigError(f"jobs must be at least 1, got {jobs}")
     started = time.time()
     job = (preset_name, str(run_dir), parsed, skip_eval)
-    if jobs == 1 or len(selected) == 1:
-        for index, stage in enumerate(selected, 1):
-            console.rule(
-                f"[bold]stage {index}/{len(selected)}: {stage.name}[/] ({stage.notes}) "
-                f"— elapsed {_fmt(time.time() - started)}{_eta(run_dir, selected[index - 1 :])}"
-            )
-            _write_timings(run_dir, run_stage(stage.name, *job))
-    else:
-        _run_in_parallel(selected, job, jobs, run_dir, started)
-
     from r1lab.report import write_report
+
+    try:
+        if jobs == 1 or len(selected) == 1:
+            for index, stage in enumerate(selected, 1):
+                console.rule(
+                    f"[bold]stage {index}/{len(selected)}: {stage.name}[/] ({stage.notes}) — "
+                    f"elapsed {_fmt(time.time() - started)}{_eta(run_dir, selected[index - 1 :])}"
+                )
+                _write_timings(run_dir, run_stage(stage.name, *job))
+        else:
+            _run_in_parallel(selected, job, jobs, run_dir, started)
+    except Exception:
+        # what did finish is still worth a report; the error then says what did not
+        with contextlib.suppress(Exception):
+            partial = write_report(run_dir, preset_name=preset_name)
+            console.print(f"[yellow]report of the finished stages: {partial}")
+        raise
 
     report = write_report(run_dir, preset_name=preset_name)
     console.rule(f"[bold green]pipeline finished in {_fmt(time.time() - started)}: {report}")
@@ -379,8 +387,6 @@ def _worker_init() -> None:
 
 def _logged_stage(name: str, job: tuple, log_path: str) -> StageRecord:
     """`run_stage` in a worker process, its console output into the stage's log file."""
-    import contextlib
-
     os.environ.setdefault("R1LAB_NO_PROGRESS", "1")  # no bars in a file
     with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         console.file = log
