@@ -395,8 +395,7 @@ def _logged_stage(name: str, job: tuple, log_path: str) -> StageRecord:
 
 def _parallel_eta(run_dir: Path, left: list[str], lengths: dict[str, float]) -> str:
     """The longest chain of stages still to finish, when the last run timed all of them."""
-    path = run_dir / "timings.json"
-    if not left or not path.exists() or not set(left) <= set(json.loads(path.read_text())):
+    if not left or not set(left) <= set(_last_seconds(run_dir)):
         return ""
     return f", eta ~{_fmt(max(lengths[n] for n in left))} (from the last run's timings)"
 
@@ -407,17 +406,11 @@ def _path_lengths(run_dir: Path) -> dict[str, float]:
     From the last run's timings where known (60 s otherwise): the scheduler starts the
     stage on the critical path first.
     """
-    path = run_dir / "timings.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-
-    def cost(name: str) -> float:
-        t = data.get(name, {})
-        return t.get("seconds", 60.0) + t.get("eval_seconds", 0.0)
-
+    seconds = _last_seconds(run_dir)
     lengths: dict[str, float] = {}
     for stage in reversed(GRAPH):  # GRAPH lists every stage after its inputs
         after = [lengths[s.name] for s in GRAPH if stage.name in _inputs(s)]
-        lengths[stage.name] = cost(stage.name) + max(after, default=0.0)
+        lengths[stage.name] = seconds.get(stage.name, 60.0) + max(after, default=0.0)
     return lengths
 
 
@@ -470,20 +463,26 @@ def _write_timings(run_dir: Path, record: StageRecord) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def _eta(run_dir: Path, remaining: list[Stage]) -> str:
+def _last_seconds(run_dir: Path) -> dict[str, float]:
+    """Each stage's train + eval seconds in the last run (`<run>/timings.json`), if any."""
     path = run_dir / "timings.json"
-    if not path.exists():
-        return ""
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text()) if path.exists() else {}
+    return {
+        name: t["seconds"] + t["eval_seconds"] for name, t in data.items() if name != "_host"
+    }
+
+
+def _eta(run_dir: Path, remaining: list[Stage]) -> str:
+    """The sum of the last run's times of the stages still to do (one at a time)."""
+    seconds = _last_seconds(run_dir)
     known = [
-        data[s.name]
+        seconds[s.name]
         for s in remaining
-        if s.name in data and not (run_dir / s.name / "DONE").exists()
+        if s.name in seconds and not (run_dir / s.name / "DONE").exists()
     ]
     if not known:
         return ""
-    seconds = sum(v["seconds"] + v["eval_seconds"] for v in known)
-    return f", eta ~{_fmt(seconds)} (from the last run's timings)"
+    return f", eta ~{_fmt(sum(known))} (from the last run's timings)"
 
 
 def _fmt(seconds: float) -> str:
