@@ -71,13 +71,54 @@ def pass_at_1_stderr(correct: Sequence[Sequence[bool]]) -> float:
     about two of these are not told apart by this evaluation.
     """
     _check_grid(correct)
-    per_question = [sum(map(bool, row)) / len(row) for row in correct]
+    return question_mean_stderr([[float(bool(x)) for x in row] for row in correct])
+
+
+def question_mean(values: Sequence[Sequence[float]]) -> float:
+    """Per question the mean of its samples' values, then the mean over questions."""
+    _check_grid(values)
+    return sum(sum(row) / len(row) for row in values) / len(values)
+
+
+def question_mean_stderr(values: Sequence[Sequence[float]]) -> float:
+    """Standard error of `question_mean`, questions as the sampling unit (0 for one question).
+
+    Used for every per-sample quantity the findings compare (correctness, format, length,
+    self-checks): the k samples of one question are not independent, the questions are.
+    """
+    _check_grid(values)
+    per_question = [sum(row) / len(row) for row in values]
     m = len(per_question)
     if m < 2:
         return 0.0
     mean = sum(per_question) / m
     var = sum((x - mean) ** 2 for x in per_question) / (m - 1)
     return math.sqrt(var / m)
+
+
+# --- self-checks --------------------------------------------------------------------------
+
+# Phrases that mark a response re-examining its own work, in the two languages of the
+# procedural tasks: the "aha" behaviour of R1-Zero (re-check, verify, catch a mistake,
+# redo). Lower-cased substring matches; "wait" alone counts, as in the paper's example.
+SELF_CHECK_PHRASES = (
+    "wait",
+    "verify",
+    "check",  # check, re-check, double-check, checks out
+    "let me redo",
+    "mistake",
+    "等等",
+    "验算",
+    "检查",
+    "重新计算",
+    "算错",
+)
+
+
+def is_self_check(text: str) -> bool:
+    """Does `text` verify or revise its own work (any of `SELF_CHECK_PHRASES`)?"""
+    lowered = text.lower()
+    return any(phrase in lowered for phrase in SELF_CHECK_PHRASES)
 
 
 # --- majority vote ------------------------------------------------------------------------

@@ -188,12 +188,31 @@ def _select(only: str | None, from_stage: str | None) -> list[Stage]:
     return list(GRAPH)
 
 
+def _spread_seed(overrides: dict) -> dict:
+    """`seed=N` on the command line seeds every stage and every evaluation's sampling.
+
+    A stage section's own `STAGE.seed=M` still wins for that stage. The evaluation draws
+    its held-out questions with this seed too (unless a task spec pins its own `seed`), so
+    each seed is scored on its own sample of the test split.
+    """
+    if "seed" not in overrides:
+        return overrides
+    seed = overrides.pop("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    for name in (*STAGE_NAMES, "eval"):
+        section = overrides.setdefault(name, {})
+        if isinstance(section, dict):
+            section.setdefault("seed", seed)
+    return overrides
+
+
 def _check_overrides(overrides: dict) -> None:
     known = set(STAGE_NAMES) | {"eval"}
     for key, value in overrides.items():
         if key not in known or not isinstance(value, dict):
             raise ConfigError(
-                f"pipeline override {key!r}: write STAGE.key=value with STAGE one of {', '.join(sorted(known))}"
+                f"pipeline override {key!r}: write seed=N, or STAGE.key=value with STAGE one of {', '.join(sorted(known))}"
             )
 
 
@@ -221,7 +240,7 @@ def run_pipeline(
             f"preset {preset_name!r} has no pipeline stage sections (it has: {', '.join(preset) or 'nothing'}); "
             f"a pipeline preset names stages among {', '.join(STAGE_NAMES)}"
         )
-    parsed = parse_overrides(overrides or [])
+    parsed = _spread_seed(parse_overrides(overrides or []))
     _check_overrides(parsed)
     run_dir = Path(out or f"runs/{preset_name}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

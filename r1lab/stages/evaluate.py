@@ -39,12 +39,14 @@ from r1lab.config import (
 )
 from r1lab.engine.generate import Completion, SamplingParams, sample
 from r1lab.metrics import (
+    is_self_check,
     length_stats,
     majority_correct,
-    mean_or_none,
     mean_pass_at_1,
     mean_pass_at_k,
     pass_at_1_stderr,
+    question_mean,
+    question_mean_stderr,
     rate,
     truncation_rate,
 )
@@ -361,6 +363,27 @@ def _shown(examples: Sequence[Example], rows: list[list[SampleResult]], n_shown:
     ]
 
 
+def _sample_stats(rows: list[list[SampleResult]]) -> dict:
+    """Per-sample behaviour as question-level means with standard errors (the findings' inputs).
+
+    A quantity a sample does not have (no format to check, no reasoning to judge for
+    language) is left out; a question with none of it is left out of that mean.
+    """
+    measures = {
+        "format_rate": lambda s: None if s.format_ok is None else float(s.format_ok),
+        "mean_length": lambda s: float(s.n_tokens),
+        "self_check_rate": lambda s: float(is_self_check(s.completion)),
+        "language_consistency": lambda s: s.language_consistency,
+    }
+    out: dict = {}
+    for name, measure in measures.items():
+        values = [[v for v in map(measure, row) if v is not None] for row in rows]
+        values = [row for row in values if row]
+        out[name] = question_mean(values) if values else None
+        out[f"{name}_stderr"] = question_mean_stderr(values) if values else None
+    return out
+
+
 def summarize(
     task: Task,
     examples: Sequence[Example],
@@ -376,18 +399,15 @@ def summarize(
     votes = scores.pop("_votes")
     lengths = [s.n_tokens for s in samples]
     unjudged = Counter(s.reason or "not judged" for s in samples if not s.judged)
-    formats = [s.format_ok for s in samples if s.format_ok is not None]
     return {
+        **_sample_stats(rows),
         "task": task.name,
         "n_questions": len(examples),
         "k": settings["k"],
         "template": template,
         "sampling": settings,
         **scores,
-        "format_rate": rate(formats) if formats else None,
-        "language_consistency": mean_or_none([s.language_consistency for s in samples]),
         "answer_rate": rate([s.answer is not None for s in samples]),
-        "mean_length": length_stats(lengths)["mean"],
         "length": length_stats(lengths),
         "truncation_rate": truncation_rate([s.finish_reason for s in samples]),
         "unjudged": sum(unjudged.values()),

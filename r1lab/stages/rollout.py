@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from r1lab.engine.generate import Completion, SamplingParams, sample
+from r1lab.metrics import is_self_check
 from r1lab.model.tokenizer import render_prompt
 from r1lab.tasks.base import Example, Task, get_task
 from r1lab.training import console
@@ -289,6 +290,8 @@ def rollout_metrics(rollout: Rollout, dynamic_sampling: bool = False) -> dict[st
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     reasons = [c.finish_reason for g in groups for c in g.completions]
     out["completions/mean_length"] = sum(lengths) / len(lengths)
+    texts = [c.text or "" for g in groups for c in g.completions]
+    out["completions/self_check_rate"] = sum(map(is_self_check, texts)) / len(texts)
     out["completions/clipped_ratio"] = sum(r == "length" for r in reasons) / len(reasons)
     out["rollout/tokens_per_s"] = sum(lengths) / max(rollout.sample_s, 1e-9)
     if dynamic_sampling:
