@@ -4,9 +4,9 @@ The decode step's attention (RoPE + cache write + grouped-query attention) and i
 (one pass over the vocabulary) are the Triton kernels whose launch shapes matter most. This
 times each over a grid of shapes at the benchmark's workload (Qwen2.5-0.5B dimensions,
 256 rows, the cache filled to the mean position of a 128 + 512 token rollout) and prints
-microseconds per call and the bytes each call must move, so the constants at the top of
-`r1lab/engine/fast_generate.py` can be set from a measurement; the fastest shapes go to
-the JSON's "best", which `grpo_step.py --kernel-config` applies:
+microseconds per call and the bytes each call must move, so the launch-shape constants at
+the top of `r1lab/engine/decode_ops.py` can be set from a measurement; the fastest shapes
+go to the JSON's "best", which `grpo_step.py --kernel-config` applies:
 
     python benchmarks/decode_kernels.py --out kernels.json
 """
@@ -60,7 +60,8 @@ def main() -> None:
 
     from grpo_step import SHAPES, model_config  # the same model as the step benchmark
 
-    from r1lab.engine import fast_generate as fg
+    from r1lab.engine import decode_ops
+    from r1lab.engine.decode_engine import DecodeEngine
     from r1lab.model.transformer import Transformer
 
     dev = torch.device("cuda")
@@ -68,7 +69,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(cfg).to(dev)
     rows, width = args.rows, args.prompt_len
-    engine = fg.DecodeEngine(model, rows, width + args.new_tokens)
+    engine = DecodeEngine(model, rows, width + args.new_tokens)
     engine.load_weights(model)
     ids = torch.randint(4, cfg.vocab_size, (rows, width), device=dev)
     engine.prefill(ids, torch.ones_like(ids), 1)
@@ -81,12 +82,17 @@ def main() -> None:
     qkv_out = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
     qkv = torch.randn(rows, qkv_out, device=dev, dtype=engine.dtype)
     out = torch.empty(rows, cfg.num_attention_heads * cfg.head_dim, device=dev, dtype=engine.dtype)
-    ops = fg._TritonOps()
+    ops = decode_ops.TritonOps()
     kv_bytes = 2 * rows * cfg.num_key_value_heads * cfg.head_dim * (mean_slot + 1) * 2
     report: dict = {"attention": [], "sample": [], "kv_bytes_per_layer": kv_bytes}
-    defaults = (fg.ATTN_BLOCK_N, fg.ATTN_WARPS, fg.SAMPLE_BLOCK, fg.SAMPLE_SPLITS)
+    defaults = (
+        decode_ops.ATTN_BLOCK_N,
+        decode_ops.ATTN_WARPS,
+        decode_ops.SAMPLE_BLOCK,
+        decode_ops.SAMPLE_SPLITS,
+    )
     for block_n, warps in itertools.product((32, 64, 128), (2, 4, 8)):
-        fg.ATTN_BLOCK_N, fg.ATTN_WARPS = block_n, warps
+        decode_ops.ATTN_BLOCK_N, decode_ops.ATTN_WARPS = block_n, warps
         try:
             us = time_us(lambda: ops.rope_attention(engine, qkv, out, 0))
         except Exception as err:  # noqa: BLE001 - a shape that does not build
@@ -98,7 +104,7 @@ def main() -> None:
         print("attention", json.dumps(rec), flush=True)
     logits = torch.randn(rows, cfg.vocab_size, device=dev, dtype=engine.dtype)
     for block, splits in itertools.product((1024, 2048, 4096), (8, 16, 32, 64)):
-        fg.SAMPLE_BLOCK, fg.SAMPLE_SPLITS = block, splits
+        decode_ops.SAMPLE_BLOCK, decode_ops.SAMPLE_SPLITS = block, splits
         engine.sample_stats = None
         try:
             us = time_us(lambda: ops.sample(engine, logits, None, False))
@@ -108,7 +114,12 @@ def main() -> None:
         rec = {"block": block, "splits": splits, "us": round(us, 2)}
         report["sample"].append(rec)
         print("sample", json.dumps(rec), flush=True)
-    fg.ATTN_BLOCK_N, fg.ATTN_WARPS, fg.SAMPLE_BLOCK, fg.SAMPLE_SPLITS = defaults
+    (
+        decode_ops.ATTN_BLOCK_N,
+        decode_ops.ATTN_WARPS,
+        decode_ops.SAMPLE_BLOCK,
+        decode_ops.SAMPLE_SPLITS,
+    ) = defaults
     best_a = min(report["attention"], key=lambda r: r["us"], default=None)
     best_s = min(report["sample"], key=lambda r: r["us"], default=None)
     print("fastest attention:", best_a, " fastest sampler:", best_s)

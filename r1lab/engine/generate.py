@@ -9,66 +9,24 @@ for every token: it is slow and kept as the reference the fast path is tested ag
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-FINISH_STOP = "stop"
-FINISH_LENGTH = "length"
+from r1lab.engine import fast_generate
+from r1lab.engine.sampling import (
+    Completion,
+    SamplingParams,
+    StopChecker,
+    filter_logits,
+    left_pad,
+    stop_token_ids,
+)
 
-
-@dataclass
-class SamplingParams:
-    """How to sample. temperature 0 means greedy."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    n: int = 1
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
-            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
-            ("n", self.n >= 1, ">= 1"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(
-                    f"SamplingParams.{name}={getattr(self, name)!r}: must be {allowed}"
-                )
-        self.stop_token_ids = tuple(self.stop_token_ids)
-        self.stop_strings = tuple(self.stop_strings)
-
-
-@dataclass
-class Completion:
-    """One sampled continuation of prompt number `prompt_index`.
-
-    `token_ids` includes the stop token when one ended it; `text` is the decoded
-    completion without the stop token (cut at a stop string when one matched);
-    `logprobs[i]` is log p(token_ids[i]) under softmax(logits / temperature).
-    """
-
-    prompt_index: int
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str
-    text: str | None = None
-    extra: dict = field(default_factory=dict)
-
-
-def _stop_ids(model, tokenizer, params: SamplingParams) -> set[int]:
-    ids = set(params.stop_token_ids) | set(model.config.eos_token_ids)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+__all__ = [
+    "Completion",
+    "SamplingParams",
+    "sample",
+    "sample_without_cache",
+]
 
 
 def _pick_tokens(
@@ -81,29 +39,9 @@ def _pick_tokens(
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
     logits = logits / params.temperature
     logprobs = torch.log_softmax(logits, -1)
-    filtered = logits
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(filtered, params.top_k, dim=-1).values[:, -1:]
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = filtered.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token once the tokens ranked above it already cover top_p.
-        drop = probs.cumsum(-1) - probs > params.top_p
-        drop = drop.scatter(-1, order, drop)
-        filtered = filtered.masked_fill(drop, float("-inf"))
+    filtered = filter_logits(logits, params.top_k, params.top_p)
     tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator)[:, 0]
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
-
-
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _make_generator(params: SamplingParams, device) -> torch.Generator | None:
@@ -112,41 +50,6 @@ def _make_generator(params: SamplingParams, device) -> torch.Generator | None:
     gen = torch.Generator(device=device)
     gen.manual_seed(params.seed)
     return gen
-
-
-class _StopChecker:
-    """Decides when a row is done: a stop token, a stop string, or the length budget."""
-
-    def __init__(self, stop_ids: set[int], stop_strings: tuple[str, ...], tokenizer):
-        if stop_strings and tokenizer is None:
-            raise ValueError("stop_strings need a tokenizer to decode the completions")
-        self.stop_ids, self.stop_strings, self.tokenizer = stop_ids, stop_strings, tokenizer
-
-    def __call__(self, token_ids: list[int]) -> bool:
-        if token_ids[-1] in self.stop_ids:
-            return True
-        if self.stop_strings:
-            text = self.tokenizer.decode(token_ids[-16:], skip_special_tokens=False)
-            return any(s in text for s in self.stop_strings)
-        return False
-
-    def finish(self, prompt_index: int, ids: list[int], lps: list[float]) -> Completion:
-        stopped = bool(ids) and (ids[-1] in self.stop_ids or self._has_stop_string(ids))
-        reason = FINISH_STOP if stopped else FINISH_LENGTH
-        text = None
-        if self.tokenizer is not None:
-            body = ids[:-1] if ids and ids[-1] in self.stop_ids else ids
-            text = self.tokenizer.decode(body, skip_special_tokens=False)
-            for s in self.stop_strings:
-                if s in text:
-                    text = text[: text.index(s)]
-        return Completion(prompt_index, ids, lps, reason, text)
-
-    def _has_stop_string(self, ids: list[int]) -> bool:
-        if not self.stop_strings:
-            return False
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        return any(s in text for s in self.stop_strings)
 
 
 @torch.no_grad()
@@ -164,16 +67,13 @@ def sample(
     `fast_generate` (R1LAB_FAST_SAMPLER=0 keeps it here).
     """
     params = params or SamplingParams()
-    if model.device.type == "cuda":
-        from r1lab.engine import fast_generate
-
-        if fast_generate.applicable(model, params):
-            return fast_generate.fast_sample(model, prompt_ids, params, tokenizer, max_batch_size)
+    if model.device.type == "cuda" and fast_generate.applicable(model, params, tokenizer):
+        return fast_generate.fast_sample(model, prompt_ids, params, tokenizer, max_batch_size)
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("sample() needs at least one prompt, and every prompt needs a token")
     per_chunk = len(prompt_ids) if not max_batch_size else max(1, max_batch_size // params.n)
     generator = _make_generator(params, model.device)
-    checker = _StopChecker(_stop_ids(model, tokenizer, params), params.stop_strings, tokenizer)
+    checker = StopChecker(stop_token_ids(model, tokenizer, params), params.stop_strings, tokenizer)
     was_training = model.training
     model.eval()
     out: list[Completion] = []
@@ -188,7 +88,7 @@ def sample(
 
 def _sample_chunk(model, prompts, offset, params, checker, generator) -> list[Completion]:
     pad_id = model.config.pad_token_id or 0
-    ids, mask = _left_pad(prompts, pad_id, model.device)
+    ids, mask = left_pad(prompts, pad_id, model.device)
     rows = len(prompts) * params.n
     cache = model.new_cache(len(prompts), ids.shape[1] + params.max_new_tokens)
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
@@ -233,7 +133,7 @@ def sample_without_cache(
 ) -> list[Completion]:
     """The slow reference: one sequence at a time, the full forward recomputed per token."""
     generator = _make_generator(params, model.device)
-    checker = _StopChecker(_stop_ids(model, tokenizer, params), params.stop_strings, tokenizer)
+    checker = StopChecker(stop_token_ids(model, tokenizer, params), params.stop_strings, tokenizer)
     out = []
     for index, prompt in enumerate(prompt_ids):
         for _ in range(params.n):

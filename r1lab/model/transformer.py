@@ -19,6 +19,61 @@ from torch import nn
 from r1lab.model.config import ModelConfig
 
 
+# ---- the decoder's math as plain functions ---------------------------------------------------
+# The modules below call these, and so do the fast paths (engine/fast_generate's prefill and
+# torch ops, engine/fast_train's packed layer), so the math is written once.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / rms(x) over the last dim; statistics in fp32 (as the reference
+    implementations do, for bf16 stability), the normalised x rounded to x's dtype before
+    the weight multiplies it."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope_tables(
+    positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency: positions (...,) -> two (..., head_dim / 2)."""
+    freqs = positions[..., None].float() * inv_freq
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (..., D), Hugging Face's half-split layout, in fp32.
+
+    cos/sin hold the D/2 distinct frequencies (`rope_tables`) and broadcast against x's
+    leading dims; the halves (x1, x2) become (x1 cos - x2 sin, x2 cos + x1 sin), which is
+    `x * cos + rotate_half(x) * sin` with the tables doubled, to the bit.
+    """
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation: silu(gate) * up."""
+    return F.silu(gate) * up
+
+
+def padded_causal_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) attention mask of a padded batch: causal, real keys only.
+
+    valid (B, T) is True at real tokens. A padding query with no visible key would give NaN,
+    so every query also sees itself.
+    """
+    t = valid.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
+    mask = causal[None] & valid[:, None, :]
+    mask |= torch.eye(t, dtype=torch.bool, device=valid.device)[None]
+    return mask[:, None]
+
+
+def padded_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Rotary positions of a padded batch: each row counts its real tokens from 0."""
+    return (valid.long().cumsum(1) - 1).clamp(min=0)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -26,10 +81,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as the reference implementations do) for bf16 stability.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -52,17 +104,6 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         inv_freq = torch.where(medium, smoothed, scaled)
     return inv_freq.float()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (B, T, D)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
 
 
 class KVCache:
@@ -164,7 +205,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -258,13 +299,10 @@ class Transformer(nn.Module):
         if attention_mask is not None:
             valid = attention_mask.bool()
             if position_ids is None:
-                position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)
+                position_ids = padded_positions(valid)
             if bool(valid.all()):
                 return position_ids, None
-            causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-            mask = causal[None] & valid[:, None, :]
-            mask |= torch.eye(t, dtype=torch.bool, device=device)[None]
-            return position_ids, mask[:, None]
+            return position_ids, padded_causal_mask(valid)
         if position_ids is not None:
             # Packed documents: a new document starts wherever the position resets to 0.
             doc = (position_ids == 0).long().cumsum(1)
@@ -283,9 +321,8 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, hidden); the LM head is applied by the caller."""
         positions, mask = self._positions_and_mask(input_ids, attention_mask, position_ids, cache)
-        freqs = positions[..., None].float() * self.inv_freq[None, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = rope_tables(positions, self.inv_freq)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D/2): broadcast over the heads
         x = self.model.embed_tokens(input_ids)
         is_causal = cache is None
         for layer in self.model.layers:
