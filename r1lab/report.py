@@ -12,6 +12,7 @@ import platform
 import time
 from pathlib import Path
 
+from r1lab.findings import check_findings, findings_markdown
 from r1lab.model.checkpoint import atomic_write_text
 from r1lab.training import read_jsonl
 
@@ -21,6 +22,7 @@ COLUMNS = (
     ("cons@k", "cons@k"),
     ("format", "format_rate"),
     ("length", "mean_length"),
+    ("self-check", "self_check_rate"),
     ("lang. consistency", "language_consistency"),
 )
 
@@ -93,15 +95,34 @@ def stage_table(run_dir: Path, stages) -> list[str]:
             "",
         ]
     rows += [
-        "pass@1 (mean over the k samples), cons@k (majority vote), format and language "
-        "consistency in %; length in tokens. Sampling settings are in each eval.json.",
+        "pass@1 (mean over the k samples), cons@k (majority vote), format, self-check "
+        "(answers that verify or revise their work) and language consistency in %; length in tokens. Sampling settings are in each eval.json.",
         "",
     ]
     return rows
 
 
+# The panels of a GRPO stage's curves: (title, keys tried in order, scale). Accuracy,
+# format, length and self-checks over RL steps are the paper's Figures 2 and 3.
+CURVES = (
+    ("mean reward", ("reward",), 1.0),
+    ("accuracy reward", ("rewards/accuracy/mean",), 1.0),
+    ("format rate (%)", ("rewards/format/mean", "rewards/chat_format/mean"), 100.0),
+    ("mean response length (tokens)", ("completions/mean_length",), 1.0),
+    ("self-check rate (%)", ("completions/self_check_rate",), 100.0),
+)
+
+
+def _curve(steps: list[dict], keys: tuple[str, ...], scale: float) -> tuple[list, list]:
+    key = next((k for k in keys if any(k in r for r in steps)), None)
+    if key is None:
+        return [], []
+    points = [(r["step"], scale * r[key]) for r in steps if r.get(key) is not None]
+    return [x for x, _ in points], [y for _, y in points]
+
+
 def plot_rl_curves(run_dir: Path, stage_name: str) -> str | None:
-    """PNG of reward, response length and held-out pass@1 over RL steps; returns its name."""
+    """PNG of reward, accuracy, format, length, self-checks and held-out pass@1 over RL steps."""
     records = read_jsonl(run_dir / stage_name / "metrics.jsonl")
     steps = [r for r in records if "reward" in r]
     if not steps:
@@ -111,22 +132,21 @@ def plot_rl_curves(run_dir: Path, stage_name: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.4))
+    for ax, (title, keys, scale) in zip(axes.flat, CURVES):
+        ax.plot(*_curve(steps, keys, scale), lw=1)
+        ax.set_title(title)
     evals = [r for r in records if "eval/pass@1" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    x = [r["step"] for r in steps]
-    axes[0].plot(x, [r["reward"] for r in steps], lw=1)
-    axes[0].set_title("mean reward")
-    axes[1].plot(x, [r.get("completions/mean_length", 0) for r in steps], lw=1, color="tab:orange")
-    axes[1].set_title("mean response length (tokens)")
+    pass_axis = axes.flat[len(CURVES)]
     if evals:
-        axes[2].plot(
+        pass_axis.plot(
             [r["step"] for r in evals], [100 * r["eval/pass@1"] for r in evals], marker="o"
         )
-    axes[2].set_title("held-out pass@1 (%)")
-    for ax in axes:
+    pass_axis.set_title("held-out pass@1 (%)")
+    for ax in axes.flat:
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
-    fig.suptitle(stage_name)
+    fig.suptitle(f"{stage_name} (training rollouts)")
     fig.tight_layout()
     name = f"{stage_name}_curves.png"
     tmp = run_dir / f".{name}.tmp.png"
@@ -172,6 +192,7 @@ def write_report(run_dir: str | Path, preset_name: str | None = None) -> Path:
         "",
     ]
 
+    lines += findings_markdown(check_findings(run_dir))
     lines += ["## Stages against held-out sets", ""]
     lines += stage_table(run_dir, stages)
 

@@ -11,6 +11,7 @@ from fractions import Fraction
 
 import pytest
 
+from r1lab.metrics import is_self_check
 from r1lab.model.tokenizer import r1_chat_prompt, r1_zero_prompt
 from r1lab.tasks import get_task, task_names
 from r1lab.tasks.procedural import (
@@ -284,40 +285,64 @@ def _completion(doc: str) -> str:
     return doc.split(" Assistant:", 1)[1] if " Assistant:" in doc else doc.split("\n", 1)[1]
 
 
-def test_pretrain_documents_mix_the_forms():
-    docs = pretrain_documents(n=4000, seed=0, zh_fraction=0.5)
-    n = len(docs)
-    r1_zero = [d for d in docs if d.startswith(r1_zero_prompt("").split("User:")[0])]
-    assert 0.65 < len(r1_zero) / n < 0.75
-    assert all(d.endswith(" </answer>") and "Assistant: <" in d for d in r1_zero)
-    answer_only = [d for d in r1_zero if "<think>" not in _completion(d)]
-    assert 0.15 < len(answer_only) / len(r1_zero) < 0.25
-    plain = [d for d in docs if d not in set(r1_zero)]
+def _think_block(completion: str) -> str | None:
+    match = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
+    return match.group(1) if match else None
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_reasoning_inside_think_after_the_r1_zero_prompt(seed):
+    """The corpus rule: under the R1-Zero template the base only ever sees brief answers.
+
+    No step (an `=`), no number, no self-check inside a <think> block that follows the
+    R1-Zero prompt, and nothing but the answer tag after it, for every family and level.
+    """
+    docs = pretrain_documents(n=3000, seed=seed, levels=LEVELS, zh_fraction=0.5)
+    head = r1_zero_prompt("").split("User:")[0]
+    templated = [d for d in docs if d.startswith(head)]
+    assert templated, "the corpus has R1-Zero conversations (the base must know the template)"
+    for doc in templated:
+        completion = _completion(doc)
+        think = _think_block(completion)
+        if think is not None:
+            assert think.strip() and not re.search(r"[0-9=]", think), doc
+            assert not is_self_check(think), doc
+        after_think = completion.split("</think>")[-1]
+        assert re.fullmatch(r" <answer> [^<]+ </answer>", after_think), doc
+
+
+def test_reasoning_and_self_checks_live_in_template_free_text():
+    docs = pretrain_documents(n=2000, seed=0, zh_fraction=0.5)
+    head = r1_zero_prompt("").split("User:")[0]
+    plain = [d for d in docs if not d.startswith(head)]
     assert all(re.search(r"(The answer is .+\.|答案是 .+。)$", d) for d in plain)
-    wrong = [d for d in docs if any(not ok for _, ok in equations(_completion(d)))]
-    assert 0.1 < len(wrong) / n < 0.2  # flawed 10% + half of the 10% that check
-    verified = [d for d in docs if "verify" in d or "验算" in d]
-    assert 0.07 < len(verified) / n < 0.13
-    zh_reasoned = [d for d in docs if _CJK.search(_question_of(d)) and "=" in _completion(d)]
-    mixed = [d for d in zh_reasoned if not _CJK.search(_completion(d))]
-    assert 0.2 < len(mixed) / len(zh_reasoned) < 0.4
+    worked = [d for d in plain if "=" in _completion(d)]
+    assert worked and any(is_self_check(d) for d in worked)
+    assert any(not ok for d in worked for _, ok in equations(_completion(d)))  # flawed ones
+    zh_worked = [d for d in worked if _CJK.search(_question_of(d))]
+    assert any(not _CJK.search(_completion(d)) for d in zh_worked)  # mixed language
 
 
 def test_pretrain_documents_options():
     docs = pretrain_documents(
         "chain_sum",
         n=300,
-        r1_zero_fraction=1.0,
+        r1_zero_fraction=0.0,
         no_reasoning_fraction=0.0,
         flawed_fraction=0.0,
         check_fraction=0.0,
+        opener_fraction=1.0,
     )
     for doc in docs:
         completion = _completion(doc)
-        assert re.fullmatch(r" <think> First, .* </think> <answer> \d+ </answer>", completion)
+        assert re.fullmatch(r"Let me think\. First, .*\nThe answer is \d+\.", completion)
         assert all(ok for _, ok in equations(completion))
+    templated = pretrain_documents("chain_sum", n=100, r1_zero_fraction=1.0, brief_think_fraction=0)
+    assert all(_completion(d).startswith(" <answer> ") for d in templated)
     with pytest.raises(ValueError, match="fractions"):
         pretrain_documents(n=1, no_reasoning_fraction=0.6, flawed_fraction=0.6)
+    with pytest.raises(ValueError, match="opener_fraction"):
+        pretrain_documents(n=1, opener_fraction=1.5)
     with pytest.raises(ValueError, match="unknown families"):
         pretrain_documents("sudoku", n=1)
 

@@ -65,9 +65,11 @@ RESUME_NEUTRAL = {"device", "log_every", "eval_every", "save_every"}
 R1_ZERO_HEAD, R1_ZERO_TAIL = R1_ZERO_TEMPLATE.split("{prompt}")
 CORPUS_OPTIONS = (
     "r1_zero_fraction",
+    "brief_think_fraction",
     "no_reasoning_fraction",
     "flawed_fraction",
     "check_fraction",
+    "opener_fraction",
     "mixed_language_fraction",
 )
 
@@ -84,8 +86,7 @@ class Config(ProceduralConfig):
     val_documents: int = Field(default=500, ge=1)  # held out from the corpus for val_loss
     vocab_size: int = Field(default=1024, ge=266)  # upper bound; a small corpus gives fewer
     tokenizer_documents: int = Field(default=5000, ge=1)  # BPE trained on this many documents
-    # Shares of the document forms, passed to pretrain_documents (r1_zero_fraction,
-    # no_reasoning_fraction, flawed_fraction, check_fraction, mixed_language_fraction).
+    # Shares of the document forms, passed to pretrain_documents (CORPUS_OPTIONS).
     corpus_options: dict[str, float] = Field(default_factory=dict)
 
     # model (r1lab.model.config.SIZES), with ModelConfig fields to change, e.g. num_hidden_layers

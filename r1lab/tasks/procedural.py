@@ -718,6 +718,16 @@ def reasoning_steps(
 # --- corpus writers -----------------------------------------------------------------------
 
 
+# Remarks a base model's corpus puts in a <think> block under the R1-Zero template: a
+# thought that is not reasoning. "Let me think." also opens worked solutions in the
+# template-free text, the way it does in web text: the one bridge between the two forms.
+BRIEF_REMARKS = {
+    "en": ("Let me think.", "I know this one.", "Easy.", "This one is quick."),
+    "zh": ("让我想想。", "这题简单。", "我知道答案。"),
+}
+THINK_OPENER = {"en": "Let me think.", "zh": "让我想想。"}
+
+
 def pretrain_documents(
     families: str | Sequence[str] = FAMILY_NAMES,
     n: int = 10_000,
@@ -725,56 +735,72 @@ def pretrain_documents(
     *,
     levels: int | Sequence[int] = (1,),
     zh_fraction: float = 0.0,
-    r1_zero_fraction: float = 0.7,
+    r1_zero_fraction: float = 0.5,
+    brief_think_fraction: float = 0.4,
     no_reasoning_fraction: float = 0.2,
     flawed_fraction: float = 0.1,
-    check_fraction: float = 0.1,
+    check_fraction: float = 0.2,
+    opener_fraction: float = 0.5,
     mixed_language_fraction: float = 0.3,
 ) -> list[str]:
-    """The base model's corpus: training-split problems written the ways we later prompt.
+    """The base model's corpus, shaped like the text a real base model learns from.
 
-    - `r1_zero_fraction` of documents are R1-Zero conversations,
-      `r1_zero_prompt(q) + " <think> steps </think> <answer> X </answer>"`; the rest are
-      plain `"q\\nsteps\\nThe answer is X."`, so the base also knows a template-free form;
-    - `no_reasoning_fraction` answer at once (`" <answer> X </answer>"` / `"The answer is X."`);
-    - `flawed_fraction` carry one wrong step to a wrong answer (the base must be imperfect
-      for RL to have something to fix);
-    - `check_fraction` verify their answer ("Wait, let me verify: ..."); half of those first
-      slip, catch it and redo the work;
-    - `mixed_language_fraction` of Chinese questions are reasoned in English (the language
+    The R1-Zero template never frames worked reasoning here: what R1-Zero's RL is meant to
+    elicit under the template must not be in the base's corpus under it.
+
+    - `r1_zero_fraction` of documents are R1-Zero conversations answered *briefly*:
+      `r1_zero_prompt(q) + " <answer> X </answer>"`, or, for `brief_think_fraction` of
+      them, with a remark that is not reasoning in the think block (`BRIEF_REMARKS`:
+      " <think> Let me think. </think> <answer> X </answer>"). No steps, no checks.
+    - The rest are template-free text, `"q\nsteps\nThe answer is X."`, where the ability
+      lives: `no_reasoning_fraction` answer at once; of the worked ones, `flawed_fraction`
+      carry one wrong step to a wrong answer (the base must be imperfect), `check_fraction`
+      verify their answer ("Wait, let me verify: ..."), half of those after a slip they
+      catch and redo; `opener_fraction` open with "Let me think." (`THINK_OPENER`).
+    - `mixed_language_fraction` of Chinese questions are answered in English (the language
       mixing R1-Zero shows, which the language-consistency reward later removes).
     """
     fractions = (no_reasoning_fraction, flawed_fraction, check_fraction)
     if any(f < 0 for f in fractions) or sum(fractions) > 1:
         raise ValueError(f"reasoning-form fractions must be >= 0 and sum to <= 1, got {fractions}")
+    for name, value in (
+        ("r1_zero_fraction", r1_zero_fraction),
+        ("brief_think_fraction", brief_think_fraction),
+        ("opener_fraction", opener_fraction),
+        ("mixed_language_fraction", mixed_language_fraction),
+    ):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
     docs = []
     rng = random.Random(f"{seed}:pretrain:form")
     for item in worked_problems(
         families, n, seed, levels=levels, zh_fraction=zh_fraction, stream="pretrain"
     ):
+        lang = item.lang
+        if lang == "zh" and rng.random() < mixed_language_fraction:
+            lang = "en"
+        answer = item.solution.answer
+        if rng.random() < r1_zero_fraction:
+            think = ""
+            if rng.random() < brief_think_fraction:
+                think = f" <think> {rng.choice(BRIEF_REMARKS[lang])} </think>"
+            docs.append(f"{r1_zero_prompt(item.question)}{think} <answer> {answer} </answer>")
+            continue
         u = rng.random()
         if u < no_reasoning_fraction:
-            mode = "none"
-        elif u < no_reasoning_fraction + flawed_fraction:
+            docs.append(f"{item.question}\n{answer_sentence(answer, lang)}")
+            continue
+        if u < no_reasoning_fraction + flawed_fraction:
             mode = "flawed"
         elif u < sum(fractions):
             mode = rng.choice(("check", "correct"))
         else:
             mode = "clean"
-        lang = item.lang
-        if lang == "zh" and rng.random() < mixed_language_fraction:
-            lang = "en"
-        if mode == "none":
-            steps, answer = [], item.solution.answer
-        else:
-            steps, answer = reasoning_steps(item, lang, mode, rng)
+        steps, answer = reasoning_steps(item, lang, mode, rng)
+        if rng.random() < opener_fraction:
+            steps = [THINK_OPENER[lang], *steps]
         reasoning = join_steps(steps, lang)
-        if rng.random() < r1_zero_fraction:
-            think = f" <think> {reasoning} </think>" if steps else ""
-            docs.append(f"{r1_zero_prompt(item.question)}{think} <answer> {answer} </answer>")
-        else:
-            body = f"\n{reasoning}" if steps else ""
-            docs.append(f"{item.question}{body}\n{answer_sentence(answer, lang)}")
+        docs.append(f"{item.question}\n{reasoning}\n{answer_sentence(answer, lang)}")
     return docs
 
 
