@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from r1lab.engine import fast_generate, fast_train
+from r1lab.engine import fallbacks, fast_generate, fast_train
+from r1lab.engine.decode_ops import TritonOps
 from r1lab.engine.generate import SamplingParams, sample
 from r1lab.engine.logprobs import token_logprobs
 from r1lab.model.config import ModelConfig
@@ -162,6 +163,56 @@ def test_top_k_restricts_support(device):
     with torch.no_grad():
         top3 = model(torch.tensor([[1, 2, 3]], device=device))[0, -1].topk(3).indices.tolist()
     assert {c.token_ids[0] for c in out} <= set(top3)
+
+
+# Qwen2.5-0.5B and -1.5B widths, as in benchmarks/grpo_step.py's SHAPES (full vocabulary,
+# tied embeddings, no stop token), but two layers deep so the test is quick.
+BENCHMARK_SHAPES = {
+    "0.5b": dict(hidden=896, ffn=4864, heads=14, kv=2),
+    "1.5b": dict(hidden=1536, ffn=8960, heads=12, kv=2),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(BENCHMARK_SHAPES))
+def test_fast_decode_taken_on_benchmark_shapes(shape):
+    """The benchmark's shapes go through the engine with its Triton kernels and CUDA graph:
+    a decline (a failed check, a missing kernel, a fallback to torch ops) fails here
+    instead of quietly slowing every rollout down."""
+    cuda_only()
+    dims = BENCHMARK_SHAPES[shape]
+    cfg = ModelConfig(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=dims["hidden"],
+        intermediate_size=dims["ffn"],
+        num_hidden_layers=2,
+        num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv"],
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=None,
+        pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg).to("cuda")  # fp32 master weights, as the benchmark trains
+    fallbacks.forget()
+    prompts = random_prompts(4, cfg.vocab_size, lo=16, hi=17)
+    for params in (
+        SamplingParams(temperature=1.0, max_new_tokens=8, n=4, seed=0),  # the rollout
+        SamplingParams(temperature=0, max_new_tokens=8),  # evaluation
+    ):
+        assert fast_generate.why_not(model, params) is None
+        out = sample(model, prompts, params)
+        assert len(out) == len(prompts) * params.n
+        engine = fast_generate.engine_of(model)
+        assert engine is not None, "sample() did not go through the engine"
+        assert isinstance(engine.ops, TritonOps), "the engine fell back to torch ops"
+        assert engine.use_graphs and engine.graphs, "the decode step was not graph-captured"
+        assert fast_generate.last_stats()["decode_steps"] == params.max_new_tokens
+    assert fallbacks.declines() == {}
+    fast_generate.release(model)
 
 
 # ---- the training path ---------------------------------------------------------------------------

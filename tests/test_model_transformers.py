@@ -14,7 +14,7 @@ import torch
 
 from r1lab.model.checkpoint import load_model, save_model
 from r1lab.model.config import ModelConfig
-from r1lab.model.transformer import rope_inv_freq
+from r1lab.model.transformer import apply_rope, rms_norm, rope_inv_freq, rope_tables
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -276,3 +276,24 @@ def test_packed_matches_transformers(hf_folder):
         packed = ours(ids, position_ids=positions)
         assert max_diff(packed[:, :7], logits_hf(hf, ids[:, :7])) < TOL
         assert max_diff(packed[:, 7:], logits_hf(hf, ids[:, 7:])) < TOL
+
+
+def test_shared_decoder_math_matches_transformers():
+    """The plain functions the model and the fast paths share (RoPE on half tables, RMSNorm)
+    against transformers' own, on bf16 inputs, to the bit."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 16, generator=g).bfloat16()  # (B, heads, T, D)
+    k = torch.randn(2, 2, 7, 16, generator=g).bfloat16()
+    positions = torch.randint(0, 500, (2, 7), generator=g)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    cos, sin = rope_tables(positions, inv_freq)  # (B, T, D/2)
+    full_cos, full_sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    hf_q, hf_k = apply_rotary_pos_emb(q.float(), k.float(), full_cos, full_sin)
+    assert torch.equal(apply_rope(q, cos[:, None], sin[:, None]), hf_q.to(q.dtype))
+    assert torch.equal(apply_rope(k, cos[:, None], sin[:, None]), hf_k.to(k.dtype))
+    norm = LlamaRMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+    assert torch.equal(rms_norm(q, norm.weight, 1e-6), norm(q))

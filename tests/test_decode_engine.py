@@ -1,0 +1,115 @@
+"""The decode engine's logic on the CPU (its torch ops, no graph), and how the fast path
+says it declines. The kernels themselves are held to the reference in test_gpu_engine.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from r1lab.engine import fallbacks, fast_generate
+from r1lab.engine.decode_ops import TorchOps
+from r1lab.engine.generate import SamplingParams, sample_without_cache
+from r1lab.model.config import ModelConfig
+from r1lab.model.transformer import Transformer
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15], [20, 21, 22, 23]]
+CPU_ENGINE = {"dtype": torch.float32, "use_triton": False, "use_graphs": False}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        model_type="qwen2",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    m = Transformer(cfg)
+    with torch.no_grad():  # peaked logits: few greedy near-ties, the stop token does come up
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return m.eval()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engines_and_declines(model):
+    fallbacks.forget()
+    yield
+    fast_generate.release(model)
+    fallbacks.forget()
+
+
+def test_engine_torch_ops_greedy_equal_reference(model):
+    """Prefill, the cache copied to the group's rows, stops, and the step's torch ops give
+    the reference's greedy tokens, stop reasons and log-probs."""
+    params = SamplingParams(temperature=0, max_new_tokens=12, n=2)
+    fast = fast_generate.fast_sample(model, PROMPTS, params, max_batch_size=4, **CPU_ENGINE)
+    assert isinstance(fast_generate.engine_of(model).ops, TorchOps)
+    slow = sample_without_cache(model, PROMPTS, params)
+    assert any(c.finish_reason == "stop" for c in slow)
+    assert [c.prompt_index for c in fast] == [c.prompt_index for c in slow]
+    for a, b in zip(slow, fast):
+        assert b.token_ids == a.token_ids
+        assert b.finish_reason == a.finish_reason
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
+    sorted_p, order = probs.sort(descending=True)
+    keep = sorted_p.cumsum(0) - sorted_p <= top_p
+    return set(order[keep].tolist())
+
+
+def test_top_p_nucleus_is_taken_under_the_temperature(model):
+    """As in the reference sampler, the nucleus is that of softmax(logits / T), not of
+    softmax(logits): at T < 1 it is smaller."""
+    prompt, temperature, top_p = [5, 9, 17, 33], 0.5, 0.7
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0, -1].float()
+    tempered = _nucleus(torch.softmax(logits / temperature, -1), top_p)
+    untempered = _nucleus(torch.softmax(logits, -1), top_p)
+    assert tempered < untempered  # otherwise this test could not tell the two apart
+    params = SamplingParams(temperature, top_p=top_p, max_new_tokens=1, n=512, seed=4)
+    out = fast_generate.fast_sample(model, [prompt], params, **CPU_ENGINE)
+    assert {c.token_ids[0] for c in out} <= tempered
+
+
+def test_declining_is_logged_once_per_reason(model, caplog, monkeypatch):
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    with caplog.at_level(logging.WARNING, logger="r1lab.engine"):
+        for _ in range(3):
+            assert not fast_generate.applicable(model, params)
+        monkeypatch.setenv("R1LAB_FAST_SAMPLER", "0")
+        assert not fast_generate.applicable(model, params)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "not CUDA" in lines[0] and "R1LAB_FAST_SAMPLER=0" in lines[1]
+    counts = fallbacks.declines("fast decode")
+    assert sorted(counts.values()) == [1, 3]
+
+
+def test_head_dim_and_stop_token_reasons(model, monkeypatch):
+    """The checks past the device and Triton ones, on a stand-in for a CUDA model."""
+
+    class OnCuda:
+        def __init__(self, config):
+            self.config, self.device = config, torch.device("cuda")
+
+    monkeypatch.setattr(fast_generate, "HAS_TRITON", True)
+    cfg = dataclasses.replace(model.config, hidden_size=128, head_dim=32)
+    assert fast_generate.why_not(OnCuda(cfg), SamplingParams()) is None
+    odd = dataclasses.replace(cfg, hidden_size=192, head_dim=48)
+    assert "head_dim 48" in fast_generate.why_not(OnCuda(odd), SamplingParams())
+    many = SamplingParams(stop_token_ids=tuple(range(40, 60)))
+    assert "21 stop tokens" in fast_generate.why_not(OnCuda(cfg), many)  # 20 + the EOS
