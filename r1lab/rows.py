@@ -1,7 +1,9 @@
 """Reading dataset files: jsonl / json / parquet rows, each with where it came from.
 
 One reader for every stage and task, so a bad file gets the same clear error everywhere:
-it names the file, the line (or row) and, from the caller, the field.
+it names the file, the line (or row) and, from the caller, the field. The run logs
+(metrics.jsonl, samples.jsonl) are read by the same parser (`read_jsonl`), and Hugging Face
+hub datasets by `read_hub_rows`, which labels its rows the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +40,37 @@ def read_rows(path: str | Path) -> list[Row]:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty)")
+    return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a run log such as metrics.jsonl; a missing or empty file has none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [fields for _, fields in _read_json(path)]
+
+
+def read_hub_rows(
+    hub_id: str, config: str | None = None, split: str = "train", needed_by: str = ""
+) -> list[Row]:
+    """Rows of a Hugging Face hub dataset split (needs the optional `datasets` package).
+
+    `needed_by` names what asked for the dataset, for the message when `datasets` is missing.
+    """
+    try:
+        import datasets
+    except ImportError as e:
+        who = f"{needed_by} loads" if needed_by else "loading"
+        raise ImportError(
+            f"{who} {hub_id} from the Hugging Face hub, which needs the `datasets` package: "
+            "pip install 'r1lab[hub]' (or pip install datasets), or pass a local "
+            ".jsonl/.parquet file"
+        ) from e
+    ds = datasets.load_dataset(hub_id, config, split=split)
+    rows = [(f"{hub_id} (split {split}) row {i}", dict(r)) for i, r in enumerate(ds, 1)]
+    if not rows:
+        raise DataError(f"{hub_id} (split {split}): no rows")
     return rows
 
 

@@ -11,7 +11,7 @@ import math
 import os
 import random
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -24,6 +24,10 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+# One definition each, imported from here by the stages that predate their modules.
+from r1lab.model.checkpoint import atomic_write_text, resolve_model_dir  # noqa: E402,F401
+from r1lab.rows import read_jsonl  # noqa: E402,F401
 
 console = Console(stderr=True)
 DONE_FILE = "DONE"
@@ -54,19 +58,32 @@ def set_cpu_threads() -> None:
 
 # ---- optimisation -----------------------------------------------------------------------------
 def make_optimizer(
-    model: torch.nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas=(0.9, 0.95),
+    eps: float = 1e-8,
 ) -> torch.optim.AdamW:
     """AdamW; norms, biases and embeddings-as-vectors (1-D tensors) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
-def lr_at(step: int, total_steps: int, peak_lr: float, warmup_steps: int = 0, min_ratio: float = 0.1,
-          schedule: str = "cosine") -> float:
+def lr_at(
+    step: int,
+    total_steps: int,
+    peak_lr: float,
+    warmup_steps: int = 0,
+    min_ratio: float = 0.1,
+    schedule: str = "cosine",
+) -> float:
     """Linear warmup, then cosine (or constant) decay to `min_ratio * peak_lr` at `total_steps`."""
     if warmup_steps and step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
@@ -81,6 +98,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def autocast_for(device: str, dtype: torch.dtype):
+    """bf16 autocast over fp32 weights when a low-precision dtype is asked for, else nothing."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
+
+
 def clip_grad(model: torch.nn.Module, max_norm: float) -> float:
     """Clip (when max_norm > 0) and return the pre-clip gradient norm."""
     params = [p for p in model.parameters() if p.grad is not None]
@@ -90,56 +114,7 @@ def clip_grad(model: torch.nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
-# ---- packing ----------------------------------------------------------------------------------
-def pack_sequences(
-    token_lists: list[list[int]], seq_len: int, loss_masks: list[list[int]] | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pack documents end to end into rows of `seq_len` tokens.
-
-    Returns (input_ids, position_ids, loss_mask), each (rows, seq_len). Positions restart at
-    0 for every document so attention stays inside it; a document longer than a row is cut
-    at the row boundary and continues in the next row as a new document. The tail of the
-    last row is padding with loss mask 0.
-    """
-    ids_rows, pos_rows, mask_rows = [], [], []
-    cur_ids: list[int] = []
-    cur_pos: list[int] = []
-    cur_mask: list[int] = []
-    for i, doc in enumerate(token_lists):
-        mask = loss_masks[i] if loss_masks is not None else [1] * len(doc)
-        start = 0
-        while start < len(doc):
-            room = seq_len - len(cur_ids)
-            piece = doc[start : start + room]
-            cur_ids += piece
-            cur_pos += list(range(len(piece)))
-            piece_mask = list(mask[start : start + room])
-            if piece_mask:
-                piece_mask[0] = 0  # the first token of a piece has no prediction target inside it
-            cur_mask += piece_mask
-            start += len(piece)
-            if len(cur_ids) == seq_len:
-                ids_rows.append(cur_ids)
-                pos_rows.append(cur_pos)
-                mask_rows.append(cur_mask)
-                cur_ids, cur_pos, cur_mask = [], [], []
-    if cur_ids:
-        pad = seq_len - len(cur_ids)
-        ids_rows.append(cur_ids + [0] * pad)
-        pos_rows.append(cur_pos + list(range(pad)))
-        mask_rows.append(cur_mask + [0] * pad)
-    return torch.tensor(ids_rows), torch.tensor(pos_rows), torch.tensor(mask_rows)
-
-
 # ---- run directories --------------------------------------------------------------------------
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model folder, or a stage run dir whose `model/` holds the model."""
-    path = Path(path)
-    if (path / "model" / "config.json").exists():
-        return path / "model"
-    return path
-
-
 def is_done(stage_dir: str | Path, fingerprint: str | None = None) -> bool:
     marker = Path(stage_dir) / DONE_FILE
     if not marker.exists():
@@ -148,8 +123,6 @@ def is_done(stage_dir: str | Path, fingerprint: str | None = None) -> bool:
 
 
 def mark_done(stage_dir: str | Path, fingerprint: str, **info) -> None:
-    from r1lab.model.checkpoint import atomic_write_text
-
     record = {"fingerprint": fingerprint, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
     atomic_write_text(Path(stage_dir) / DONE_FILE, json.dumps(record, indent=2))
 
@@ -162,8 +135,11 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             # Drop records past the checkpoint we resume from: they will be produced again.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) < resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", -1) < resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -172,13 +148,6 @@ class MetricsLog:
         clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @contextmanager
@@ -193,7 +162,12 @@ def progress_bar(description: str, total: int | None):
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     ]
-    with Progress(*columns, console=console, transient=False, disable=os.environ.get("R1LAB_NO_PROGRESS") == "1") as bar:
+    with Progress(
+        *columns,
+        console=console,
+        transient=False,
+        disable=os.environ.get("R1LAB_NO_PROGRESS") == "1",
+    ) as bar:
         task = bar.add_task(description, total=total, info="")
 
         def advance(n: int = 1, info: str = "") -> None:

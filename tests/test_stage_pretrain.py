@@ -12,10 +12,11 @@ from r1lab.model.checkpoint import load_model, save_model
 from r1lab.model.config import config_for_size
 from r1lab.model.tokenizer import load_tokenizer, r1_zero_prompt, train_tokenizer
 from r1lab.model.transformer import Transformer
-from r1lab.stages import pretrain
-from r1lab.stages.data import pack_rows
+from r1lab.rows import read_jsonl
+from r1lab.stages import pretrain, supervised
+from r1lab.stages.packing import pack_rows
 from r1lab.stages.pretrain import encode_documents, split_prompt
-from r1lab.training import is_done, read_jsonl
+from r1lab.training import is_done
 
 # A few seconds on a CPU: 240 short documents, a few thousand parameters, 12 steps.
 MICRO = dict(
@@ -85,7 +86,7 @@ def test_a_finished_run_is_reused_without_training(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished stage trained again")
 
-    monkeypatch.setattr(pretrain, "train_step", no_training)
+    monkeypatch.setattr(supervised, "train_step", no_training)
     again = pretrain.run(micro_config(max_steps=2), out)
     assert again["val_loss"] == first["val_loss"] and again["steps"] == 2
 
@@ -97,19 +98,19 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one
     pretrain.run(micro_config(), straight)
 
     out = tmp_path / "killed"
-    real_save = pretrain.save_checkpoint
+    real_save = supervised.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise Killed
 
-    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(supervised, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         pretrain.run(micro_config(), out)
     assert not (out / "DONE").exists()
     assert json.loads((out / "state" / "trainer_state.json").read_text())["step"] == 6
 
-    monkeypatch.setattr(pretrain, "save_checkpoint", real_save)
+    monkeypatch.setattr(supervised, "save_checkpoint", real_save)
     summary = pretrain.run(micro_config(), out)
     assert summary["resumed_from"] == 6 and summary["steps"] == 12
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
@@ -122,16 +123,16 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one
 
 def test_resuming_with_other_settings_is_refused(tmp_path, monkeypatch):
     out = tmp_path / "pretrain"
-    real_save = pretrain.save_checkpoint
+    real_save = supervised.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise Killed
 
-    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(supervised, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         pretrain.run(micro_config(), out)
-    monkeypatch.setattr(pretrain, "save_checkpoint", real_save)
+    monkeypatch.setattr(supervised, "save_checkpoint", real_save)
     with pytest.raises(ConfigError, match="lr"):
         pretrain.run(micro_config(lr=1e-3), out)
     summary = pretrain.run(micro_config(lr=1e-3, max_steps=2), out, resume=False)

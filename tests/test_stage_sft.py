@@ -14,10 +14,13 @@ from r1lab.model.checkpoint import load_model, save_model
 from r1lab.model.config import config_for_size
 from r1lab.model.tokenizer import load_tokenizer, r1_chat_prompt, train_tokenizer
 from r1lab.model.transformer import Transformer
-from r1lab.stages import sft
-from r1lab.stages.data import DataError, masked_nll, mix_sources, pack_rows, tokenize_examples
+from r1lab.rows import DataError, read_jsonl
+from r1lab.stages import sft, supervised
+from r1lab.stages.data import mix_sources
+from r1lab.stages.lm_loss import masked_nll
+from r1lab.stages.packing import pack_rows, tokenize_examples
 from r1lab.tasks.procedural import cold_start_examples
-from r1lab.training import is_done, read_jsonl
+from r1lab.training import is_done
 
 ROWS = [
     {
@@ -118,23 +121,23 @@ def test_sft_learns_the_responses_and_is_reused_when_done(base, tmp_path, monkey
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, summary["steps"] + 1))
 
-    monkeypatch.setattr(sft, "train_step", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(supervised, "train_step", lambda *a, **k: pytest.fail("trained again"))
     assert sft.run(micro_config(base), out)["val_loss"] == summary["val_loss"]
 
 
 def test_killed_sft_resumes_where_it_stopped(base, tmp_path, monkeypatch):
     straight = sft.run(micro_config(base), tmp_path / "straight")
     out = tmp_path / "killed"
-    real_save = sft.save_checkpoint
+    real_save = supervised.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         real_save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sft, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(supervised, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         sft.run(micro_config(base), out)
-    monkeypatch.setattr(sft, "save_checkpoint", real_save)
+    monkeypatch.setattr(supervised, "save_checkpoint", real_save)
     resumed = sft.run(micro_config(base), out)
     assert resumed["resumed_from"] == 10 and resumed["steps"] == straight["steps"]
     assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-5)
@@ -167,17 +170,17 @@ def test_mixture_weights_set_each_source_share():
     [
         (
             '{"prompt": "p", "response": "r"}\n{"prompt": "p", "response": \n',
-            r"data\.jsonl, line 2: not valid JSON",
+            r"data\.jsonl line 2: invalid JSON",
         ),
         (
             '{"prompt": "p", "response": "r"}\n\n{"prompt": "p"}\n',
-            r"data\.jsonl, line 3: missing field 'response'",
+            r"data\.jsonl line 3: missing field 'response'",
         ),
-        ('{"response": "r"}\n', r"data\.jsonl, line 1: missing field 'prompt'"),
+        ('{"response": "r"}\n', r"data\.jsonl line 1: missing field 'prompt'"),
         ('{"prompt": "p", "response": 5}\n', r"line 1: field 'response' must be a string"),
         ('{"prompt": "p", "response": "  "}\n', r"line 1: field 'response' is empty"),
-        ('["p", "r"]\n', r"line 1: expected an object"),
-        ("", r"data\.jsonl: no examples \(the file is empty\)"),
+        ('["p", "r"]\n', r"line 1: expected a JSON object"),
+        ("", r"data\.jsonl: no rows \(the file is empty\)"),
     ],
 )
 def test_bad_data_names_file_line_and_field_and_writes_nothing(base, tmp_path, text, message):

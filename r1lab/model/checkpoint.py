@@ -325,7 +325,14 @@ def _download(repo_id: str) -> Path:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A local model folder for `path`: the folder itself, its aside copy, or a Hub download."""
+    """The local model folder `path` names, whichever of these it is:
+
+    a model folder; a stage run dir (its `model/`); a folder missing since a killed save
+    (the copy left aside); or a Hugging Face Hub id (downloaded once, then cached).
+    """
+    in_run_dir = resolve_dir(Path(path) / "model")
+    if (in_run_dir / CONFIG_NAME).exists():
+        return in_run_dir
     local = resolve_dir(path)
     if local.is_dir():
         if local != Path(path):

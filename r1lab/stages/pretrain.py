@@ -24,44 +24,32 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from r1lab.config import resolve_device, resolve_dtype, write_config
+from r1lab.model.checkpoint import resolve_model_dir
 from r1lab.model.config import SIZES, ModelConfig, config_for_size
 from r1lab.model.tokenizer import R1_ZERO_TEMPLATE, load_tokenizer, train_tokenizer
 from r1lab.model.transformer import Transformer
-from r1lab.stages.data import (
-    Budget,
-    Clock,
-    ProceduralConfig,
-    RowSampler,
-    autocast_for,
-    check_resumable,
-    encode_prompts_batched,
-    eval_loss,
-    find_model,
-    pack_rows,
-    restore_checkpoint,
-    rows_fingerprint,
-    save_checkpoint,
-    saved_state,
-    train_step,
+from r1lab.stages.data import ProceduralConfig
+from r1lab.stages.packing import encode_prompts_batched, pack_rows
+from r1lab.stages.supervised import (
+    SUPERVISED_RESUME_NEUTRAL,
+    SupervisedJob,
+    open_checkpoint,
+    train,
 )
 from r1lab.tasks.procedural import pretrain_documents
 from r1lab.training import (
     DONE_FILE,
-    MetricsLog,
+    autocast_for,
     console,
     is_done,
-    lr_at,
-    make_optimizer,
     mark_done,
-    progress_bar,
     set_cpu_threads,
-    set_lr,
     set_seed,
 )
 
 STAGE = "pretrain"
-# Settings that may change between an interrupted run and its resume.
-RESUME_NEUTRAL = {"device", "log_every", "eval_every", "save_every"}
+# Settings that may change between an interrupted run and its resume (r1lab.rundir).
+RESUME_NEUTRAL = SUPERVISED_RESUME_NEUTRAL
 R1_ZERO_HEAD, R1_ZERO_TAIL = R1_ZERO_TEMPLATE.split("{prompt}")
 CORPUS_OPTIONS = (
     "r1_zero_fraction",
@@ -227,7 +215,7 @@ def take_base(cfg: Config, out: Path) -> dict:
     A link, not a copy: a real base model is gigabytes, and later stages only read it.
     Where links are not allowed, the folder is copied.
     """
-    folder = find_model(cfg.init_from).resolve()
+    folder = resolve_model_dir(cfg.init_from).resolve()
     model_cfg = ModelConfig.from_file(folder / "config.json")
     load_tokenizer(folder)  # fail here, not three stages later, if it has none
     out.mkdir(parents=True, exist_ok=True)
@@ -259,12 +247,6 @@ def take_base(cfg: Config, out: Path) -> dict:
 
 
 # ---- the stage ---------------------------------------------------------------------------------
-def scheduled_lr(cfg: Config, budget: Budget, step: int, elapsed: float) -> float:
-    """Warmup, then cosine to min_lr_ratio over the budget's progress (steps or time)."""
-    position = max(step, budget.progress(step, elapsed) * cfg.max_steps)
-    return lr_at(position, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-
-
 def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     """Train (or take) the base model into `out_dir/model`; returns the stage summary."""
     out = Path(out_dir)
@@ -274,16 +256,12 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     if cfg.init_from:
         return take_base(cfg, out)
 
-    clock_start = time.perf_counter()
+    started = time.perf_counter()
     set_cpu_threads()
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    autocast = autocast_for(device, dtype)
-    settings = cfg.model_dump(mode="json")
-    record = saved_state(out) if resume else None
-    if record is not None:
-        check_resumable(STAGE, out, record, settings, RESUME_NEUTRAL)
+    record = open_checkpoint(STAGE, cfg, out, resume, RESUME_NEUTRAL)
 
     # corpus and tokenizer (a resumed run keeps the tokenizer it saved)
     docs = build_corpus(cfg)
@@ -291,135 +269,40 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         tokenizer = load_tokenizer(out / "model")
     else:
         tokenizer = train_tokenizer(docs[: cfg.tokenizer_documents], cfg.vocab_size)
-    pad_id = tokenizer.pad_token_id
-    train_rows, val_rows = encode_corpus(docs, tokenizer, cfg, pad_id)
-    data_hash = rows_fingerprint(*train_rows)
+    train_rows, val_rows = encode_corpus(docs, tokenizer, cfg, tokenizer.pad_token_id)
 
-    # model and optimizer
     model = build_model(cfg, tokenizer).to(device)
-    model.train()
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
-    step, position, extra = 0, {"epoch": 0, "offset": 0}, {}
-    resumed_from = None
-    if record is not None:
-        info = restore_checkpoint(out, model, optimizer)
-        step, position, extra = info["step"], info["data_position"], info["extra"]
-        if extra.get("data_hash") != data_hash:
-            raise RuntimeError(f"pretrain: the corpus differs from the one {out} was trained on")
-        console.print(f"pretrain: resuming {out} after step {step}")
-        resumed_from = step
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in (out / DONE_FILE, out / "state"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-    write_config(cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step + 1 if record else None)
-
-    initial_val, eval_s = extra.get("initial_val_loss"), extra.get("eval_s", 0.0)
-    if initial_val is None:
-        t0 = time.perf_counter()
-        initial_val = eval_loss(model, val_rows, cfg.batch_size, device, autocast)
-        eval_s = time.perf_counter() - t0
-    # max_minutes covers the whole stage: the setup so far, the loop, and a final validation.
-    setup_s = extra.get("setup_s", time.perf_counter() - clock_start)
-    loop_s = max(0.0, cfg.max_minutes * 60 - setup_s - eval_s) if cfg.max_minutes else None
-    budget = Budget(cfg.max_steps, loop_s)
     n_params = model.num_parameters()
-    console.print(
-        f"pretrain: {n_params:,} parameters ({cfg.size}), vocabulary {len(tokenizer)}, "
-        f"{len(train_rows[0])} rows x {cfg.seq_len} tokens ({len(docs):,} documents), "
-        f"setup {setup_s:.1f}s, device {device}"
+    job = SupervisedJob(
+        stage=STAGE,
+        cfg=cfg,
+        out=out,
+        model=model,
+        tokenizer=tokenizer,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        total_steps=cfg.max_steps,
+        record=record,
+        device=device,
+        autocast=autocast_for(device, dtype),
+        started=started,
+        describe=f"{n_params:,} parameters ({cfg.size}), vocabulary {len(tokenizer)}, "
+        f"{len(docs):,} documents",
     )
-    sampler = RowSampler(len(train_rows[0]), cfg.batch_size, cfg.seed, **position)
-    clock = Clock(extra.get("train_s", 0.0))
-    tokens = extra.get("tokens", 0)
-    val_loss = extra.get("val_loss")
-    recent: list[float] = []
-    session_tokens, session_start = 0, time.perf_counter()
-
-    def state_extra() -> dict:
-        return {
-            "config": settings,
-            "data_hash": data_hash,
-            "setup_s": setup_s,
-            "eval_s": eval_s,
-            "train_s": clock.elapsed(),
-            "tokens": tokens,
-            "val_loss": val_loss,
-            "initial_val_loss": initial_val,
-        }
-
-    def checkpoint() -> None:
-        save_checkpoint(out, model, optimizer, tokenizer, step, sampler.position(), state_extra())
-
-    shown = 0
-    with progress_bar("pretrain", 1000) as advance:
-        while (stop := budget.stop_reason(step, clock.elapsed())) is None:
-            t0 = time.perf_counter()
-            lr = scheduled_lr(cfg, budget, step, clock.elapsed())
-            set_lr(optimizer, lr)
-            rows = sampler.next_batch()
-            batch = [t[rows].to(device) for t in train_rows]
-            loss, grad_norm = train_step(
-                model, optimizer, batch, cfg.micro_batch_size, cfg.grad_clip, autocast
-            )
-            step += 1
-            n_tokens = batch[0].numel()
-            tokens, session_tokens = tokens + n_tokens, session_tokens + n_tokens
-            recent = (recent + [loss])[-20:]
-            step_time = time.perf_counter() - t0
-            metrics = {
-                "step": step,
-                "loss": loss,
-                "learning_rate": lr,
-                "grad_norm": grad_norm,
-                "step_time": step_time,
-                "train/tokens_per_s": n_tokens / step_time,
-                "tokens": tokens,
-                "elapsed_s": clock.elapsed(),
-            }
-            if step % cfg.eval_every == 0:
-                val_loss = metrics["val_loss"] = eval_loss(
-                    model, val_rows, cfg.batch_size, device, autocast
-                )
-            log.write(metrics)
-            rate = session_tokens / (time.perf_counter() - session_start)
-            info = f"step {step} loss {sum(recent) / len(recent):.3f} {rate / 1000:.1f}k tok/s"
-            if step % cfg.log_every == 0:
-                val = f" val {val_loss:.3f}" if val_loss is not None else ""
-                console.print(
-                    f"pretrain step {step}: loss {loss:.4f}{val} lr {lr:.2e} "
-                    f"grad {grad_norm:.2f} {rate:.0f} tok/s {clock.elapsed():.0f}s"
-                )
-            now = round(1000 * budget.progress(step, clock.elapsed()))
-            advance(now - shown, info=info)
-            shown = now
-            if step % cfg.save_every == 0:
-                checkpoint()
-
-    val_loss = eval_loss(model, val_rows, cfg.batch_size, device, autocast)
-    log.write({"step": step, "val_loss": val_loss})
-    checkpoint()
-    elapsed = clock.elapsed()
+    numbers = train(job)
     summary = {
         "stage": STAGE,
         "model": str(out / "model"),
-        "steps": step,
-        "resumed_from": resumed_from,
-        "stopped_by": stop,
-        "loss": sum(recent) / len(recent) if recent else None,
-        "val_loss": val_loss,
-        "initial_val_loss": initial_val,
-        "tokens": tokens,
-        "tokens_per_s": tokens / max(elapsed, 1e-9),
-        "train_minutes": elapsed / 60,
+        **numbers,
         "parameters": n_params,
         "vocab_size": len(tokenizer),
     }
+    stop = numbers["stopped_by"]
     why = "time budget (max_minutes)" if stop == "max_minutes" else "max_steps"
     console.print(
-        f"pretrain: stopped at step {step} by {why}; val loss {initial_val:.3f} -> {val_loss:.3f}, "
-        f"{summary['tokens_per_s']:.0f} tok/s, {elapsed / 60:.1f} min of training"
+        f"pretrain: stopped at step {summary['steps']} by {why}; val loss "
+        f"{summary['initial_val_loss']:.3f} -> {summary['val_loss']:.3f}, "
+        f"{summary['tokens_per_s']:.0f} tok/s, {summary['train_minutes']:.1f} min of training"
     )
     mark_done(out, cfg.fingerprint(), **summary)
     return summary

@@ -16,7 +16,6 @@ Reads top to bottom: config -> data -> model -> loop -> save.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,45 +23,30 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from r1lab.config import resolve_device, resolve_dtype, write_config
-from r1lab.model.checkpoint import load_model
+from r1lab.config import resolve_device, resolve_dtype
+from r1lab.model.checkpoint import load_model, resolve_model_dir
 from r1lab.model.config import ModelConfig
 from r1lab.model.tokenizer import load_tokenizer
-from r1lab.stages.data import (
-    Budget,
-    Clock,
-    ProceduralConfig,
-    RowSampler,
-    autocast_for,
-    check_resumable,
-    eval_loss,
-    find_model,
-    load_source,
-    mix_sources,
-    pack_rows,
-    restore_checkpoint,
-    rows_fingerprint,
-    save_checkpoint,
-    saved_state,
-    tokenize_examples,
-    train_step,
+from r1lab.stages.data import ProceduralConfig, load_source, mix_sources
+from r1lab.stages.packing import RowSampler, pack_rows, tokenize_examples
+from r1lab.stages.supervised import (
+    SUPERVISED_RESUME_NEUTRAL,
+    SupervisedJob,
+    open_checkpoint,
+    train,
 )
 from r1lab.training import (
     DONE_FILE,
-    MetricsLog,
+    autocast_for,
     console,
     is_done,
-    lr_at,
-    make_optimizer,
     mark_done,
-    progress_bar,
     set_cpu_threads,
-    set_lr,
     set_seed,
 )
 
 STAGE = "sft"
-RESUME_NEUTRAL = {"device", "log_every", "eval_every", "save_every"}
+RESUME_NEUTRAL = SUPERVISED_RESUME_NEUTRAL  # may change on a resume (r1lab.rundir)
 
 
 class Config(ProceduralConfig):
@@ -82,7 +66,7 @@ class Config(ProceduralConfig):
     micro_batch_size: int | None = Field(default=None, ge=1)  # rows per forward (memory)
     epochs: int = Field(default=3, ge=1)
     max_steps: int | None = Field(default=None, ge=1)  # cap on optimizer steps
-    max_minutes: float | None = Field(default=None, gt=0)  # wall-clock cap of the loop
+    max_minutes: float | None = Field(default=None, gt=0)  # wall clock of the whole stage
     lr: float = Field(default=1e-3, gt=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # cosine to a tenth (R1 recipe)
     warmup_steps: int = Field(default=10, ge=0)
@@ -158,158 +142,63 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         console.print(f"sft: {out} is done; reusing it")
         return json.loads((out / DONE_FILE).read_text())
 
+    started = time.perf_counter()
     set_cpu_threads()
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    autocast = autocast_for(device, dtype)
-    settings = cfg.model_dump(mode="json")
-    record = saved_state(out) if resume else None
-    if record is not None:
-        check_resumable(STAGE, out, record, settings, RESUME_NEUTRAL)
+    record = open_checkpoint(STAGE, cfg, out, resume, RESUME_NEUTRAL)
 
     # data first: a bad source fails before anything is written
-    source = find_model(cfg.model)
+    source = resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(source)
     examples = load_examples(cfg, tokenizer)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     train_rows, val_rows, stats = build_rows(cfg, examples, tokenizer, pad_id)
-    data_hash = rows_fingerprint(*train_rows)
 
-    # model and optimizer (fp32 weights; bf16 autocast on GPU)
+    # model (fp32 weights; bf16 autocast on GPU)
     model = load_model(source, dtype=torch.float32, device=device)
-    export_dtype = stored_dtype(source)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.train()
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
-    sampler = RowSampler(len(train_rows[0]), cfg.batch_size, cfg.seed)
-    total_steps = cfg.epochs * sampler.steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    step, extra = 0, {}
-    resumed_from = None
-    if record is not None:
-        info = restore_checkpoint(out, model, optimizer)
-        step, extra = info["step"], info["extra"]
-        sampler = RowSampler(len(train_rows[0]), cfg.batch_size, cfg.seed, **info["data_position"])
-        if extra.get("data_hash") != data_hash:
-            raise RuntimeError(f"sft: the data differs from the data {out} was trained on")
-        console.print(f"sft: resuming {out} after step {step}")
-        resumed_from = step
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in (out / DONE_FILE, out / "state"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-    write_config(cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step + 1 if record else None)
-
-    budget = Budget(total_steps, cfg.max_minutes * 60 if cfg.max_minutes else None)
-    console.print(
-        f"sft: {source} ({model.num_parameters():,} parameters) on {', '.join(cfg.data)}: "
+    steps_per_epoch = RowSampler(len(train_rows[0]), cfg.batch_size, cfg.seed).steps_per_epoch
+    epochs_steps = cfg.epochs * steps_per_epoch
+    total_steps = min(epochs_steps, cfg.max_steps) if cfg.max_steps else epochs_steps
+    job = SupervisedJob(
+        stage=STAGE,
+        cfg=cfg,
+        out=out,
+        model=model,
+        tokenizer=tokenizer,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        total_steps=total_steps,
+        record=record,
+        device=device,
+        autocast=autocast_for(device, dtype),
+        started=started,
+        export_dtype=stored_dtype(source),
+        describe=f"{source} ({model.num_parameters():,} parameters) on {', '.join(cfg.data)}: "
         f"{stats['examples']} examples ({stats['truncated']} cut at {cfg.seq_len} tokens, "
-        f"{stats['dropped']} dropped) in {len(train_rows[0])} rows, {cfg.epochs} epochs = "
-        f"{total_steps} steps, device {device}"
+        f"{stats['dropped']} dropped), {cfg.epochs} epochs",
     )
-    clock = Clock(extra.get("train_s", 0.0))
-    tokens = extra.get("tokens", 0)
-    val_loss = extra.get("val_loss")
-    initial_val = extra.get("initial_val_loss")
-    if initial_val is None and val_rows is not None:
-        initial_val = eval_loss(model, val_rows, cfg.batch_size, device, autocast)
-    recent: list[float] = []
-    session_tokens, session_start = 0, time.perf_counter()
-
-    def checkpoint() -> None:
-        saved = {
-            "config": settings,
-            "data_hash": data_hash,
-            "train_s": clock.elapsed(),
-            "tokens": tokens,
-            "val_loss": val_loss,
-            "initial_val_loss": initial_val,
-        }
-        save_checkpoint(
-            out, model, optimizer, tokenizer, step, sampler.position(), saved, export_dtype
-        )
-
-    def validate() -> float | None:
-        if val_rows is None:
-            return None
-        return eval_loss(model, val_rows, cfg.batch_size, device, autocast)
-
-    with progress_bar("sft", total_steps) as advance:
-        advance(step)
-        while (stop := budget.stop_reason(step, clock.elapsed())) is None:
-            t0 = time.perf_counter()
-            position = max(step, budget.progress(step, clock.elapsed()) * total_steps)
-            lr = lr_at(position, total_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-            set_lr(optimizer, lr)
-            rows = sampler.next_batch()
-            batch = [t[rows].to(device) for t in train_rows]
-            loss, grad_norm = train_step(
-                model, optimizer, batch, cfg.micro_batch_size, cfg.grad_clip, autocast
-            )
-            step += 1
-            n_tokens = batch[0].numel()
-            tokens, session_tokens = tokens + n_tokens, session_tokens + n_tokens
-            recent = (recent + [loss])[-20:]
-            step_time = time.perf_counter() - t0
-            metrics = {
-                "step": step,
-                "epoch": step / sampler.steps_per_epoch,
-                "loss": loss,
-                "learning_rate": lr,
-                "grad_norm": grad_norm,
-                "step_time": step_time,
-                "train/tokens_per_s": n_tokens / step_time,
-                "tokens": tokens,
-                "elapsed_s": clock.elapsed(),
-            }
-            if step % cfg.eval_every == 0 and val_rows is not None:
-                val_loss = metrics["val_loss"] = validate()
-            log.write(metrics)
-            rate = session_tokens / (time.perf_counter() - session_start)
-            if step % cfg.log_every == 0:
-                val = f" val {val_loss:.3f}" if val_loss is not None else ""
-                console.print(
-                    f"sft step {step}/{total_steps}: loss {loss:.4f}{val} lr {lr:.2e} "
-                    f"grad {grad_norm:.2f} {rate:.0f} tok/s {clock.elapsed():.0f}s"
-                )
-            mean = sum(recent) / len(recent)
-            advance(1, info=f"loss {mean:.3f} {rate / 1000:.1f}k tok/s")
-            if step % cfg.save_every == 0:
-                checkpoint()
-
-    if stop == "max_steps" and total_steps == cfg.epochs * sampler.steps_per_epoch:
-        stop = "epochs"
-    val_loss = validate()
-    if val_loss is not None:
-        log.write({"step": step, "val_loss": val_loss})
-    checkpoint()
-    elapsed = clock.elapsed()
+    numbers = train(job)
+    if numbers["stopped_by"] == "max_steps" and total_steps == epochs_steps:
+        numbers["stopped_by"] = "epochs"
     summary = {
         "stage": STAGE,
         "model": str(out / "model"),
         "base": str(source),
         "data": list(cfg.data),
-        "steps": step,
-        "resumed_from": resumed_from,
-        "stopped_by": stop,
-        "loss": sum(recent) / len(recent) if recent else None,
-        "val_loss": val_loss,
-        "initial_val_loss": initial_val,
-        "tokens": tokens,
-        "tokens_per_s": tokens / max(elapsed, 1e-9),
-        "train_minutes": elapsed / 60,
+        **numbers,
         **stats,
     }
-    before = f"{initial_val:.3f} -> " if initial_val is not None else ""
-    after = f"{val_loss:.3f}" if val_loss is not None else "n/a"
+    initial, final = summary["initial_val_loss"], summary["val_loss"]
+    before = f"{initial:.3f} -> " if initial is not None else ""
+    after = f"{final:.3f}" if final is not None else "n/a"
     console.print(
-        f"sft: {step} steps ({stop}); val loss {before}{after}, "
-        f"{summary['tokens_per_s']:.0f} tok/s, {elapsed / 60:.1f} min of training"
+        f"sft: {summary['steps']} steps ({summary['stopped_by']}); val loss {before}{after}, "
+        f"{summary['tokens_per_s']:.0f} tok/s, {summary['train_minutes']:.1f} min of training"
     )
     mark_done(out, cfg.fingerprint(), **summary)
     return summary

@@ -1,0 +1,224 @@
+"""The one training loop of the supervised stages (pretrain and sft).
+
+The two stages differ only in where their rows come from and which model they start from;
+from packed rows onwards they train the same way, here: resume or start the run dir, then
+steps until the budget (steps, or `max_minutes` of the whole stage) runs out, logging,
+validating and checkpointing on the stage's schedule, then a last validation and
+checkpoint. The stage writes its summary and DONE from what `train` returns.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1lab.config import write_config
+from r1lab.rundir import check_resumable
+from r1lab.snapshot import TrainingSnapshot, restore_checkpoint, save_checkpoint, saved_state
+from r1lab.stages.budget import Budget, Clock, scheduled_lr
+from r1lab.stages.lm_loss import eval_loss, train_step
+from r1lab.stages.packing import RowSampler, rows_fingerprint
+from r1lab.training import (
+    DONE_FILE,
+    MetricsLog,
+    console,
+    make_optimizer,
+    progress_bar,
+    set_lr,
+)
+
+# Settings of a supervised stage that may change between an interrupted run and its resume.
+SUPERVISED_RESUME_NEUTRAL = frozenset({"device", "log_every", "eval_every", "save_every"})
+PROGRESS_UNITS = 1000  # the bar counts thousandths of the budget (steps or time)
+
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def open_checkpoint(stage: str, cfg, out: Path, resume: bool, neutral) -> dict | None:
+    """The trainer record to resume from (None: start over), refused if settings differ."""
+    record = saved_state(out) if resume else None
+    if record is not None:
+        check_resumable(stage, out, record, cfg.model_dump(mode="json"), neutral)
+    return record
+
+
+@dataclass
+class SupervisedJob:
+    """What a supervised stage hands the loop: its settings, model, rows and run dir."""
+
+    stage: str
+    cfg: Any  # the stage Config (lr, batch sizes, budget, schedule of logs and saves)
+    out: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    train_rows: Rows
+    val_rows: Rows | None
+    total_steps: int
+    record: dict | None  # from `open_checkpoint`
+    device: str
+    autocast: Any
+    started: float = field(default_factory=time.perf_counter)  # when the stage began
+    export_dtype: str | None = None  # model/ is written in this dtype (None: the model's)
+    describe: str = ""  # the stage's one-line description of the run, printed at the start
+
+
+@dataclass
+class _Progress:
+    """The numbers a checkpoint carries from one session of a run to the next."""
+
+    step: int = 0
+    tokens: int = 0
+    val_loss: float | None = None
+    initial_val_loss: float | None = None
+    setup_s: float = 0.0
+    eval_s: float = 0.0
+    recent: list[float] = field(default_factory=list)
+
+
+def _validate(job: SupervisedJob) -> float | None:
+    if job.val_rows is None:
+        return None
+    return eval_loss(job.model, job.val_rows, job.cfg.batch_size, job.device, job.autocast)
+
+
+def _prepare_run_dir(job: SupervisedJob, optimizer, snapshot) -> tuple[_Progress, dict, dict]:
+    """Restore the checkpoint, or clear what a previous run left; (progress, extra, position)."""
+    progress, extra, position = _Progress(), {}, {"epoch": 0, "offset": 0}
+    data_hash = rows_fingerprint(*job.train_rows)
+    if job.record is not None:
+        info = restore_checkpoint(job.out, snapshot)
+        progress.step, position, extra = info["step"], info["data_position"], info["extra"]
+        if extra.get("data_hash") != data_hash:
+            raise RuntimeError(
+                f"{job.stage}: the data differs from the data {job.out} was trained on"
+            )
+        console.print(f"{job.stage}: resuming {job.out} after step {progress.step}")
+    else:
+        job.out.mkdir(parents=True, exist_ok=True)
+        for stale in (job.out / DONE_FILE, job.out / "state"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    progress.tokens = extra.get("tokens", 0)
+    progress.val_loss = extra.get("val_loss")
+    progress.initial_val_loss = extra.get("initial_val_loss")
+    progress.eval_s = extra.get("eval_s", 0.0)
+    extra["data_hash"] = data_hash
+    return progress, extra, position
+
+
+def train(job: SupervisedJob) -> dict:
+    """Train `job.model` to its budget; returns the numbers of the stage summary."""
+    cfg, out, model = job.cfg, job.out, job.model
+    model.train()
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    snapshot = TrainingSnapshot(model=model, optimizer=optimizer)
+    progress, extra, position = _prepare_run_dir(job, optimizer, snapshot)
+    resumed_from = progress.step if job.record is not None else None
+    write_config(cfg, out / "config.yaml")
+    log = MetricsLog(out / "metrics.jsonl", resume_step=progress.step + 1 if job.record else None)
+
+    if progress.initial_val_loss is None and job.val_rows is not None:
+        t0 = time.perf_counter()
+        progress.initial_val_loss = _validate(job)
+        progress.eval_s = time.perf_counter() - t0
+    # max_minutes covers the whole stage: the setup so far, the loop, and a final validation.
+    progress.setup_s = extra.get("setup_s", time.perf_counter() - job.started)
+    loop_s = None
+    if cfg.max_minutes:
+        loop_s = max(0.0, cfg.max_minutes * 60 - progress.setup_s - progress.eval_s)
+    budget = Budget(job.total_steps, loop_s)
+    sampler = RowSampler(len(job.train_rows[0]), cfg.batch_size, cfg.seed, **position)
+    clock = Clock(extra.get("train_s", 0.0))
+    console.print(
+        f"{job.stage}: {job.describe}; {len(job.train_rows[0])} rows x {cfg.seq_len} tokens, "
+        f"{job.total_steps} steps, setup {progress.setup_s:.1f}s, device {job.device}"
+    )
+
+    def checkpoint() -> None:
+        state = {
+            "config": cfg.model_dump(mode="json"),
+            "data_hash": extra["data_hash"],
+            "setup_s": progress.setup_s,
+            "eval_s": progress.eval_s,
+            "train_s": clock.elapsed(),
+            "tokens": progress.tokens,
+            "val_loss": progress.val_loss,
+            "initial_val_loss": progress.initial_val_loss,
+        }
+        save_checkpoint(
+            out,
+            snapshot,
+            model,
+            job.tokenizer,
+            progress.step,
+            sampler.position(),
+            state,
+            job.export_dtype,
+        )
+
+    session_tokens, session_start, shown = 0, time.perf_counter(), 0
+    with progress_bar(job.stage, PROGRESS_UNITS) as advance:
+        while (stop := budget.stop_reason(progress.step, clock.elapsed())) is None:
+            t0 = time.perf_counter()
+            lr = scheduled_lr(cfg, budget, job.total_steps, progress.step, clock.elapsed())
+            set_lr(optimizer, lr)
+            rows = sampler.next_batch()
+            batch = [t[rows].to(job.device) for t in job.train_rows]
+            loss, grad_norm = train_step(
+                model, optimizer, batch, cfg.micro_batch_size, cfg.grad_clip, job.autocast
+            )
+            progress.step += 1
+            step, n_tokens = progress.step, batch[0].numel()
+            progress.tokens += n_tokens
+            session_tokens += n_tokens
+            progress.recent = (progress.recent + [loss])[-20:]
+            step_time = time.perf_counter() - t0
+            metrics = {
+                "step": step,
+                "epoch": step / sampler.steps_per_epoch,
+                "loss": loss,
+                "learning_rate": lr,
+                "grad_norm": grad_norm,
+                "step_time": step_time,
+                "train/tokens_per_s": n_tokens / step_time,
+                "tokens": progress.tokens,
+                "elapsed_s": clock.elapsed(),
+            }
+            if step % cfg.eval_every == 0 and job.val_rows is not None:
+                progress.val_loss = metrics["val_loss"] = _validate(job)
+            log.write(metrics)
+            rate = session_tokens / (time.perf_counter() - session_start)
+            if step % cfg.log_every == 0:
+                val = f" val {progress.val_loss:.3f}" if progress.val_loss is not None else ""
+                console.print(
+                    f"{job.stage} step {step}/{job.total_steps}: loss {loss:.4f}{val} "
+                    f"lr {lr:.2e} grad {grad_norm:.2f} {rate:.0f} tok/s {clock.elapsed():.0f}s"
+                )
+            mean = sum(progress.recent) / len(progress.recent)
+            now = round(PROGRESS_UNITS * budget.progress(step, clock.elapsed()))
+            advance(now - shown, info=f"step {step} loss {mean:.3f} {rate / 1000:.1f}k tok/s")
+            shown = now
+            if step % cfg.save_every == 0:
+                checkpoint()
+
+    progress.val_loss = _validate(job)
+    if progress.val_loss is not None:
+        log.write({"step": progress.step, "val_loss": progress.val_loss})
+    checkpoint()
+    elapsed = clock.elapsed()
+    recent = progress.recent
+    return {
+        "steps": progress.step,
+        "resumed_from": resumed_from,
+        "stopped_by": stop,
+        "loss": sum(recent) / len(recent) if recent else None,
+        "val_loss": progress.val_loss,
+        "initial_val_loss": progress.initial_val_loss,
+        "tokens": progress.tokens,
+        "tokens_per_s": progress.tokens / max(elapsed, 1e-9),
+        "train_minutes": elapsed / 60,
+    }
