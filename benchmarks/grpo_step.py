@@ -4,7 +4,9 @@ Both tools train a randomly initialised Qwen2.5-shaped decoder (no hub access) o
 workload: P prompts of L tokens, G completions each of exactly N new tokens (stop tokens
 are disabled in r1lab and TRL gets `min_new_tokens=N`, so both always do full-length
 work), KL coefficient beta, one optimizer step per rollout, fp32 master weights with bf16
-compute, gradient clipping at 1.0. Each tool runs in its own subprocess (a clean GPU and
+compute, gradient clipping at 1.0. r1lab's training half is `r1lab grpo`'s own update
+(`r1lab.engine.grpo_update.update_on_rollout`: reference pass, packed policy forward and
+backward per micro-batch of `--micro-batch-size` sequences, optimizer step). Each tool runs in its own subprocess (a clean GPU and
 a clean peak-memory counter), one after the other, inside one invocation:
 
     python benchmarks/grpo_step.py --shape 0.5b --out run.json            # both tools
@@ -134,11 +136,12 @@ def model_config(shape: dict, layers: int | None = None):
 
 
 def run_r1lab(args, shape: dict, work: dict) -> dict:
-    from r1lab.engine import fast_generate, fast_train
+    from r1lab.engine import fast_generate
     from r1lab.engine.generate import SamplingParams, sample
+    from r1lab.engine.grpo_update import TrainBatch
     from r1lab.model.transformer import Transformer
     from r1lab.rl.advantages import group_advantages
-    from r1lab.training import clip_grad, make_optimizer
+    from r1lab.training import make_optimizer
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.kernel_config:  # launch shapes picked by benchmarks/decode_kernels.py
@@ -176,32 +179,24 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
         t1 = time.perf_counter()
         comp_ids = [c.token_ids for c in completions]
         rewards = [float(sum(ids) % 7) for ids in comp_ids]
-        advantages = group_advantages(rewards, g).to(dev)
-        seq_prompts = [prompts[c.prompt_index] for c in completions]
-        policy_packs = fast_train.pack_rollouts(seq_prompts, comp_ids, args.pack_tokens, dev)
-        ref_packs = fast_train.pack_rollouts(seq_prompts, comp_ids, args.ref_pack_tokens, dev)
-        mask = fast_train.completion_mask(comp_ids, policy_packs[0].width, device=dev)
-        ref_lp = fast_train.completion_logprobs(
-            ref, ref_packs, len(comp_ids), chunk_size=args.chunk_size
+        batch = TrainBatch(
+            prompt_ids=[prompts[c.prompt_index] for c in completions],
+            completion_ids=comp_ids,
+            advantages=group_advantages(rewards, g),
+            counted=[True] * len(comp_ids),
+            sampler_logprobs=[c.logprobs for c in completions],
         )
+        stats = update(args, model, optimizer, ref, batch, step)
         sync()
         t2 = time.perf_counter()
-        model.train()
-        loss, stats = policy_pass(args, model, policy_packs, advantages, mask, ref_lp)
-        grad_norm = clip_grad(model, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        t3 = time.perf_counter()
         record = {
             "step": step,
-            "step_s": round(t3 - t0, 3),
+            "step_s": round(t2 - t0, 3),
             "rollout_s": round(t1 - t0, 3),
-            "ref_s": round(t2 - t1, 3),
-            "train_s": round(t3 - t2, 3),
-            "loss": round(float(loss), 6),
+            "train_s": round(t2 - t1, 3),
+            "loss": round(float(stats.get("loss", float("nan"))), 6),
             "kl": round(float(stats.get("kl", 0.0)), 8),
-            "grad_norm": round(grad_norm, 4),
+            "grad_norm": round(float(stats.get("grad_norm", float("nan"))), 4),
             "mean_completion_len": sum(map(len, comp_ids)) / len(comp_ids),
             "peak_gb": peak_gb(),
         }
@@ -215,44 +210,41 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
         summarise(result, args.warmup)
         write_json(args.out, result)
         if args.profile and step == args.warmup:
-            profile_step(
-                args, model, ref, prompts, params, policy_packs, ref_packs, advantages, mask, ref_lp
-            )
+            profile_step(args, model, optimizer, ref, prompts, params, batch, step)
     return result
 
 
-def policy_pass(args, model, packs, advantages, mask, ref_lp):
-    """The policy's forward and backward over its packs, as the options ask (timed and profiled)."""
-    from r1lab.engine import fast_train
+def update(args, model, optimizer, ref, batch, step: int) -> dict:
+    """The update of `r1lab grpo` itself (reference pass, policy forward and backward,
+    clipping, optimizer step), with the stage's defaults and the options asked for."""
+    from r1lab.engine.grpo_update import UpdateSettings, update_on_rollout
 
-    return fast_train.grpo_backward(
-        model,
-        packs,
-        advantages,
-        mask,
-        ref_logprobs=ref_lp,
+    settings = UpdateSettings(
+        temperature=1.0,
         beta=args.beta,
-        chunk_size=args.chunk_size,
-        checkpoint=not args.no_checkpoint,
-        compile=False if args.no_compile else None,
+        micro_batch_size=args.micro_batch_size,
+        grad_clip=1.0,
+        packed=True,
+        compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+        lm_head_chunk=args.chunk_size,
+        checkpoint_layers=not args.no_checkpoint,
+        compile_layers=False if args.no_compile else None,
     )
+    return update_on_rollout(model, optimizer, batch, settings, step=step, ref_model=ref)
 
 
-def profile_step(
-    args, model, ref, prompts, params, policy_packs, ref_packs, advantages, mask, ref_lp
-):
-    """Where the time of one step goes: the top GPU kernels of each phase, to a text file."""
+def profile_step(args, model, optimizer, ref, prompts, params, batch, step: int):
+    """Where the time of one step goes: the top GPU kernels of each phase, to a text file.
+
+    The profiled update is a real one (an optimizer step more than the timed steps)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from r1lab.engine import fast_generate, fast_train
+    from r1lab.engine import fast_generate
     from r1lab.engine.generate import sample
 
     phases = {
         "rollout": lambda: sample(model, prompts, params),
-        "ref": lambda: fast_train.completion_logprobs(
-            ref, ref_packs, mask.shape[0], chunk_size=args.chunk_size
-        ),
-        "policy": lambda: policy_pass(args, model, policy_packs, advantages, mask, ref_lp),
+        "update": lambda: update(args, model, optimizer, ref, batch, step),
     }
     lines = []
     for name, fn in phases.items():
@@ -491,10 +483,8 @@ def run_worker_subprocess(tool: str, args, out: Path) -> dict | None:
         str(out),
         "--workdir",
         args.workdir,
-        "--pack-tokens",
-        str(args.pack_tokens),
-        "--ref-pack-tokens",
-        str(args.ref_pack_tokens),
+        "--micro-batch-size",
+        str(args.micro_batch_size),
         "--chunk-size",
         str(args.chunk_size),
     ]
@@ -569,8 +559,7 @@ def orchestrate(args) -> None:
         "settings": {
             "steps": args.steps,
             "warmup": args.warmup,
-            "pack_tokens": args.pack_tokens,
-            "ref_pack_tokens": args.ref_pack_tokens,
+            "micro_batch_size": args.micro_batch_size,
             "chunk_size": args.chunk_size,
             "checkpoint": not args.no_checkpoint,
             "compiled_layers": not args.no_compile,
@@ -652,8 +641,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--beta", type=float, default=0.001)
-    ap.add_argument("--pack-tokens", type=int, default=16384, help="tokens per policy micro-batch")
-    ap.add_argument("--ref-pack-tokens", type=int, default=32768)
+    ap.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=16,
+        help="sequences per forward, as grpo's micro_batch_size (0 = the whole batch)",
+    )
     ap.add_argument("--chunk-size", type=int, default=1024, help="LM-head rows per chunk")
     ap.add_argument("--no-checkpoint", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="eager decoder layers in training")

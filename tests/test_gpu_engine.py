@@ -15,6 +15,13 @@ import torch
 from r1lab.engine import fallbacks, fast_generate, fast_train
 from r1lab.engine.decode_ops import TritonOps
 from r1lab.engine.generate import SamplingParams, sample
+from r1lab.engine.grpo_update import (
+    TrainBatch,
+    UpdateSettings,
+    accumulate_gradients,
+    micro_batches,
+    sequence_logprobs,
+)
 from r1lab.engine.logprobs import token_logprobs
 from r1lab.model.config import ModelConfig
 from r1lab.model.transformer import Transformer
@@ -247,22 +254,30 @@ def _simple_loss(model, prompts, completions, advantages, ref_lp, beta, temperat
     return loss, lp.detach()
 
 
-def _fast_loss(model, prompts, completions, advantages, ref_lp, beta, temperature, **kw):
-    batches = fast_train.pack_rollouts(prompts, completions, max_tokens=40, device=model.device)
-    assert len(batches) > 1  # several packs: the loss is accumulated across them
-    mask = fast_train.completion_mask(completions, batches[0].width, device=model.device)
-    loss, _ = fast_train.grpo_backward(
-        model,
-        batches,
-        advantages.to(model.device),
-        mask,
-        ref_logprobs=ref_lp,
-        beta=beta,
-        temperature=temperature,
-        chunk_size=7,
-        **kw,
+def _fast_loss(model, prompts, completions, advantages, beta, temperature, ref_model=None, **kw):
+    """The stage's own update (grpo_update) over several micro-batches; loss and stats."""
+    batch = TrainBatch(
+        prompt_ids=prompts,
+        completion_ids=completions,
+        advantages=advantages,
+        counted=[True] * len(completions),
+        sampler_logprobs=[[0.0] * len(c) for c in completions],
     )
-    return loss, batches
+    settings = UpdateSettings(
+        temperature=temperature, beta=beta, micro_batch_size=3, lm_head_chunk=7, **kw
+    )
+    assert len(micro_batches(batch, list(range(len(batch))), 3)) > 1  # accumulated across them
+    stats = accumulate_gradients(
+        model, batch, list(range(len(batch))), settings, ref_model=ref_model
+    )
+    return stats["loss"], batch, settings
+
+
+def _rows(values: list[torch.Tensor], width: int, device) -> torch.Tensor:
+    out = torch.zeros(len(values), width, device=device)
+    for i, v in enumerate(values):
+        out[i, : v.numel()] = v
+    return out
 
 
 def _grads(model) -> torch.Tensor:
@@ -274,32 +289,20 @@ def test_packed_training_equals_simple_fp32(device):
     model = make_model(device, vocab=300).train()
     prompts, completions, adv = _rollouts(300)
     ref_model = make_model(device, vocab=300, seed=7)
-    batches = fast_train.pack_rollouts(prompts, completions, max_tokens=40, device=device)
-    ref_lp = fast_train.completion_logprobs(
-        ref_model, batches, len(prompts), attention="sdpa", amp=False, temperature=0.9
+    fp32 = dict(attention="sdpa", compute_dtype=torch.float32, checkpoint_layers=True)
+    loss_f, batch, settings = _fast_loss(
+        model, prompts, completions, adv, 0.04, 0.9, ref_model=ref_model, **fp32
     )
+    g_fast = _grads(model)
+    model.zero_grad(set_to_none=True)
+    width = max(len(c) for c in completions)
+    ref_lp = _rows(sequence_logprobs(ref_model, batch, settings), width, device)
     loss_s, lp_s = _simple_loss(model, prompts, completions, adv, ref_lp, 0.04, 0.9)
     loss_s.backward()
     g_simple = _grads(model)
-    model.zero_grad(set_to_none=True)
-    loss_f, _ = _fast_loss(
-        model,
-        prompts,
-        completions,
-        adv,
-        ref_lp,
-        0.04,
-        0.9,
-        attention="sdpa",
-        amp=False,
-        checkpoint=True,
-    )
-    g_fast = _grads(model)
-    assert torch.allclose(loss_f, loss_s.detach(), rtol=1e-5, atol=1e-6)
+    assert abs(loss_f - loss_s.item()) <= 1e-6 + 1e-5 * abs(loss_s.item())
     assert ((g_fast - g_simple).norm() / g_simple.norm()).item() < 1e-4
-    lp_packed = fast_train.completion_logprobs(
-        model, batches, len(prompts), attention="sdpa", amp=False, temperature=0.9
-    )
+    lp_packed = _rows(sequence_logprobs(model, batch, settings), width, device)
     mask = fast_train.completion_mask(completions, device=device)
     assert torch.allclose(lp_packed[mask], lp_s[mask], atol=1e-5)
 
@@ -315,16 +318,20 @@ def test_packed_bf16_varlen_matches_simple(device):
     )
     assert opts is not None, "varlen attention unavailable"
     prompts, completions, adv = _rollouts(300)
-    ref_lp = torch.zeros(len(prompts), max(len(c) for c in completions), device=device) - 3.0
+    ref_model = make_model(device, vocab=300, seed=7)
+    bf16 = dict(attention="varlen", compute_dtype=torch.bfloat16, checkpoint_layers=True)
+    loss_f, batch, _ = _fast_loss(
+        model, prompts, completions, adv, 0.04, 1.0, ref_model=ref_model, **bf16
+    )
+    g_fast = _grads(model)
+    model.zero_grad(set_to_none=True)
+    fp32 = UpdateSettings(temperature=1.0, compute_dtype=torch.float32, attention="sdpa")
+    width = max(len(c) for c in completions)
+    ref_lp = _rows(sequence_logprobs(ref_model, batch, fp32), width, device)
     loss_s, _ = _simple_loss(model, prompts, completions, adv, ref_lp, 0.04, 1.0)
     loss_s.backward()
     g_simple = _grads(model)
-    model.zero_grad(set_to_none=True)
-    loss_f, _ = _fast_loss(
-        model, prompts, completions, adv, ref_lp, 0.04, 1.0, attention="varlen", checkpoint=True
-    )
-    g_fast = _grads(model)
-    assert abs(loss_f.item() - loss_s.item()) < 2e-2 * max(1.0, abs(loss_s.item()))
+    assert abs(loss_f - loss_s.item()) < 2e-2 * max(1.0, abs(loss_s.item()))
     cos = torch.nn.functional.cosine_similarity(g_fast, g_simple, dim=0).item()
     assert cos > 0.99, cos
     assert ((g_fast - g_simple).norm() / g_simple.norm()).item() < 0.1

@@ -8,7 +8,12 @@ import torch
 from r1lab.model.config import config_for_size
 from r1lab.model.transformer import Transformer
 from r1lab.rl import AGGREGATIONS
-from r1lab.stages.grpo import Config, TrainBatch, accumulate_gradients, old_policy_logprobs
+from r1lab.engine.grpo_update import (
+    TrainBatch,
+    UpdateSettings,
+    accumulate_gradients,
+    sequence_logprobs,
+)
 
 VOCAB = 64
 PAD = 0
@@ -55,17 +60,17 @@ def test_gradient_is_independent_of_micro_batch_size(
     indices = list(range(len(batch)))
     # Old log-probs from other weights: ratios away from 1, so both clip sides are exercised.
     base = dict(
-        model="unused",
         aggregation=aggregation,
         ratio_level=ratio_level,
         beta=0.04,
         eps_low=0.2,
         eps_high=0.28,
-        max_new_tokens=12,
+        norm_length=12,
         temperature=0.9,
         packed=packed,
+        pad_id=PAD,
     )
-    old = None if on_policy else old_policy_logprobs(stale, batch, Config(**base), PAD)
+    old = None if on_policy else sequence_logprobs(stale, batch, UpdateSettings(**base))
 
     results = {}
     for micro in (1, 4, 0):  # one sequence at a time, four, the whole mini-batch
@@ -74,8 +79,7 @@ def test_gradient_is_independent_of_micro_batch_size(
             policy,
             batch,
             indices,
-            Config(**base, micro_batch_size=micro),
-            pad_id=PAD,
+            UpdateSettings(**base, micro_batch_size=micro),
             old_logprobs=old,
             ref_model=ref,
         )
@@ -103,16 +107,15 @@ def test_packed_equals_padded(randomize, on_policy):
     """Sequences laid end to end give the padded path's loss, stats and gradients."""
     policy, ref, stale = (micro_model(s, randomize) for s in (0, 1, 2))
     batch = rollout_batch(seed=3)
-    base = dict(model="unused", beta=0.04, eps_high=0.28, max_new_tokens=12, temperature=0.8)
+    base = dict(beta=0.04, eps_high=0.28, norm_length=12, temperature=0.8, pad_id=PAD)
     results = {}
     for packed in (True, False):
-        cfg = Config(**base, packed=packed, micro_batch_size=5)
-        old = None if on_policy else old_policy_logprobs(stale, batch, cfg, PAD)
+        settings = UpdateSettings(**base, packed=packed, micro_batch_size=5)
+        old = None if on_policy else sequence_logprobs(stale, batch, settings)
         policy.zero_grad(set_to_none=True)
         stats = accumulate_gradients(
-            policy, batch, list(range(len(batch))), cfg, pad_id=PAD, old_logprobs=old,
-            ref_model=ref,
-        )  # fmt: skip
+            policy, batch, list(range(len(batch))), settings, old_logprobs=old, ref_model=ref
+        )
         results[packed] = (gradients(policy), stats, old)
     (g_packed, s_packed, old_packed), (g_padded, s_padded, old_padded) = results.values()
     if not on_policy:
@@ -130,8 +133,8 @@ def test_masked_rows_get_no_gradient(randomize):
     """A row left out of the loss (a truncated completion under mask_truncated) adds nothing."""
     policy = micro_model(0, randomize)
     batch = rollout_batch()
-    cfg = Config(model="unused", aggregation="token-mean", max_new_tokens=12, beta=0.0)
+    settings = UpdateSettings(aggregation="token-mean", norm_length=12, pad_id=PAD)
 
     policy.zero_grad(set_to_none=True)
-    accumulate_gradients(policy, batch, [3], cfg, pad_id=PAD)
+    accumulate_gradients(policy, batch, [3], settings)
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in policy.parameters())

@@ -8,6 +8,7 @@ from fractions import Fraction
 import pytest
 
 import r1lab.stages.evaluate as ev
+import r1lab.stages.judging as judging
 from r1lab.config import ConfigError, build_config
 from r1lab.engine.generate import Completion
 from r1lab.tasks.base import Example, Task
@@ -77,7 +78,7 @@ def scripted(monkeypatch):
                 out.append(Completion(j, [5] * length, [0.0] * length, reason, text))
         return out
 
-    monkeypatch.setattr(ev, "sample", fake_sample)
+    monkeypatch.setattr(judging, "sample", fake_sample)
     return calls
 
 
@@ -265,5 +266,5 @@ def test_stage_writes_results_and_resumes(tiny_model_dir, tmp_path, monkeypatch)
     def no_sampling(*args, **kwargs):
         raise AssertionError("a finished evaluation must not sample again")
 
-    monkeypatch.setattr(ev, "sample", no_sampling)
+    monkeypatch.setattr(judging, "sample", no_sampling)
     assert ev.run(cfg, out)["sets"] == saved["sets"]

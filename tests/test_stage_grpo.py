@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from r1lab.config import ConfigError, build_config
+from r1lab.engine import grpo_update
 from r1lab.model.checkpoint import load_model, save_model
 from r1lab.model.config import config_for_size
 from r1lab.model.tokenizer import train_tokenizer
@@ -180,13 +181,13 @@ def test_zero_variance_warning(micro_dir, rewards_module, tmp_path, capsys):
 
 
 def test_nan_loss_skips_then_stops(micro_dir, rewards_module, tmp_path, monkeypatch):
-    real_loss = grpo.policy_loss
+    real_loss = grpo_update.policy_loss
 
     def nan_loss(*args, **kwargs):
         loss, stats = real_loss(*args, **kwargs)
         return loss * math.nan, stats
 
-    monkeypatch.setattr(grpo, "policy_loss", nan_loss)
+    monkeypatch.setattr(grpo_update, "policy_loss", nan_loss)
     cfg = small(micro_dir, steps=5, max_nan_steps=2, rewards={f"{rewards_module}:spread": 1})
     before = {k: v.clone() for k, v in load_model(micro_dir).state_dict().items()}
     with pytest.raises(grpo.NonFiniteLossError, match="2 steps in a row"):
@@ -258,3 +259,29 @@ def test_training_pool_never_holds_an_eval_question():
     assert len(drawn) == 40
     assert not any(question_key(ex.question) in exclude for _, ex in drawn)
     assert drawn == mixture.draw(40, step=1)  # the same step draws the same questions
+
+
+def test_one_task_spec_for_both_preset_shapes_and_a_users_file(tmp_path):
+    from r1lab.stages.evaluate import Config as EvalConfig
+    from r1lab.stages.task_spec import TaskSpec
+
+    nested = TaskSpec.model_validate({"name": "chain_sum", "options": {"zh_fraction": 0.3}})
+    spread = TaskSpec.model_validate({"name": "chain_sum", "zh_fraction": 0.3})
+    assert nested == spread and spread.options == {"zh_fraction": 0.3}
+    # GRPO's saved config keeps its shape, so runs saved before still resume
+    assert nested.model_dump() == {
+        "name": "chain_sum",
+        "weight": 1.0,
+        "options": {"zh_fraction": 0.3},
+    }
+    cfg = build_config(
+        grpo.Config, {"tasks": [{"name": "math500", "path": str(tmp_path / "q.jsonl")}]}
+    )
+    assert cfg.tasks[0].options == {"path": str(tmp_path / "q.jsonl")}
+    assert grpo.TaskSpec is TaskSpec
+    ev = build_config(EvalConfig, {"model": "m", "tasks": [{"name": "chain_sum", "label": "x"}]})
+    assert ev.tasks == [{"name": "chain_sum", "label": "x"}]
+    with pytest.raises(ValueError, match="both inside and outside"):
+        TaskSpec.model_validate(
+            {"name": "chain_sum", "zh_fraction": 0.1, "options": {"zh_fraction": 0.2}}
+        )

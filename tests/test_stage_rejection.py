@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 import r1lab.stages.evaluate as ev
+import r1lab.stages.judging as judging
 import r1lab.stages.rejection as rej
 from r1lab.config import ConfigError, build_config
 from r1lab.engine.generate import Completion
@@ -165,7 +166,7 @@ def scripted(monkeypatch):
                 out.append(Completion(j, [5] * 10, [0.0] * 10, reason, text))
         return out
 
-    monkeypatch.setattr(ev, "sample", fake_sample)
+    monkeypatch.setattr(judging, "sample", fake_sample)
     monkeypatch.setattr(rej, "load_model_and_tokenizer", lambda *a: (None, FakeTokenizer()))
     return script
 
@@ -256,7 +257,7 @@ def test_finished_run_is_not_sampled_again(stage_dir, scripted, tmp_path, monkey
     _, _, examples = ev.load_task_examples(cfg.tasks[0], cfg.n, cfg.split, cfg.seed)
     scripted.update(script_for([ex.answer for ex in examples]))
     first = rej.run(cfg, tmp_path / "rs")
-    monkeypatch.setattr(ev, "sample", lambda *a, **k: pytest.fail("sampled again"))
+    monkeypatch.setattr(judging, "sample", lambda *a, **k: pytest.fail("sampled again"))
     assert rej.run(cfg, tmp_path / "rs")["total"] == first["total"]
 
 

@@ -17,8 +17,11 @@ batch (tokens x 150k x 4 bytes) dwarf the model. Here:
   a custom autograd function that keeps only each chunk's log-sum-exp and recomputes the
   chunk's logits in the backward, so no (tokens x vocab) tensor outlives a chunk;
 - each decoder layer can be checkpointed (recomputed in the backward) to bound memory;
-- `completion_logprobs` runs the same packed path without gradients: the old-policy and
-  reference passes are batched exactly like the policy pass.
+- `r1lab.engine.grpo_update` runs the policy, old-policy and reference passes of GRPO
+  through `packed_logprobs`, so all three are batched the same way.
+
+A fast path that declines (varlen attention, the compiled layer, the Triton kernels) says
+so once per reason through `r1lab.engine.fallbacks`, so a slow run is never silent.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from r1lab.engine import fallbacks
 from r1lab.engine.logprobs import entropy_from_logits
-from r1lab.rl.losses import loss_normalizer, policy_loss
 
 try:  # Triton ships with CUDA builds of torch; the CPU build has none.
     import triton
@@ -46,6 +49,20 @@ except ImportError:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 ATTENTION_BACKENDS = ("auto", "varlen", "sdpa")
+_EXPECTED: set[tuple[str, str]] = set()
+
+
+def _declined(path: str, reason: str, expected: bool = False) -> None:
+    """Say once per reason that a fast path is not taken, and why (r1lab.engine.fallbacks).
+
+    `expected` declines (no GPU: the CPU runs the reference paths by design) are logged at
+    info level and not counted; on a GPU a decline costs speed, so it is a warning.
+    """
+    if not expected:
+        fallbacks.declined(path, reason)
+    elif (path, reason) not in _EXPECTED:
+        _EXPECTED.add((path, reason))
+        fallbacks.log.info("%s: not used: %s", path, reason)
 
 
 @dataclass
@@ -187,10 +204,12 @@ def _varlen_options(
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
+        _declined("varlen attention", f"torch {torch.__version__} has no varlen_attn; padded SDPA")
         return None
     params = inspect.signature(varlen_attn).parameters
     causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     tries = [causal, {**causal, "repeat_kv": True}]
+    failures = []
     if "enable_gqa" in params:
         tries.insert(0, {**causal, "enable_gqa": True})
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -210,11 +229,17 @@ def _varlen_options(
                 out.float().square().sum().backward()
                 errs = [(out - ref).abs().max()]
                 errs += [(a.grad - b.grad).abs().max() for a, b in zip(xs, ref_in)]
-                if max(e.item() for e in errs) < 0.05:
+                err = max(e.item() for e in errs)
+                if err < 0.05:
                     _VARLEN_OK[key] = options
                     return options
-            except Exception:  # noqa: BLE001 - any failure means: not this way
-                continue
+                failures.append(f"{options}: max error {err:.3g}")
+            except Exception as exc:  # noqa: BLE001 - any failure means: not this way
+                failures.append(f"{options}: {type(exc).__name__}: {str(exc)[:120]}")
+    _declined(
+        "varlen attention",
+        f"no call of varlen_attn matched the padded path ({'; '.join(failures)}); padded SDPA",
+    )
     return None
 
 
@@ -251,6 +276,10 @@ def _attention_options(backend: str, model) -> dict | None:
     if backend == "sdpa" or dtype not in (torch.float16, torch.bfloat16) or dev.type != "cuda":
         if backend == "varlen":
             raise RuntimeError("varlen attention is not usable here (needs CUDA and fp16/bf16)")
+        if backend == "auto" and dev.type != "cuda":
+            _declined("varlen attention", f"device is {dev.type}; padded SDPA", expected=True)
+        elif backend == "auto":
+            _declined("varlen attention", f"compute dtype {dtype} (needs fp16/bf16); padded SDPA")
         return None
     cfg = model.config
     options = _varlen_options(
@@ -363,8 +392,11 @@ def _compiled_layer_fn(model, attn_options: dict | None, sample_batch: PackedBat
         err = max((y_e - y_c).norm() / y_e.norm(), (g_e - g_c).norm() / g_e.norm()).item()
         if err < 2e-2:
             _COMPILED[key] = compiled
-    except Exception:  # noqa: BLE001 - no compiler, or it failed: the eager path serves
-        pass
+        else:
+            _declined("compiled decoder layer", f"disagrees with eager (relative error {err:.3g})")
+    except Exception as exc:  # noqa: BLE001 - no compiler, or it failed: the eager path serves
+        _declined("compiled decoder layer", f"torch.compile failed ({type(exc).__name__}: "
+                  f"{str(exc)[:160]}); eager layers")  # fmt: skip
     return _COMPILED[key]
 
 
@@ -386,6 +418,8 @@ def packed_hidden_states(
     grad = torch.is_grad_enabled()
     if compile is None:
         compile = model.device.type == "cuda"
+        if not compile:
+            _declined("compiled decoder layer", f"device is {model.device.type}", expected=True)
     layer_fn = _compiled_layer_fn(model, options, batch) if compile else None
     layer_fn = layer_fn or _make_layer_fn(model.config, options)
     cu, max_len = batch.cu_seqlens, batch.max_seqlen
@@ -454,12 +488,19 @@ _KERNELS_BROKEN: list[str] = []
 def _use_kernels(t: torch.Tensor) -> bool:
     """Triton for the softmax passes on CUDA, unless a launch has failed before."""
     on = t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return HAS_TRITON and on and not _KERNELS_BROKEN
+    if HAS_TRITON and on and not _KERNELS_BROKEN:
+        return True
+    if not on:
+        _declined("Triton LM-head kernels", f"device is {t.device.type}; torch ops", expected=True)
+    elif not HAS_TRITON:
+        _declined("Triton LM-head kernels", "triton is not installed; torch ops")
+    return False
 
 
 def _kernel_failed(err: Exception) -> None:
     """Remember that the kernels do not build here; the torch path takes over."""
     _KERNELS_BROKEN.append(repr(err))
+    _declined("Triton LM-head kernels", f"a launch failed ({repr(err)[:200]}); torch ops")
 
 
 def _chunk_forward(hc, w, targets, temperature, entropy: bool = False):
@@ -548,7 +589,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         ent = torch.zeros_like(out)  # a diagnostic: no gradient flows through it
         for s in range(0, h.shape[0], chunk_size):
             e = s + chunk_size
-            lse[s:e], pick, chunk_ent = _chunk_forward(h[s:e], w, targets[s:e], temperature, entropy)
+            lse[s:e], pick, chunk_ent = _chunk_forward(
+                h[s:e], w, targets[s:e], temperature, entropy
+            )
             out[s:e] = pick - lse[s:e]
             if entropy:
                 ent[s:e] = chunk_ent
@@ -604,7 +647,7 @@ def chunked_logprobs(
     return (logprobs, entropy) if with_entropy else logprobs
 
 
-def _autocast(model, amp: bool | torch.dtype | None):
+def autocast(model, amp: bool | torch.dtype | None):
     """Autocast for the forward: `None` = bf16 when the weights are fp32 on CUDA (fp32 master
     weights); True = bf16; a dtype = that dtype (fp32 = none); False = none."""
     if amp is None:
@@ -631,7 +674,7 @@ def packed_logprobs(
 ):
     """Log-prob (M,) of each completion token of a pack under `model` (differentiable);
     with `with_entropy`, (log-probs, entropies) of those positions."""
-    with _autocast(model, amp):
+    with autocast(model, amp):
         hidden = packed_hidden_states(model, batch, attention, checkpoint, compile)
         picked = hidden.index_select(0, batch.pred_index)
         return chunked_logprobs(
@@ -643,74 +686,3 @@ def to_rows(values: torch.Tensor, batch: PackedBatch, fill: float = 0.0) -> torc
     """(M,) per-token values of a pack -> (n, width), one row per packed sequence."""
     out = values.new_full((batch.num_sequences, batch.width), fill)
     return out.index_put((batch.local_row, batch.col), values)
-
-
-@torch.no_grad()
-def completion_logprobs(
-    model, batches: Sequence[PackedBatch], num_rows: int, **options
-) -> torch.Tensor:
-    """(N, width) log-probs of every completion token (0 on padding), without gradients.
-
-    The old-policy and reference passes: same packing and kernels as the policy pass.
-    """
-    width = batches[0].width if batches else 0
-    out = torch.zeros(num_rows, width, device=model.device)
-    for b in batches:
-        out[b.rows] = to_rows(packed_logprobs(model, b, **options), b)
-    return out
-
-
-def grpo_backward(
-    model,
-    batches: Sequence[PackedBatch],
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    old_logprobs: torch.Tensor | None = None,
-    ref_logprobs: torch.Tensor | None = None,
-    beta: float = 0.0,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    attention: str = "auto",
-    checkpoint: bool = True,
-    amp: bool | None = None,
-    compile: bool | None = None,
-    **loss_options,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Accumulate the gradient of the whole batch's policy loss, one pack at a time.
-
-    `advantages` (N,), `mask`, `old_logprobs`, `ref_logprobs` (N, width) cover the whole
-    batch; `old_logprobs=None` means one optimizer step per rollout (the ratio is 1 and
-    its gradient that of the log-probs, as with detached current log-probs). The whole
-    batch's denominator is passed to every pack, so the summed pack losses equal the
-    full-batch loss. Returns that loss (detached) and token-weighted means of the stats.
-    """
-    aggregation = loss_options.get("aggregation", "seq-mean-token-mean")
-    normalizer = loss_normalizer(mask, aggregation, loss_options.get("norm_length"))
-    total = torch.zeros((), device=model.device)
-    stats: dict[str, torch.Tensor] = {}
-    weight_sum = mask.sum().clamp(min=1).float()
-    for b in batches:
-        lp = to_rows(
-            packed_logprobs(model, b, temperature, chunk_size, attention, checkpoint, amp, compile),
-            b,
-        )
-        rows = b.rows
-        old = lp.detach() if old_logprobs is None else old_logprobs[rows]
-        ref = None if ref_logprobs is None else ref_logprobs[rows]
-        loss, st = policy_loss(
-            lp,
-            old,
-            advantages[rows],
-            mask[rows],
-            ref_logprobs=ref,
-            beta=beta,
-            normalizer=normalizer,
-            **loss_options,
-        )
-        loss.backward()
-        total += loss.detach()
-        w = mask[rows].sum().float() / weight_sum
-        for k, v in st.items():
-            stats[k] = stats.get(k, 0.0) + v * w
-    return total, stats

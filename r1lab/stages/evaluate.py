@@ -22,22 +22,14 @@ import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from r1lab.config import (
-    ConfigError,
-    StageConfig,
-    config_dict,
-    resolve_device,
-    resolve_dtype,
-    write_config,
-)
-from r1lab.engine.generate import Completion, SamplingParams, sample
+from r1lab.config import StageConfig, config_dict, write_config
+from r1lab.engine.generate import SamplingParams
 from r1lab.metrics import (
     is_self_check,
     length_stats,
@@ -50,12 +42,33 @@ from r1lab.metrics import (
     rate,
     truncation_rate,
 )
-from r1lab.tasks.base import Example, Task, get_task, task_names
-from r1lab.training import console, is_done, mark_done, progress_bar, set_cpu_threads, set_seed
+from r1lab.stages.judging import (
+    TEMPLATE_NAMES,
+    SampleResult,
+    describe_model,
+    judge_samples,
+    load_model_and_tokenizer,
+    render_prompts,
+    sample_completions,
+)
+from r1lab.stages.task_spec import TaskSpec, load_task_examples, parse_task_spec
+from r1lab.tasks.base import Example, Task, get_task
+from r1lab.training import console, is_done, mark_done, set_cpu_threads, set_seed
 
-TEMPLATE_NAMES = ("r1-zero", "r1-chat", "plain")
 BREAKDOWN_KEYS = ("subject", "level", "language", "family")
-SPEC_KEYS = ("name", "n", "split", "seed", "label")  # the rest of a task spec are task options
+# Re-exported: the eval stage's public names for its task specs and judged samples.
+__all__ = [
+    "Config",
+    "SampleResult",
+    "TaskSpec",
+    "describe_model",
+    "evaluate",
+    "evaluate_with_records",
+    "load_model_and_tokenizer",
+    "load_task_examples",
+    "parse_task_spec",
+    "run",
+]
 
 
 # --- config -------------------------------------------------------------------------------
@@ -97,7 +110,7 @@ class Config(StageConfig):
     def _known_tasks(cls, value: list) -> list:
         if not value:
             raise ValueError("at least one task is needed")
-        labels = [parse_task_spec(spec).label for spec in value]
+        labels = [parse_task_spec(spec).title for spec in value]
         repeated = sorted({lbl for lbl in labels if labels.count(lbl) > 1})
         if repeated:
             raise ValueError(f"task labels must be unique, repeated: {repeated} (set 'label')")
@@ -111,76 +124,7 @@ class Config(StageConfig):
         return self
 
 
-# --- task specs ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One held-out set: which task, how many questions, and the task's own options."""
-
-    label: str
-    name: str
-    n: int | None = None
-    split: str | None = None
-    seed: int | None = None
-    options: tuple[tuple[str, Any], ...] = ()
-
-
-def parse_task_spec(spec: str | dict) -> TaskSpec:
-    """A `TaskSpec` from a config entry; an unknown task name lists the known ones."""
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise ValueError(f"task spec {spec!r}: expected a task name or a mapping with 'name'")
-    name = spec["name"]
-    known = task_names()
-    if name not in known:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(known)}")
-    n = spec.get("n")
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ValueError(f"task {name!r}: n must be a positive integer, got {n!r}")
-    options = tuple(sorted((k, v) for k, v in spec.items() if k not in SPEC_KEYS))
-    return TaskSpec(
-        spec.get("label") or name, name, n, spec.get("split"), spec.get("seed"), options
-    )
-
-
-def load_task_examples(
-    spec: str | dict | TaskSpec, n: int | None = None, split: str = "test", seed: int = 0
-) -> tuple[TaskSpec, Task, list[Example]]:
-    """The task and its examples; the spec's own n/split/seed win over the arguments."""
-    if not isinstance(spec, TaskSpec):
-        spec = parse_task_spec(spec)
-    try:
-        task = get_task(spec.name, **dict(spec.options))
-    except TypeError as err:
-        raise ConfigError(f"task {spec.name!r}: bad options {dict(spec.options)} ({err})") from err
-    examples = task.examples(
-        spec.split or split,
-        spec.n if spec.n is not None else n,
-        spec.seed if spec.seed is not None else seed,
-    )
-    if not examples:
-        raise ConfigError(f"task {spec.label!r} gave no examples (split {spec.split or split!r})")
-    return spec, task, examples
-
-
 # --- sampling and judging -----------------------------------------------------------------
-
-
-@dataclass
-class SampleResult:
-    """One judged sample: what was written, what answer it gave, and how it was judged."""
-
-    completion: str
-    answer: str | None
-    correct: bool
-    judged: bool  # False when the checker failed (then `correct` is False and `reason` says why)
-    reason: str | None
-    finish_reason: str
-    n_tokens: int
-    format_ok: bool | None  # None when the template has no structure to check
-    language_consistency: float | None
 
 
 def sampling_settings(
@@ -191,98 +135,6 @@ def sampling_settings(
         k, temperature, top_p = 1, 0.0, 1.0
     return {"greedy": greedy, "k": k, "temperature": temperature, "top_p": top_p,
             "max_new_tokens": max_new_tokens, "seed": seed}  # fmt: skip
-
-
-def render_prompts(template: str, examples: Sequence[Example], tokenizer) -> list[str]:
-    from r1lab.model.tokenizer import render_prompt
-
-    return [render_prompt(template, ex.question, tokenizer) for ex in examples]
-
-
-def generate_completions(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    params: SamplingParams,
-    *,
-    max_batch_size: int = 256,
-    progress: bool = True,
-    description: str = "sampling",
-) -> list[Completion]:
-    """`params.n` completions per prompt, grouped by prompt, with a progress bar over prompts.
-
-    Prompts go to `sample` in batches of `max_batch_size // n` questions (all k samples of a
-    question in one batch); batch b draws with seed `params.seed + b`, so a run is
-    reproducible for a given batch size.
-    """
-    if not prompts:
-        raise ValueError("no prompts to sample")
-    ids = tokenizer(list(prompts))["input_ids"]
-    per_batch = max(1, max_batch_size // params.n)
-    out: list[Completion] = []
-    bar = progress_bar(description, total=len(prompts)) if progress else nullcontext(_no_advance)
-    with bar as advance:
-        for b, start in enumerate(range(0, len(ids), per_batch)):
-            seed = None if params.seed is None else params.seed + b
-            batch_params = SamplingParams(**{**asdict(params), "seed": seed})
-            for c in sample(
-                model, ids[start : start + per_batch], batch_params, tokenizer, max_batch_size
-            ):
-                c.prompt_index += start
-                out.append(c)
-            advance(min(per_batch, len(ids) - start))
-    return out
-
-
-def _no_advance(n: int = 1, info: str = "") -> None:
-    return None
-
-
-def judge_completions(
-    task: Task,
-    examples: Sequence[Example],
-    prompts: Sequence[str],
-    completions: Sequence[Completion],
-    template: str,
-) -> list[list[SampleResult]]:
-    """Judge every completion (accuracy, answer, format, language); one row per question."""
-    from r1lab.rewards import AccuracyReward, FormatReward, LanguageConsistencyReward
-    from r1lab.rewards.base import prefills_think
-    from r1lab.tasks.answers import extract_answer
-
-    owner = [examples[c.prompt_index] for c in completions]
-    row_prompts = [prompts[c.prompt_index] for c in completions]
-    texts = [c.text or "" for c in completions]
-    columns = {
-        "answer": [ex.answer for ex in owner],
-        "task": [task] * len(owner),
-        "meta": [ex.meta for ex in owner],
-        "question": [ex.question for ex in owner],
-        "language": [ex.meta.get("language") for ex in owner],
-    }
-    hint = template if template in ("r1-zero", "r1-chat") else None
-    accuracy = AccuracyReward(template_hint=hint)(row_prompts, texts, **columns)
-    structure = FormatReward(template)(row_prompts, texts) if hint else [None] * len(texts)
-    language = LanguageConsistencyReward()(row_prompts, texts, **columns)
-
-    rows: list[list[SampleResult]] = [[] for _ in examples]
-    for i, c in enumerate(completions):
-        score = accuracy[i]
-        rows[c.prompt_index].append(
-            SampleResult(
-                completion=texts[i],
-                answer=extract_answer(texts[i], hint, prefilled=prefills_think(row_prompts[i]))
-                or None,  # an empty answer is no answer: it never votes
-                correct=score is not None and score >= 1.0,
-                judged=score is not None,
-                reason=accuracy.reasons[i],
-                finish_reason=c.finish_reason,
-                n_tokens=len(c.token_ids),
-                format_ok=None if structure[i] is None else structure[i] >= 1.0,
-                language_consistency=language[i],
-            )
-        )
-    return rows
 
 
 def answer_equivalence(task: Task, example: Example) -> Callable[[str, str], bool]:
@@ -460,17 +312,19 @@ def evaluate_with_records(
     )
     prompts = render_prompts(template, examples, tokenizer)
     started = time.perf_counter()
-    completions = generate_completions(
+    # all k samples of a question in one sample call: batch b draws with seed + b
+    completions = sample_completions(
         model,
         tokenizer,
         prompts,
         params,
         max_batch_size=max_batch_size,
+        questions_per_call=max(1, max_batch_size // k),
         progress=progress,
         description=f"eval {task.name}",
     )
     sampled = time.perf_counter()
-    rows = judge_completions(task, examples, prompts, completions, template)
+    rows = judge_samples(task, examples, prompts, completions, template)
     result = summarize(task, examples, rows, template=template, settings=settings, n_shown=n_shown)
     done = time.perf_counter()
     tokens = sum(len(c.token_ids) for c in completions)
@@ -500,45 +354,6 @@ def evaluate(model, tokenizer, examples: Sequence[Example], task: Task | str, **
 
 
 # --- the stage ----------------------------------------------------------------------------
-
-
-def describe_model(path: str | Path) -> dict:
-    """Where a model came from: its path, and the stage, step and config of its run dir.
-
-    A stage run dir holds `DONE` (fingerprint, finish time, the stage's own summary such as
-    its kind and last step) and `config.yaml`; a bare model folder has neither, and only its path is
-    known.
-    """
-    import yaml
-
-    path = Path(path)
-    info: dict[str, Any] = {"path": str(path.resolve()) if path.exists() else str(path)}
-    run_dir = path.parent if path.name == "model" and (path.parent / "DONE").exists() else path
-    done, config = run_dir / "DONE", run_dir / "config.yaml"
-    if done.is_file():
-        record = json.loads(done.read_text())
-        info["stage"] = run_dir.name
-        info["stage_kind"] = record.get("stage")
-        info["step"] = record.get("step", record.get("steps"))
-        info["finished"] = record.get("finished")
-        info["fingerprint"] = record.get("fingerprint")
-    if config.is_file():
-        try:
-            info["stage_config"] = yaml.safe_load(config.read_text())
-        except yaml.YAMLError:
-            info["stage_config"] = None
-    return info
-
-
-def load_model_and_tokenizer(model_path: str, device: str, dtype: str):
-    """The model (on the resolved device and dtype) and its tokenizer, which must exist."""
-    from r1lab.api import load
-
-    dev = resolve_device(device)
-    model, tokenizer = load(model_path, dtype=resolve_dtype(dtype, dev), device=dev)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{model_path}: no tokenizer next to the model")
-    return model, tokenizer
 
 
 def _pct(value: float | None) -> str:
@@ -670,8 +485,8 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             max_batch_size=cfg.max_batch_size,
             n_shown=cfg.n_shown,
         )
-        sets[spec.label] = result
-        records[spec.label] = (examples, rows)
+        sets[spec.title] = result
+        records[spec.title] = (examples, rows)
 
     report = {
         "model": describe_model(cfg.model),

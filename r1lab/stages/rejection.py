@@ -36,16 +36,14 @@ from r1lab.config import StageConfig, config_dict, write_config
 from r1lab.engine.generate import SamplingParams
 from r1lab.rewards.base import prefills_think
 from r1lab.rewards.format import STRUCTURES
-from r1lab.stages.evaluate import (
+from r1lab.stages.judging import (
     TEMPLATE_NAMES,
     SampleResult,
     describe_model,
-    generate_completions,
-    judge_completions,
+    judge_samples,
     load_model_and_tokenizer,
-    load_task_examples,
-    parse_task_spec,
     render_prompts,
+    sample_completions,
 )
 from r1lab.stages.readability import (
     DEFAULT_MAX_PARAGRAPH_CHARS,
@@ -55,6 +53,7 @@ from r1lab.stages.readability import (
     normalized_text,
     readability_problems,
 )
+from r1lab.stages.task_spec import load_task_examples, parse_task_spec
 from r1lab.tasks.base import Example
 from r1lab.training import console, is_done, mark_done, set_cpu_threads, set_seed
 
@@ -307,15 +306,17 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     for spec in cfg.tasks:
         spec, task, examples = load_task_examples(spec, cfg.n, cfg.split, cfg.seed)
         prompts = render_prompts(cfg.template, examples, tokenizer)
-        completions = generate_completions(
+        completions = sample_completions(
             model,
             tokenizer,
             prompts,
             params,
             max_batch_size=cfg.max_batch_size,
-            description=f"rejection {spec.label}",
+            questions_per_call=max(1, cfg.max_batch_size // params.n),
+            progress=True,
+            description=f"rejection {spec.title}",
         )
-        rows = judge_completions(task, examples, prompts, completions, cfg.template)
+        rows = judge_samples(task, examples, prompts, completions, cfg.template)
         sel = select_samples(
             examples,
             prompts,
@@ -328,9 +329,9 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             max_paragraph_chars=cfg.max_paragraph_chars,
             min_language_consistency=cfg.min_language_consistency,
             provenance=provenance,
-            label=spec.label,
+            label=spec.title,
         )
-        sets[spec.label] = _counts_summary(sel, len(examples))
+        sets[spec.title] = _counts_summary(sel, len(examples))
         kept += sel.kept
         rejected += sel.rejected
         total.counts.update(sel.counts)

@@ -1,6 +1,7 @@
 """The rollout half of GRPO: draw questions, sample a group of answers each, score them.
 
-Kept apart from `grpo.py` so that the stage file holds the update and the loop.
+Kept apart from `grpo.py` so that the stage file holds the loop. Sampling and scoring are
+`r1lab.stages.judging`'s, the same path the eval and rejection stages take.
 Everything is reproducible from (seed, step): a resumed run draws and samples exactly
 what the uninterrupted run would have.
 """
@@ -8,31 +9,31 @@ what the uninterrupted run would have.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from r1lab.engine.generate import Completion, SamplingParams, sample
+from r1lab.engine.generate import Completion, SamplingParams
 from r1lab.metrics import is_self_check
-from r1lab.model.tokenizer import render_prompt
-from r1lab.tasks.base import Example, Task, get_task
+from r1lab.rewards.combine import CombinedRewards
+from r1lab.rl import zero_variance_groups
+from r1lab.stages.judging import (
+    RewardSet,
+    join_scores,
+    render_prompts,
+    sample_completions,
+    score_completions,
+)
+from r1lab.tasks.base import Example, Task
 from r1lab.training import console
 
 SAMPLE_TEXT_CHARS = 1500  # longest completion text kept in samples.jsonl
-
-# Built-in rewards whose behaviour follows the prompt template (the structure they check,
-# where they read the final answer): their options default to the run's template.
-TEMPLATE_OPTIONS: dict[str, Callable[[str], dict]] = {
-    "accuracy": lambda template: {"template_hint": template} if template != "plain" else {},
-    "format": lambda template: (
-        {"structure": template} if template in ("r1-zero", "r1-chat") else {}
-    ),
-}
+ZERO_STD_WARN_FRAC = 0.5  # warn when more of the groups than this carry no signal
+ZERO_STD_WARN_EVERY = 25  # steps between two such warnings
 
 
 def derive_seed(*parts: Any) -> int:
@@ -70,7 +71,7 @@ class TaskMixture:
         self.seed = seed
         self.removed = 0
         for spec in specs:
-            task = get_task(spec.name, **spec.options)
+            task = spec.task()
             pool = task.examples("train", n=pool_size, seed=seed)
             kept = [ex for ex in pool if question_key(ex.question) not in (exclude or set())]
             self.removed += len(pool) - len(kept)
@@ -94,49 +95,6 @@ class TaskMixture:
         return out
 
 
-# ---- rewards ----------------------------------------------------------------------------------
-def load_reward(name: str, options: dict, template: str) -> Callable:
-    """A built-in reward by name, or `package.module:function` for a user's own callable."""
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(
-                f"reward {name!r}: cannot import {attr!r} from {module_name!r} ({err})"
-            ) from err
-        if not callable(fn):
-            raise ValueError(f"reward {name!r} is not callable")
-        return fn(**options) if options else fn
-    from r1lab.rewards.base import get_reward
-
-    defaults = TEMPLATE_OPTIONS.get(name.removesuffix("_reward"), lambda _t: {})(template)
-    return get_reward(name, **{**defaults, **options})
-
-
-class RewardSet:
-    """Reward functions with weights, scored together by `r1lab.rewards.combine_rewards`.
-
-    A sample's total is None when a weighted function could not judge it; such a sample
-    is left out of its group's statistics and gets advantage 0, so a failing checker
-    neither rewards nor punishes (never a silent zero).
-    """
-
-    def __init__(self, specs: dict[str, Any], template: str):
-        self.items: list[tuple[Callable, float]] = [
-            (load_reward(name, dict(spec.options), template), spec.weight)
-            for name, spec in specs.items()
-        ]
-
-    def add(self, fn: Callable, weight: float) -> None:
-        self.items.append((fn, weight))
-
-    def __call__(self, prompts: list[str], completions: list[str], **columns: Any):
-        from r1lab.rewards.combine import combine_rewards
-
-        return combine_rewards(self.items, prompts, completions, **columns)
-
-
 # ---- sampling ---------------------------------------------------------------------------------
 @dataclass
 class Group:
@@ -152,19 +110,18 @@ class Group:
     reasons: dict[str, list[str | None]] = field(default_factory=dict)
 
     @property
-    def reward_std(self) -> float:
-        """Sample std of the judged rewards (0 with fewer than two), as the advantage uses."""
-        judged = [r for r in self.rewards if r is not None]
-        if len(judged) < 2:
-            return 0.0
-        mean = sum(judged) / len(judged)
-        return math.sqrt(sum((r - mean) ** 2 for r in judged) / (len(judged) - 1))
-
-    @property
     def has_signal(self) -> bool:
         """At least two judged rewards that differ: the group has a non-zero advantage."""
+        return not bool(zero_variance_groups(self.rewards, len(self.rewards))[0])
+
+    @property
+    def reward_std(self) -> float:
+        """Sample std of the judged rewards (0 without a spread), as the advantage uses."""
+        if not self.has_signal:
+            return 0.0
         judged = [r for r in self.rewards if r is not None]
-        return len(judged) >= 2 and max(judged) > min(judged)
+        mean = sum(judged) / len(judged)
+        return math.sqrt(sum((r - mean) ** 2 for r in judged) / (len(judged) - 1))
 
 
 @dataclass
@@ -173,6 +130,7 @@ class Rollout:
 
     groups: list[Group]
     sampled: list[Group]
+    scores: CombinedRewards  # of every completion of `sampled`, in order
     rounds: int
     sample_s: float
     score_s: float
@@ -189,31 +147,32 @@ def sample_groups(
     template: str,
     params: SamplingParams,
     max_batch_size: int | None = None,
-) -> list[Group]:
+) -> tuple[list[Group], list[Completion]]:
     """Render each question with the template and sample `params.n` completions of it."""
-    prompts = [render_prompt(template, ex.question, tokenizer) for _, ex in drawn]
-    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    completions = sample(model, prompt_ids, params, tokenizer, max_batch_size=max_batch_size)
+    prompts = render_prompts(template, [ex for _, ex in drawn], tokenizer)
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    completions = sample_completions(
+        model, tokenizer, prompts, params, max_batch_size=max_batch_size, prompt_ids=prompt_ids
+    )
     g = params.n
-    return [
+    groups = [
         Group(task, ex, prompts[i], prompt_ids[i], completions[i * g : (i + 1) * g])
         for i, (task, ex) in enumerate(drawn)
     ]
+    return groups, completions
 
 
-def score_groups(groups: list[Group], rewards: RewardSet) -> None:
-    """Score every completion of `groups` in one call per reward function (in place)."""
-    flat = [(g, c) for g in groups for c in g.completions]
-    columns = {
-        "answer": [g.example.answer for g, _ in flat],
-        "task": [g.task for g, _ in flat],
-        "meta": [g.example.meta for g, _ in flat],
-        "question": [g.example.question for g, _ in flat],
-        "language": [g.example.meta.get("language") for g, _ in flat],
-        "finish_reason": [c.finish_reason for _, c in flat],
-        "completion_lengths": [len(c.token_ids) for _, c in flat],
-    }
-    scores = rewards([g.prompt for g, _ in flat], [c.text or "" for _, c in flat], **columns)
+def score_groups(
+    groups: list[Group], completions: list[Completion], rewards: RewardSet
+) -> CombinedRewards:
+    """Score the groups' completions in one call per reward function; each group keeps its part."""
+    scores = score_completions(
+        rewards,
+        [g.prompt for g in groups],
+        [g.example for g in groups],
+        [g.task for g in groups],
+        completions,
+    )
     start = 0
     for g in groups:
         end = start + len(g.completions)
@@ -221,6 +180,7 @@ def score_groups(groups: list[Group], rewards: RewardSet) -> None:
         g.by_fn = {k: v[start:end] for k, v in scores.scores.items()}
         g.reasons = {k: v[start:end] for k, v in scores.reasons.items()}
         start = end
+    return scores
 
 
 def collect_rollout(
@@ -248,6 +208,7 @@ def collect_rollout(
     """
     kept: list[Group] = []
     sampled: list[Group] = []
+    scores: list[CombinedRewards] = []
     sample_s = score_s = 0.0
     rounds = 0
     for round_ in range(1 + (max_resample if dynamic_sampling else 0)):
@@ -259,34 +220,27 @@ def collect_rollout(
             n=group_size, seed=derive_seed(seed, "sample", step, round_), **sampling
         )
         t0 = time.perf_counter()
-        groups = sample_groups(
+        groups, completions = sample_groups(
             model, tokenizer, mixture.draw(need, step, round_), template, params, max_batch_size
         )
         t1 = time.perf_counter()
-        score_groups(groups, rewards)
+        scores.append(score_groups(groups, completions, rewards))
         t2 = time.perf_counter()
         sample_s += t1 - t0
         score_s += t2 - t1
         sampled += groups
         kept += [g for g in groups if g.has_signal] if dynamic_sampling else groups
-    return Rollout(kept[:questions], sampled, rounds, sample_s, score_s)
+    return Rollout(kept[:questions], sampled, join_scores(scores), rounds, sample_s, score_s)
 
 
 # ---- what a rollout says ------------------------------------------------------------------
 def rollout_metrics(rollout: Rollout, dynamic_sampling: bool = False) -> dict[str, Any]:
     """Reward, length and signal statistics over every group sampled this step."""
-    from r1lab.rewards.combine import CombinedRewards
-
     groups = rollout.sampled
-    combined = CombinedRewards(
-        weights={},
-        scores={k: [v for g in groups for v in g.by_fn[k]] for k in groups[0].by_fn},
-        reasons={},
-        total=[r for g in groups for r in g.rewards],
-    )
-    out: dict[str, Any] = combined.metrics()
+    out: dict[str, Any] = rollout.scores.metrics()
     out["reward_std"] = sum(g.reward_std for g in groups) / len(groups)
-    out["frac_reward_zero_std"] = sum(not g.has_signal for g in groups) / len(groups)
+    zero_std = zero_variance_groups(rollout.scores.total, len(groups[0].completions))
+    out["frac_reward_zero_std"] = int(zero_std.sum()) / len(groups)
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     reasons = [c.finish_reason for g in groups for c in g.completions]
     out["completions/mean_length"] = sum(lengths) / len(lengths)
@@ -300,21 +254,10 @@ def rollout_metrics(rollout: Rollout, dynamic_sampling: bool = False) -> dict[st
     return out
 
 
-def not_judged(rollout: Rollout) -> dict[str, Counter]:
-    """Per reward function, how often each reason for a None score came up."""
-    out: dict[str, Counter] = {}
-    for g in rollout.sampled:
-        for fn, scores in g.by_fn.items():
-            for s, why in zip(scores, g.reasons[fn]):
-                if s is None:
-                    out.setdefault(fn, Counter())[why or "no reason given"] += 1
-    return out
-
-
 def check_judged(rollout: Rollout, step: int) -> None:
     """Stop on a step where nothing could be judged; say loudly when some of it was not."""
-    reasons = not_judged(rollout)
-    if all(r is None for g in rollout.sampled for r in g.rewards):
+    reasons = {fn: c for fn, c in rollout.scores.none_reasons.items() if c}
+    if all(r is None for r in rollout.scores.total):
         detail = "; ".join(f"{fn}: {dict(c.most_common(3))}" for fn, c in reasons.items())
         raise RuntimeError(
             f"step {step}: no completion could be judged by the rewards (every total reward is "
@@ -348,3 +291,34 @@ def sample_records(rollout: Rollout, step: int, k: int) -> list[dict]:
             }
         )
     return out
+
+
+# ---- signal and console ------------------------------------------------------------------------
+def warn_zero_variance(frac: float, step: int, last_warned: int | None) -> int | None:
+    """A loud warning when most groups have no reward spread (no learning signal)."""
+    if frac <= ZERO_STD_WARN_FRAC or (
+        last_warned is not None and step - last_warned < ZERO_STD_WARN_EVERY
+    ):
+        return last_warned
+    message = (
+        f"step {step}: {100 * frac:.0f}% of the groups have zero reward variance (all "
+        "completions of a question scored the same), so their advantages are 0 and they "
+        "teach nothing. Look at samples.jsonl: are the rewards right? If the questions are "
+        "all too easy or too hard, change the task mix, or raise group_size or temperature, "
+        "or set dynamic_sampling=true."
+    )
+    console.print(f"[bold red]WARNING: {message}")
+    return step
+
+
+def console_line(step: int, total: int, m: dict[str, Any]) -> str:
+    fns = " ".join(
+        f"{k.split('/')[1]} {m[k]:.2f}"
+        for k in m
+        if k.startswith("rewards/") and k.endswith("/mean")
+    )
+    return (
+        f"step {step}/{total} reward {m['reward']:.3f} ({fns}) zero-std {m['frac_reward_zero_std']:.2f} "
+        f"len {m['completions/mean_length']:.0f} kl {m['kl']:.2e} ent {m['entropy']:.2f} "
+        f"gn {m['grad_norm']:.2f} lr {m['learning_rate']:.1e} {m['step_time']:.1f}s"
+    )

@@ -1,0 +1,367 @@
+"""The GRPO update on one rollout: completion log-probs, the clipped loss, micro-batched gradients.
+
+`r1lab grpo` and `benchmarks/grpo_step.py` both call `update_on_rollout`, so the benchmark
+times the stage's own update. Everything the update needs arrives as explicit arguments:
+the sequences (`TrainBatch`) and the handful of settings of `UpdateSettings`.
+
+A mini-batch is cut into micro-batches of `micro_batch_size` sequences whose losses share
+the mini-batch's normaliser, so the gradient does not depend on the micro-batch size. A
+micro-batch is either laid end to end without padding (`packed`, the fast path of
+r1lab.engine.fast_train) or left/right padded (the reference the tests hold it to); the
+packed path never builds the padded tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from r1lab.engine import fast_train
+from r1lab.engine.logprobs import token_logprobs
+from r1lab.rl import group_advantages, loss_normalizer, policy_loss, truncation_mask
+from r1lab.training import clip_grad
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """What the update computes (the objective) and how (batching, dtype, kernels)."""
+
+    temperature: float = 1.0  # the rollout's: the ratio compares the sampled distribution
+    beta: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    ratio_level: str = "token"
+    aggregation: str = "seq-mean-token-mean"
+    norm_length: float | None = None  # the constant of seq-mean-token-sum-norm
+    mu: int = 1
+    mini_batches: int = 1
+    micro_batch_size: int = 0  # sequences per forward; 0 = the whole mini-batch
+    grad_clip: float = 1.0
+    packed: bool = True
+    compute_dtype: torch.dtype = torch.float32  # forwards run under autocast below fp32
+    pad_id: int = 0  # the padded path's filler
+    lm_head_chunk: int = 1024  # LM-head rows per chunk on the packed path
+    attention: str = "auto"  # packed path: "auto" | "varlen" | "sdpa"
+    checkpoint_layers: bool = True  # packed path, on CUDA, when differentiating
+    compile_layers: bool | None = None  # packed path: None = on CUDA
+
+
+@dataclass
+class TrainBatch:
+    """The sequences of one rollout as the update sees them."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    advantages: torch.Tensor  # (N,)
+    counted: list[bool]  # False: the completion's tokens are left out of the loss
+    sampler_logprobs: list[list[float]]
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+def train_batch(
+    groups, *, group_size: int, adv_scale: str, adv_baseline: str, mask_truncated: bool
+) -> TrainBatch:
+    """Flatten the rollout's groups to sequences with their group-relative advantages."""
+    rewards = [r for g in groups for r in g.rewards]
+    advantages = group_advantages(rewards, group_size, scale=adv_scale, baseline=adv_baseline)
+    completions = [c for g in groups for c in g.completions]
+    return TrainBatch(
+        prompt_ids=[g.prompt_ids for g in groups for _ in g.completions],
+        completion_ids=[c.token_ids for c in completions],
+        advantages=advantages,
+        counted=[not (mask_truncated and c.finish_reason == "length") for c in completions],
+        sampler_logprobs=[c.logprobs for c in completions],
+    )
+
+
+# ---- one micro-batch ----------------------------------------------------------------------------
+@dataclass
+class MicroBatch:
+    """Sequences `indices` of a batch, laid out for one forward by the configured path."""
+
+    indices: list[int]
+    mask: torch.Tensor  # (n, width) bool: completion tokens that count in the loss
+    advantages: torch.Tensor  # (n,)
+    train_tokens: int  # prompt + completion tokens the forward runs over
+    pack: fast_train.PackedBatch | None = None  # packed path
+    padded: dict[str, Any] | None = None  # padded path: input_ids, attention_mask, prompt_width
+
+
+def micro_batch(
+    batch: TrainBatch, indices: list[int], settings: UpdateSettings, device
+) -> MicroBatch:
+    """The loss mask and advantages of `indices`, plus the inputs of the configured path."""
+    width = max(max(len(batch.completion_ids[i]) for i in indices), 1)
+    mask = torch.zeros((len(indices), width), dtype=torch.bool)
+    for row, i in enumerate(indices):
+        mask[row, : len(batch.completion_ids[i])] = True
+    mask = truncation_mask(torch.tensor([not batch.counted[i] for i in indices]), mask)
+    tokens = sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in indices)
+    mb = MicroBatch(indices, mask.to(device), batch.advantages[indices].to(device), tokens)
+    if settings.packed:
+        mb.pack = fast_train.pack_rollouts(
+            [batch.prompt_ids[i] for i in indices],
+            [batch.completion_ids[i] for i in indices],
+            max_tokens=2**62,  # one pack: the micro-batch is the unit of memory here
+            device=device,
+        )[0]
+    else:
+        mb.padded = _padded_inputs(batch, indices, settings.pad_id, device)
+    return mb
+
+
+def _padded_inputs(batch: TrainBatch, indices: list[int], pad_id: int, device) -> dict[str, Any]:
+    """Sequences laid out as [left-padded prompt | right-padded completion].
+
+    Every completion then starts at the same column P, so the completion log-probs of the
+    whole micro-batch are one slice of the model's output.
+    """
+    p_width = max(len(batch.prompt_ids[i]) for i in indices)
+    c_width = max(max(len(batch.completion_ids[i]) for i in indices), 1)
+    ids = torch.full((len(indices), p_width + c_width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(indices), p_width + c_width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        p, c = batch.prompt_ids[i], batch.completion_ids[i]
+        ids[row, p_width - len(p) : p_width] = torch.tensor(p, dtype=torch.long)
+        ids[row, p_width : p_width + len(c)] = torch.tensor(c, dtype=torch.long)
+        attn[row, p_width - len(p) : p_width + len(c)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "prompt_width": p_width}
+
+
+def completion_logprobs(
+    model, mb: MicroBatch, settings: UpdateSettings, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of the completion tokens of `mb`, (n, width), in fp32.
+
+    Taken under softmax(logits / temperature), the distribution the rollout sampled from,
+    so that the importance ratio compares the same quantity. Both paths give the same
+    values; the packed one spends no compute on padding (a rollout's completions differ in
+    length by several times). On CUDA the packed path compiles and checkpoints the decoder
+    layers and uses varlen attention (see fast_train).
+    """
+    width = mb.mask.shape[1]
+    if mb.pack is not None:
+        out = fast_train.packed_logprobs(
+            model,
+            mb.pack,
+            settings.temperature,
+            chunk_size=settings.lm_head_chunk,
+            attention=settings.attention,
+            checkpoint=settings.checkpoint_layers
+            and model.device.type == "cuda"
+            and torch.is_grad_enabled(),
+            amp=settings.compute_dtype,
+            compile=settings.compile_layers,
+            with_entropy=with_entropy,
+        )
+        lp, ent = out if with_entropy else (out, None)
+
+        def rows(values: torch.Tensor) -> torch.Tensor:
+            r = fast_train.to_rows(values, mb.pack)
+            return torch.nn.functional.pad(r, (0, width - r.shape[1])) if r.shape[1] < width else r
+
+        return rows(lp), (rows(ent) if ent is not None else None)
+    inputs = mb.padded
+    with fast_train.autocast(model, settings.compute_dtype):
+        lp, ent = token_logprobs(
+            model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            temperature=settings.temperature,
+            with_entropy=with_entropy,
+        )
+    start = inputs["prompt_width"] - 1
+    return lp[:, start : start + width], (
+        ent[:, start : start + width] if ent is not None else None
+    )
+
+
+# ---- a mini-batch -------------------------------------------------------------------------------
+def micro_batches(batch: TrainBatch, indices: list[int], size: int) -> list[list[int]]:
+    """Split `indices` into chunks of `size` (0 = one chunk), similar lengths together."""
+    if size <= 0 or size >= len(indices):
+        return [list(indices)]
+    ordered = sorted(indices, key=lambda i: len(batch.prompt_ids[i]) + len(batch.completion_ids[i]))
+    return [ordered[s : s + size] for s in range(0, len(ordered), size)]
+
+
+def minibatch_normalizer(batch: TrainBatch, indices: list[int], settings: UpdateSettings) -> float:
+    """The loss denominator of the whole mini-batch (see `r1lab.rl.loss_normalizer`)."""
+    width = max(max(len(batch.completion_ids[i]) for i in indices), 1)
+    mask = torch.zeros((len(indices), width), dtype=torch.bool)
+    for row, i in enumerate(indices):
+        if batch.counted[i]:
+            mask[row, : len(batch.completion_ids[i])] = True
+    return loss_normalizer(mask, settings.aggregation, norm_length=settings.norm_length)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch: TrainBatch, settings: UpdateSettings) -> list[torch.Tensor]:
+    """Per-sequence completion log-probs under `model`'s current weights, without gradients.
+
+    The old-policy pass before a rollout's first update (and any other frozen pass): the
+    same micro-batches, layout and kernels as the policy pass.
+    """
+    out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+    for chunk in micro_batches(batch, list(range(len(batch))), settings.micro_batch_size):
+        lp, _ = completion_logprobs(
+            model, micro_batch(batch, chunk, settings, model.device), settings
+        )
+        for row, i in enumerate(chunk):
+            out[i] = lp[row, : len(batch.completion_ids[i])].detach()
+    return out
+
+
+def _pad_rows(rows: list[torch.Tensor], width: int, device) -> torch.Tensor:
+    out = torch.zeros((len(rows), width), dtype=torch.float32, device=device)
+    for r, t in enumerate(rows):
+        out[r, : t.numel()] = t.to(device=device, dtype=torch.float32)
+    return out
+
+
+def sampler_gap(batch: TrainBatch, indices: list[int], logprobs: list[torch.Tensor]) -> float:
+    """Largest |training log-prob - sampler log-prob| over the tokens of `indices`.
+
+    Both are log p(token) under softmax(logits / T) from the same weights; they differ
+    only by the numerics of the two paths (KV cache vs full forward, dtype). About 1e-6 on
+    CPU in fp32; a large value means the ratio of the first update is not 1 where it
+    should be, e.g. a dtype or temperature mismatch.
+    """
+    gap = 0.0
+    for i, lp in zip(indices, logprobs):
+        sampled = torch.tensor(batch.sampler_logprobs[i], dtype=torch.float32)
+        if sampled.numel():
+            gap = max(gap, float((lp.detach().float().cpu() - sampled).abs().max()))
+    return gap
+
+
+def accumulate_gradients(
+    policy,
+    batch: TrainBatch,
+    indices: list[int],
+    settings: UpdateSettings,
+    *,
+    old_logprobs: list[torch.Tensor] | None = None,
+    ref_model=None,
+) -> dict[str, float]:
+    """Backpropagate the GRPO loss of one mini-batch, micro-batch by micro-batch.
+
+    The gradient is added to `.grad` (the caller zeroes and steps). Every micro-batch loss
+    is divided by the same whole-mini-batch normaliser, so the summed gradient equals the
+    one of a single pass over the mini-batch for any `micro_batch_size`.
+    `old_logprobs=None` means on-policy: the current log-probs, detached. `ref_model` is
+    needed when `settings.beta` > 0.
+    Returns token-weighted stats; `finite` is False (and nothing more is added) as soon as
+    a micro-batch loss is NaN or infinite.
+    """
+    normalizer = minibatch_normalizer(batch, indices, settings)
+    sums: Counter = Counter()
+    use_ref = ref_model is not None and settings.beta > 0
+    for chunk in micro_batches(batch, indices, settings.micro_batch_size):
+        mb = micro_batch(batch, chunk, settings, policy.device)
+        lp, ent = completion_logprobs(policy, mb, settings, with_entropy=True)
+        width = lp.shape[1]
+        old = (
+            lp.detach()
+            if old_logprobs is None
+            else _pad_rows([old_logprobs[i] for i in chunk], width, lp.device)
+        )
+        ref = None
+        if use_ref:
+            with torch.no_grad():
+                ref, _ = completion_logprobs(ref_model, mb, settings)
+        loss, stats = policy_loss(
+            lp,
+            old,
+            mb.advantages,
+            mb.mask,
+            ref_logprobs=ref,
+            beta=settings.beta,
+            eps_low=settings.eps_low,
+            eps_high=settings.eps_high,
+            ratio_level=settings.ratio_level,
+            aggregation=settings.aggregation,
+            normalizer=normalizer,
+        )
+        if not torch.isfinite(loss):
+            return {"finite": False}
+        loss.backward()
+        if old_logprobs is None:
+            rows = [lp[r, : len(batch.completion_ids[i])] for r, i in enumerate(chunk)]
+            sums["logprob_diff"] = max(sums["logprob_diff"], sampler_gap(batch, chunk, rows))
+        n_tok = float(mb.mask.sum())
+        sums["loss"] += float(loss.detach())
+        sums["tokens"] += n_tok
+        sums["entropy"] += float((ent * mb.mask).sum())
+        for key in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean"):
+            sums[key] += float(stats[key]) * n_tok
+        sums["train_tokens"] += float(mb.train_tokens)
+    tokens = max(sums["tokens"], 1.0)
+    out = {
+        key: sums[key] / tokens
+        for key in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean")
+    }
+    out.update(
+        loss=sums["loss"], tokens=sums["tokens"], train_tokens=sums["train_tokens"], finite=True
+    )
+    out["logprob_diff"] = sums["logprob_diff"]
+    return out
+
+
+# ---- the rollout --------------------------------------------------------------------------------
+def update_on_rollout(
+    policy, optimizer, batch: TrainBatch, settings: UpdateSettings, *, step: int, ref_model=None
+) -> dict[str, Any]:
+    """`mu` epochs x `mini_batches` optimizer steps on one rollout; averaged stats.
+
+    With one epoch of one mini-batch the update is on-policy: the old log-probs are the
+    current ones detached (ratio exactly 1), no extra forward. Otherwise they are
+    recomputed once, with the training forward and dtype, before the first update: the
+    sampler's come from a KV-cache path (and possibly another dtype), and the ratio must
+    compare like with like; the sampler's are only used for `logprob_diff`.
+    A mini-batch whose loss or gradient is not finite is skipped (no optimizer step);
+    `skipped` counts them.
+    """
+    on_policy = settings.mu == 1 and settings.mini_batches == 1
+    old = None if on_policy else sequence_logprobs(policy, batch, settings)
+    gap = None if on_policy else sampler_gap(batch, list(range(len(batch))), old)
+    gen = torch.Generator().manual_seed(step)
+    stats: list[dict] = []
+    grad_norms: list[float] = []
+    skipped = 0
+    policy.train()
+    for _epoch in range(settings.mu):
+        order = (
+            torch.randperm(len(batch), generator=gen).tolist()
+            if not on_policy
+            else list(range(len(batch)))
+        )
+        for part in range(settings.mini_batches):
+            indices = order[part :: settings.mini_batches]
+            optimizer.zero_grad(set_to_none=True)
+            result = accumulate_gradients(
+                policy, batch, indices, settings, old_logprobs=old, ref_model=ref_model
+            )
+            norm = clip_grad(policy, settings.grad_clip) if result["finite"] else math.nan
+            if not result["finite"] or not math.isfinite(norm):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            optimizer.step()
+            stats.append(result)
+            grad_norms.append(norm)
+    optimizer.zero_grad(set_to_none=True)
+    out: dict[str, Any] = {"skipped": skipped, "optimizer_steps": len(stats)}
+    if stats:
+        for key in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "loss"):
+            out[key] = sum(s[key] for s in stats) / len(stats)
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["train_tokens"] = sum(s["train_tokens"] for s in stats)
+        out["logprob_diff"] = gap if gap is not None else max(s["logprob_diff"] for s in stats)
+    return out

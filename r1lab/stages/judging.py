@@ -1,0 +1,286 @@
+"""Sample and judge: the one path from questions to scored completions.
+
+GRPO's rollout, the eval stage and rejection sampling all render questions with a template,
+sample completions, and score them with reward functions whose options follow the template.
+They do it here, so a question is asked and judged the same way wherever it is asked:
+
+- `sample_completions`: prompts -> completions (k per prompt, grouped by prompt);
+- `RewardSet` + `score_completions`: completions -> a `CombinedRewards` (per-function
+  scores with reasons, weighted totals, counts of what could not be judged);
+- `judge_samples`: the evaluation's view of the same scores (`SampleResult` per sample:
+  correct, extracted answer, format, language consistency).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from r1lab.engine.generate import Completion, SamplingParams, sample
+from r1lab.model.tokenizer import render_prompt
+from r1lab.rewards.combine import CombinedRewards, combine_rewards
+from r1lab.tasks.base import Example, Task
+from r1lab.training import progress_bar
+
+TEMPLATE_NAMES = ("r1-zero", "r1-chat", "plain")
+
+# Built-in rewards whose behaviour follows the prompt template (the structure they check,
+# where they read the final answer): their options default to the run's template.
+TEMPLATE_OPTIONS: dict[str, Callable[[str], dict]] = {
+    "accuracy": lambda template: {"template_hint": template} if template != "plain" else {},
+    "format": lambda template: (
+        {"structure": template} if template in ("r1-zero", "r1-chat") else {}
+    ),
+}
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+def render_prompts(template: str, questions: Sequence[Example | str], tokenizer) -> list[str]:
+    """Each question (an Example or its text) rendered with the prompt template."""
+    return [
+        render_prompt(template, q if isinstance(q, str) else q.question, tokenizer)
+        for q in questions
+    ]
+
+
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    *,
+    max_batch_size: int | None = None,
+    questions_per_call: int | None = None,
+    progress: bool = False,
+    description: str = "sampling",
+    prompt_ids: list[list[int]] | None = None,
+) -> list[Completion]:
+    """`params.n` completions per prompt, grouped by prompt (`prompt_index` into `prompts`).
+
+    `questions_per_call=None` samples every prompt in one `sample` call (seed
+    `params.seed`); otherwise call b takes the next `questions_per_call` prompts with seed
+    `params.seed + b`, so a run is reproducible for a given batch size. `max_batch_size`
+    caps the rows `sample` decodes at once. `prompt_ids` spares tokenizing the prompts
+    again when the caller already has them.
+    """
+    if not prompts:
+        raise ValueError("no prompts to sample")
+    ids = prompt_ids if prompt_ids is not None else tokenizer(list(prompts))["input_ids"]
+    per_call = questions_per_call or len(ids)
+    out: list[Completion] = []
+    bar = progress_bar(description, total=len(prompts)) if progress else nullcontext(_no_advance)
+    with bar as advance:
+        for b, start in enumerate(range(0, len(ids), per_call)):
+            seed = None if params.seed is None else params.seed + b
+            call_params = SamplingParams(**{**asdict(params), "seed": seed})
+            for c in sample(
+                model, ids[start : start + per_call], call_params, tokenizer, max_batch_size
+            ):
+                c.prompt_index += start
+                out.append(c)
+            advance(min(per_call, len(ids) - start))
+    return out
+
+
+def _no_advance(n: int = 1, info: str = "") -> None:
+    return None
+
+
+# ---- rewards ------------------------------------------------------------------------------------
+class RewardSpec(BaseModel):
+    """A reward function's weight and options (a bare number in YAML is just the weight)."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: float = 1.0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+def load_reward(name: str, options: dict, template: str) -> Callable:
+    """A built-in reward by name, or `package.module:function` for a user's own callable."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(
+                f"reward {name!r}: cannot import {attr!r} from {module_name!r} ({err})"
+            ) from err
+        if not callable(fn):
+            raise ValueError(f"reward {name!r} is not callable")
+        return fn(**options) if options else fn
+    from r1lab.rewards.base import get_reward
+
+    defaults = TEMPLATE_OPTIONS.get(name.removesuffix("_reward"), lambda _t: {})(template)
+    return get_reward(name, **{**defaults, **options})
+
+
+class RewardSet:
+    """Reward functions with weights, scored together by `r1lab.rewards.combine_rewards`.
+
+    A sample's total is None when a weighted function could not judge it; such a sample
+    is left out of its group's statistics and gets advantage 0, so a failing checker
+    neither rewards nor punishes (never a silent zero).
+    """
+
+    def __init__(self, specs: dict[str, Any], template: str):
+        self.items: list[tuple[Callable, float]] = [
+            (load_reward(name, dict(spec.options), template), spec.weight)
+            for name, spec in specs.items()
+        ]
+
+    def add(self, fn: Callable, weight: float) -> None:
+        self.items.append((fn, weight))
+
+    def __call__(self, prompts: list[str], completions: list[str], **columns: Any):
+        return combine_rewards(self.items, prompts, completions, **columns)
+
+
+def score_completions(
+    rewards: RewardSet,
+    prompts: Sequence[str],
+    examples: Sequence[Example],
+    tasks: Sequence[Task],
+    completions: Sequence[Completion],
+) -> CombinedRewards:
+    """Score every completion (one call per reward function), in the order given.
+
+    `prompts`, `examples` and `tasks` are per question; a completion's `prompt_index`
+    says which question it answers.
+    """
+    owner = [c.prompt_index for c in completions]
+    columns = {
+        "answer": [examples[q].answer for q in owner],
+        "task": [tasks[q] for q in owner],
+        "meta": [examples[q].meta for q in owner],
+        "question": [examples[q].question for q in owner],
+        "language": [examples[q].meta.get("language") for q in owner],
+        "finish_reason": [c.finish_reason for c in completions],
+        "completion_lengths": [len(c.token_ids) for c in completions],
+    }
+    return rewards([prompts[q] for q in owner], [c.text or "" for c in completions], **columns)
+
+
+def join_scores(parts: Sequence[CombinedRewards]) -> CombinedRewards:
+    """The scores of several batches (e.g. dynamic-sampling rounds) as one, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return CombinedRewards(
+        weights=dict(first.weights),
+        scores={k: [v for p in parts for v in p.scores[k]] for k in first.scores},
+        reasons={k: [v for p in parts for v in p.reasons[k]] for k in first.reasons},
+        total=[v for p in parts for v in p.total],
+        none_reasons={k: sum((p.none_reasons[k] for p in parts), Counter()) for k in first.weights},
+    )
+
+
+# ---- the evaluation's judgment ------------------------------------------------------------------
+@dataclass
+class SampleResult:
+    """One judged sample: what was written, what answer it gave, and how it was judged."""
+
+    completion: str
+    answer: str | None
+    correct: bool
+    judged: bool  # False when the checker failed (then `correct` is False and `reason` says why)
+    reason: str | None
+    finish_reason: str
+    n_tokens: int
+    format_ok: bool | None  # None when the template has no structure to check
+    language_consistency: float | None
+
+
+def evaluation_rewards(template: str) -> RewardSet:
+    """Accuracy, the template's structure (none for "plain") and language consistency."""
+    names = ["accuracy", "format", "language_consistency"]
+    if template == "plain":
+        names.remove("format")
+    return RewardSet({name: RewardSpec() for name in names}, template)
+
+
+def judge_samples(
+    task: Task,
+    examples: Sequence[Example],
+    prompts: Sequence[str],
+    completions: Sequence[Completion],
+    template: str,
+) -> list[list[SampleResult]]:
+    """Judge every completion (accuracy, answer, format, language); one row per question."""
+    from r1lab.rewards.base import prefills_think
+    from r1lab.tasks.answers import extract_answer
+
+    scored = score_completions(
+        evaluation_rewards(template), prompts, examples, [task] * len(examples), completions
+    )
+    by_fn = list(scored.scores.values())
+    accuracy, language = by_fn[0], by_fn[-1]
+    structure = by_fn[1] if len(by_fn) == 3 else [None] * len(completions)
+    reasons = list(scored.reasons.values())[0]
+    hint = template if template in ("r1-zero", "r1-chat") else None
+    rows: list[list[SampleResult]] = [[] for _ in examples]
+    for i, c in enumerate(completions):
+        text, prompt = c.text or "", prompts[c.prompt_index]
+        rows[c.prompt_index].append(
+            SampleResult(
+                completion=text,
+                answer=extract_answer(text, hint, prefilled=prefills_think(prompt))
+                or None,  # an empty answer is no answer: it never votes
+                correct=accuracy[i] is not None and accuracy[i] >= 1.0,
+                judged=accuracy[i] is not None,
+                reason=reasons[i],
+                finish_reason=c.finish_reason,
+                n_tokens=len(c.token_ids),
+                format_ok=None if structure[i] is None else structure[i] >= 1.0,
+                language_consistency=language[i],
+            )
+        )
+    return rows
+
+
+# ---- the model that samples ---------------------------------------------------------------------
+def load_model_and_tokenizer(model_path: str, device: str, dtype: str):
+    """The model (on the resolved device and dtype) and its tokenizer, which must exist."""
+    from r1lab.api import load
+    from r1lab.config import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    model, tokenizer = load(model_path, dtype=resolve_dtype(dtype, dev), device=dev)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{model_path}: no tokenizer next to the model")
+    return model, tokenizer
+
+
+def describe_model(path: str | Path) -> dict:
+    """Where a model came from: its path, and the stage, step and config of its run dir.
+
+    A stage run dir holds `DONE` (fingerprint, finish time, the stage's own summary such as
+    its kind and last step) and `config.yaml`; a bare model folder has neither, and only its path is
+    known.
+    """
+    import yaml
+
+    path = Path(path)
+    info: dict[str, Any] = {"path": str(path.resolve()) if path.exists() else str(path)}
+    run_dir = path.parent if path.name == "model" and (path.parent / "DONE").exists() else path
+    done, config = run_dir / "DONE", run_dir / "config.yaml"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        info["stage"] = run_dir.name
+        info["stage_kind"] = record.get("stage")
+        info["step"] = record.get("step", record.get("steps"))
+        info["finished"] = record.get("finished")
+        info["fingerprint"] = record.get("fingerprint")
+    if config.is_file():
+        try:
+            info["stage_config"] = yaml.safe_load(config.read_text())
+        except yaml.YAMLError:
+            info["stage_config"] = None
+    return info
