@@ -33,89 +33,10 @@ from pathlib import Path
 from rich.markup import escape
 
 from r1lab.config import ConfigError, build_config, load_preset, parse_overrides
-from r1lab.training import console, is_done
+from r1lab.rundir import decide_reuse, resume_neutral
+from r1lab.stage_graph import GRAPH, STAGE_NAMES, Stage, stage_inputs
+from r1lab.training import console
 
-
-@dataclass(frozen=True)
-class Stage:
-    name: str  # directory name under the run dir
-    kind: str  # module in r1lab.stages
-    model_from: str | None = None  # stage whose model this one starts from
-    data_from: tuple[str, ...] = ()  # stages whose sample files this one trains on
-    reward_model_from: str | None = None  # stage whose reward model this one uses
-    eval_template: str | None = None  # template to evaluate with (None: not evaluated)
-    notes: str = ""
-
-
-GRAPH: tuple[Stage, ...] = (
-    Stage(
-        "base",
-        "pretrain",
-        eval_template="r1-zero",
-        notes="pretrained from scratch (or a given checkpoint)",
-    ),
-    Stage(
-        "r1-zero",
-        "grpo",
-        model_from="base",
-        eval_template="r1-zero",
-        notes="GRPO from base, rule rewards",
-    ),
-    Stage(
-        "cold-start",
-        "sft",
-        model_from="base",
-        eval_template="r1-chat",
-        notes="SFT on readable long CoT",
-    ),
-    Stage(
-        "reasoning-rl",
-        "grpo",
-        model_from="cold-start",
-        eval_template="r1-chat",
-        notes="GRPO + language-consistency reward",
-    ),
-    Stage("rejection", "rejection", model_from="reasoning-rl", notes="correct, readable samples"),
-    Stage(
-        "rejection-sft",
-        "sft",
-        model_from="base",
-        data_from=("rejection",),
-        eval_template="r1-chat",
-        notes="SFT from base on rejection samples + non-reasoning data",
-    ),
-    Stage(
-        "reward-model", "reward_model", model_from="base", notes="Bradley-Terry preference model"
-    ),
-    Stage(
-        "general-rl",
-        "grpo",
-        model_from="rejection-sft",
-        reward_model_from="reward-model",
-        eval_template="r1-chat",
-        notes="rule rewards + reward model late in the stage",
-    ),
-    Stage(
-        "student-base", "pretrain", eval_template="r1-zero", notes="the smaller model's own base"
-    ),
-    Stage("distill-data", "rejection", model_from="general-rl", notes="the final model's samples"),
-    Stage(
-        "distill",
-        "sft",
-        model_from="student-base",
-        data_from=("distill-data",),
-        eval_template="r1-chat",
-        notes="student SFT on the final model's samples",
-    ),
-    Stage(
-        "student-rl",
-        "grpo",
-        model_from="student-base",
-        eval_template="r1-zero",
-        notes="GRPO on the student base, same budget",
-    ),
-)
-STAGE_NAMES = tuple(s.name for s in GRAPH)
 STATUS_EVERY_S = 30.0  # with stages in parallel: seconds between two status lines
 
 
@@ -294,17 +215,18 @@ def run_stage(
     record = StageRecord(stage.name, started=time.time())
     cfg = stage_config(stage, run_dir, preset, parsed)
     stage_dir = run_dir / stage.name
-    stale = _newer_inputs(stage, run_dir)
-    if stale:
-        console.print(
-            f"[yellow]{stage.name}: {', '.join(stale)} changed since it ran; running it again"
-        )
+    module = stage_module(stage.kind)
+    inputs = [run_dir / n for n in stage_inputs(stage)]
+    reuse = decide_reuse(stage_dir, cfg, resume_neutral(module), inputs)
+    if reuse.action == "restart":
+        console.print(f"[yellow]{stage.name}: {reuse.reason}; running it again")
+    if reuse.wipe:
         shutil.rmtree(stage_dir)
-    record.status = "skipped" if is_done(stage_dir, cfg.fingerprint()) else "done"
+    record.status = "skipped" if reuse.action == "reuse" else "done"
     eval_dir = run_dir / "eval" / stage.name
     if record.status == "done" and eval_dir.exists():
         shutil.rmtree(eval_dir)  # a model trained anew is evaluated anew
-    stage_module(stage.kind).run(cfg, stage_dir, resume=_same_settings(cfg, stage_dir))
+    module.run(cfg, stage_dir, resume=reuse.resume)
     record.seconds = time.time() - record.started
     if stage.eval_template and not skip_eval:
         t1 = time.time()
@@ -335,7 +257,7 @@ def _run_in_parallel(selected: list[Stage], job: tuple, jobs: int, run_dir: Path
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
         while pending or running:
             ready = [
-                s for s in pending if all(n in finished or n not in names for n in _inputs(s))
+                s for s in pending if all(n in finished or n not in names for n in stage_inputs(s))
             ]
             ready.sort(key=lambda s: -priority.get(s.name, 0.0))
             while ready and len(running) < jobs and error is None:
@@ -407,7 +329,11 @@ def _worker_init() -> None:
 def _logged_stage(name: str, job: tuple, log_path: str) -> StageRecord:
     """`run_stage` in a worker process, its console output into the stage's log file."""
     os.environ.setdefault("R1LAB_NO_PROGRESS", "1")  # no bars in a file
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with (
+        open(log_path, "a") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
         console.file = log
         return run_stage(name, *job)
 
@@ -428,42 +354,9 @@ def _path_lengths(run_dir: Path) -> dict[str, float]:
     seconds = _last_seconds(run_dir)
     lengths: dict[str, float] = {}
     for stage in reversed(GRAPH):  # GRAPH lists every stage after its inputs
-        after = [lengths[s.name] for s in GRAPH if stage.name in _inputs(s)]
+        after = [lengths[s.name] for s in GRAPH if stage.name in stage_inputs(s)]
         lengths[stage.name] = seconds.get(stage.name, 60.0) + max(after, default=0.0)
     return lengths
-
-
-def _inputs(stage: Stage) -> list[str]:
-    names = [stage.model_from, *stage.data_from, stage.reward_model_from]
-    return [n for n in names if n]
-
-
-def _newer_inputs(stage: Stage, run_dir: Path) -> list[str]:
-    """Upstream stages that finished after this one did: its outputs are out of date."""
-    done = run_dir / stage.name / "DONE"
-    if not done.exists():
-        return []
-    mine = done.stat().st_mtime_ns
-    return [
-        n
-        for n in _inputs(stage)
-        if (run_dir / n / "DONE").exists() and (run_dir / n / "DONE").stat().st_mtime_ns > mine
-    ]
-
-
-def _same_settings(cfg, stage_dir: Path) -> bool:
-    """Whether the stage dir holds a run of these settings (resume it) or other ones (restart)."""
-    import yaml
-
-    saved = stage_dir / "config.yaml"
-    if not saved.exists():
-        return True
-    if yaml.safe_load(saved.read_text()) == cfg.model_dump(mode="json"):
-        return True
-    console.print(
-        f"[yellow]{stage_dir.name}: settings changed since the last run; restarting this stage"
-    )
-    return False
 
 
 def _write_timings(run_dir: Path, record: StageRecord) -> None:
@@ -486,9 +379,7 @@ def _last_seconds(run_dir: Path) -> dict[str, float]:
     """Each stage's train + eval seconds in the last run (`<run>/timings.json`), if any."""
     path = run_dir / "timings.json"
     data = json.loads(path.read_text()) if path.exists() else {}
-    return {
-        name: t["seconds"] + t["eval_seconds"] for name, t in data.items() if name != "_host"
-    }
+    return {name: t["seconds"] + t["eval_seconds"] for name, t in data.items() if name != "_host"}
 
 
 def _eta(run_dir: Path, remaining: list[Stage]) -> str:

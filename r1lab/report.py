@@ -173,7 +173,7 @@ def _sample_of(run_dir: Path, stage_name: str) -> str | None:
 
 
 def write_report(run_dir: str | Path, preset_name: str | None = None) -> Path:
-    from r1lab.pipeline import GRAPH
+    from r1lab.stage_graph import GRAPH
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

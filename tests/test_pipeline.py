@@ -8,6 +8,8 @@ import pytest
 
 from r1lab import pipeline
 from r1lab.config import ConfigError
+from r1lab.rundir import newer_inputs
+from r1lab.stage_graph import stage_inputs
 from r1lab.training import MetricsLog
 
 os.environ.setdefault("R1LAB_NO_PROGRESS", "1")
@@ -67,11 +69,15 @@ def test_parallel_stages_wait_for_their_inputs(tmp_path, monkeypatch, capsys):
     console_text = capsys.readouterr().err
     assert re.search(r"^  [a-z0-9-]+: .+ — elapsed \dm\d\ds$", console_text, re.M), console_text
     timings = json.loads((run_dir / "timings.json").read_text())
-    end = {n: t["started"] + t["seconds"] + t["eval_seconds"] for n, t in timings.items() if n[0] != "_"}
+    end = {
+        n: t["started"] + t["seconds"] + t["eval_seconds"]
+        for n, t in timings.items()
+        if n[0] != "_"
+    }
     for stage in pipeline.GRAPH:
         assert (run_dir / stage.name / "DONE").exists(), stage.name
         assert (run_dir / "logs" / f"{stage.name}.log").exists(), stage.name
-        for upstream in pipeline._inputs(stage):
+        for upstream in stage_inputs(stage):
             assert timings[stage.name]["started"] >= end[upstream] - 0.2, (stage.name, upstream)
     overlaps = [
         (a, b) for a in end for b in end
@@ -99,6 +105,7 @@ def test_a_stage_is_out_of_date_when_an_input_finished_after_it(tmp_path):
     for name, when in (("base", 100), ("rejection", 200), ("rejection-sft", 300)):
         (tmp_path / name / "DONE").write_text("{}")
         os.utime(tmp_path / name / "DONE", ns=(when * 10**9, when * 10**9))
-    assert pipeline._newer_inputs(stage, tmp_path) == []
+    inputs = [tmp_path / n for n in stage_inputs(stage)]
+    assert newer_inputs(tmp_path / stage.name, inputs) == []
     os.utime(tmp_path / "rejection" / "DONE", ns=(400 * 10**9, 400 * 10**9))  # rejection ran again
-    assert pipeline._newer_inputs(stage, tmp_path) == ["rejection"]
+    assert newer_inputs(tmp_path / stage.name, inputs) == ["rejection"]
