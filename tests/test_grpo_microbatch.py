@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from r1lab.model.config import config_for_size
-from r1lab.model.transformer import Transformer
-from r1lab.rl import AGGREGATIONS
 from r1lab.engine.grpo_update import (
     TrainBatch,
     UpdateSettings,
     accumulate_gradients,
     sequence_logprobs,
 )
+from r1lab.model.config import config_for_size
+from r1lab.model.transformer import Transformer
+from r1lab.rl import AGGREGATIONS
 
 VOCAB = 64
 PAD = 0
