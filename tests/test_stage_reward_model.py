@@ -9,6 +9,7 @@ from r1lab.model.checkpoint import save_model
 from r1lab.model.config import config_for_size
 from r1lab.model.tokenizer import train_tokenizer
 from r1lab.model.transformer import Transformer
+from r1lab.rewards.reward_model import text_to_judge
 from r1lab.stages import reward_model as rm_stage
 from r1lab.tasks.procedural import pretrain_documents
 
@@ -66,6 +67,20 @@ def test_pairs_file_errors_name_file_and_line(base_dir, tmp_path):
     assert not (tmp_path / "out" / "model").exists()
 
 
-def test_summary_is_text_after_think():
-    assert rm_stage.summary_of("<think>\n1+1=2\n</think>\nThe answer is 2.") == "The answer is 2."
-    assert rm_stage.summary_of("no think block") == "no think block"
+def test_training_and_scoring_judge_the_same_summary():
+    judged = "<think>\n1+1=2\n</think>\nThe answer is 2."
+    assert text_to_judge("", judged) == "The answer is 2."
+    assert text_to_judge("", "no think block") == "no think block"
+    assert text_to_judge("", "<think>\nstill thinking") is None  # nothing to judge
+    assert text_to_judge("", judged, on="response") == judged
+
+
+def test_pairs_without_a_summary_are_left_out_of_training(base_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": "p", "chosen": "<think>a</think> yes", "rejected": "<think>b</think> no"},
+        {"prompt": "p", "chosen": "<think>a</think> yes", "rejected": "<think>never closed"},
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = rm_stage.load_pairs(rm_stage.Config(model=str(base_dir), data=[str(pairs)]))
+    assert kept == [{"prompt": "p", "chosen": "yes", "rejected": "no"}]

@@ -9,19 +9,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from r1lab.model.tokenizer import (
-    ANSWER_CLOSE,
-    ANSWER_OPEN,
     ASSISTANT,
     BOS,
     EOS,
     PAD,
     R1_ZERO_TEMPLATE,
-    REASONING_TAGS,
     SPECIAL_TOKENS,
     SYSTEM,
     TEMPLATES,
-    THINK_CLOSE,
-    THINK_OPEN,
     USER,
     load_tokenizer,
     r1_chat_prompt,
@@ -30,6 +25,7 @@ from r1lab.model.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
+from r1lab.tags import ANSWER_CLOSE, ANSWER_OPEN, REASONING_TAGS, THINK_CLOSE, THINK_OPEN
 from r1lab.tasks.procedural import pretrain_documents
 
 # Measured: after training on 2,000 documents the whole template (question left out) takes

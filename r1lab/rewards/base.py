@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from r1lab.tasks.answers import THINK_OPEN
+from r1lab.tags import THINK_OPEN
 
 NO_REASON = "not judged (no reason given)"
 

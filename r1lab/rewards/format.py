@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from r1lab.rewards.base import RewardFunction, RewardResult, prefills_think, register_reward
-from r1lab.tasks.answers import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
+from r1lab.tags import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 
 STRUCTURES = ("r1-zero", "r1-chat")
 

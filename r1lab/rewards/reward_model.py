@@ -26,6 +26,19 @@ from r1lab.tasks.answers import split_think
 Scorer = Callable[[list[str], list[str]], Sequence[float]]
 
 
+def text_to_judge(prompt: str, completion: str, on: str = "summary") -> str | None:
+    """The text a reward model sees, in training (r1lab.stages.reward_model) and in scoring.
+
+    `on="response"`: the whole completion. `on="summary"`: the text outside the reasoning,
+    or None when there is none to judge (the reasoning never closed, or nothing follows it).
+    """
+    if on == "response":
+        return completion
+    parts = split_think(completion, prefilled=prefills_think(prompt))
+    summary = parts.outside.strip()
+    return summary if parts.closed and summary else None
+
+
 class RewardModelReward(RewardFunction):
     """Scores from `scorer` on the summary or the whole response."""
 
@@ -43,16 +56,8 @@ class RewardModelReward(RewardFunction):
         super().__init__(name)
         self.scorer, self.on, self.no_summary_score = scorer, on, no_summary_score
 
-    def text_to_judge(self, prompt: str, completion: str) -> str | None:
-        """The text the scorer sees, or None when there is no summary to judge."""
-        if self.on == "response":
-            return completion
-        parts = split_think(completion, prefilled=prefills_think(prompt))
-        summary = parts.outside.strip()
-        return summary if parts.closed and summary else None
-
     def score(self, prompts: list[str], completions: list[str], **_: Any) -> RewardResult:
-        texts = [self.text_to_judge(p, c) for p, c in zip(prompts, completions)]
+        texts = [text_to_judge(p, c, self.on) for p, c in zip(prompts, completions)]
         judged = [i for i, t in enumerate(texts) if t is not None]
         scores: list[float | None] = [self.no_summary_score] * len(completions)
         reasons: list[str | None] = ["no summary (reasoning not closed or empty)"] * len(

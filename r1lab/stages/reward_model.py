@@ -24,9 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from r1lab.config import resolve_device, write_config
-from r1lab.model.checkpoint import atomic_write_text, load_model, save_model
+from r1lab.model.checkpoint import atomic_write_text, load_model, resolve_model_dir, save_model
 from r1lab.model.tokenizer import load_tokenizer
-from r1lab.rows import DataError, read_rows
+from r1lab.rewards.reward_model import text_to_judge
+from r1lab.rows import DataError, read_hub_rows, read_rows
 from r1lab.stages.data import ProceduralConfig
 from r1lab.training import (
     MetricsLog,
@@ -37,13 +38,13 @@ from r1lab.training import (
     make_optimizer,
     mark_done,
     progress_bar,
-    resolve_model_dir,
     set_cpu_threads,
     set_lr,
     set_seed,
 )
 
 HEAD_FILE = "reward_head.safetensors"
+PAIR_SIDES = ("chosen", "rejected")
 HEAD_INFO = "reward_head.json"
 
 
@@ -106,11 +107,6 @@ def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[RewardMode
         else "summary"
     )
     return rm, load_tokenizer(folder), judge
-
-
-def summary_of(response: str) -> str:
-    """The text after the last `</think>` (R1 judges helpfulness on this part only)."""
-    return response.rsplit("</think>", 1)[-1].strip()
 
 
 class RewardModelScorer:
@@ -196,46 +192,43 @@ def _wrong_answer(answer: str, rng: random.Random) -> str:
 
 
 def load_pairs(cfg: Config) -> list[dict]:
+    """Every pair with each side cut to the text the reward model judges (`cfg.judge`).
+
+    The same cut as in scoring (`text_to_judge`), so the model is trained on the text it
+    will score; a pair with a side that has nothing to judge is left out, as scoring would
+    leave it unjudged.
+    """
     pairs: list[dict] = []
     for source in cfg.data:
         if source == "procedural":
             pairs += procedural_pairs(cfg)
         elif Path(source).suffix in (".jsonl", ".json", ".parquet") or Path(source).exists():
-            pairs += _read_pairs_file(Path(source))
+            pairs += _checked_pairs(read_rows(Path(source)))
         else:
-            pairs += _read_pairs_hub(source)
-    if not pairs:
+            pairs += _checked_pairs(read_hub_rows(source, needed_by="reward-model data"))
+    judged = []
+    for pair in pairs:
+        chosen, rejected = (text_to_judge(pair["prompt"], pair[k], cfg.judge) for k in PAIR_SIDES)
+        if chosen is not None and rejected is not None:
+            judged.append({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected})
+    if len(judged) < len(pairs):
+        console.print(
+            f"reward-model: left out {len(pairs) - len(judged)} pairs with no {cfg.judge} to judge"
+        )
+    if not judged:
         raise ValueError(f"reward-model: no preference pairs in {cfg.data}")
-    return pairs
+    return judged
 
 
-def _read_pairs_file(path: Path) -> list[dict]:
+def _checked_pairs(rows) -> list[dict]:
     """`{prompt, chosen, rejected}` rows; a bad row names the file, line and field."""
     pairs = []
-    for where, row in read_rows(path):
-        for key in ("prompt", "chosen", "rejected"):
+    for where, row in rows:
+        for key in ("prompt", *PAIR_SIDES):
             if not isinstance(row.get(key), str):
                 raise DataError(f"{where}: missing or non-text field {key!r}")
-        pairs.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+        pairs.append({k: row[k] for k in ("prompt", *PAIR_SIDES)})
     return pairs
-
-
-def _read_pairs_hub(name: str) -> list[dict]:
-    try:
-        from datasets import load_dataset
-    except ImportError as err:
-        raise ImportError(
-            f"{name!r} is not a local file; hub datasets need `pip install 'r1lab[hub]'`"
-        ) from err
-    ds = load_dataset(name, split="train")
-    missing = {"prompt", "chosen", "rejected"} - set(ds.column_names)
-    if missing:
-        raise ValueError(f"dataset {name}: missing columns {sorted(missing)}")
-    return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in ds]
-
-
-def judged_text(response: str, judge: str) -> str:
-    return summary_of(response) if judge == "summary" else response
 
 
 def pair_accuracy(rm: RewardModel, tokenizer, pairs: list[dict], cfg: Config, device) -> float:
@@ -251,9 +244,7 @@ def pair_accuracy(rm: RewardModel, tokenizer, pairs: list[dict], cfg: Config, de
 
 def _pair_margin(rm, tokenizer, batch, cfg: Config, device) -> torch.Tensor:
     prompts = [p["prompt"] for p in batch] * 2
-    texts = [judged_text(p["chosen"], cfg.judge) for p in batch] + [
-        judged_text(p["rejected"], cfg.judge) for p in batch
-    ]
+    texts = [p["chosen"] for p in batch] + [p["rejected"] for p in batch]
     ids, mask = encode_pairs(tokenizer, prompts, texts, cfg.max_length, device)
     scores = rm(ids, mask)
     return scores[: len(batch)] - scores[len(batch) :]

@@ -27,10 +27,10 @@ import re
 import threading
 from dataclasses import dataclass
 
+from r1lab.tags import THINK_OPEN
+
 logger = logging.getLogger(__name__)
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 _THINK_TAG = re.compile(r"</?think>")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
