@@ -9,15 +9,28 @@ import pytest
 from r1lab.rewards import (
     FunctionReward,
     RewardResult,
-    accuracy_reward,
     combine_rewards,
-    format_reward,
     get_reward,
-    overlong_penalty_reward,
-    reward_model_reward,
     reward_names,
 )
 from r1lab.rewards.base import NO_REASON
+
+accuracy_reward = get_reward("accuracy")
+format_reward = get_reward("format")
+
+
+def overlong_penalty_reward(max_completion_tokens, buffer_tokens, **options):
+    return get_reward(
+        "overlong_penalty",
+        max_completion_tokens=max_completion_tokens,
+        buffer_tokens=buffer_tokens,
+        **options,
+    )
+
+
+def reward_model_reward(scorer, **options):
+    return get_reward("reward_model", scorer=scorer, **options)
+
 
 # --- overlong penalty -------------------------------------------------------------------
 
@@ -156,6 +169,6 @@ def test_function_reward_wraps_a_plain_function():
     wrapped = FunctionReward(lambda prompts, completions, **_: [1.0, None], name="plain")
     result = wrapped(["Q", "Q"], ["a", "b"])
     assert list(result) == [1.0, None] and result.reasons == [None, NO_REASON]
-    assert wrapped.__name__ == "plain" and wrapped.last_reasons == result.reasons
+    assert wrapped.__name__ == "plain"
     with pytest.raises(ValueError, match="column 'answer'"):
         wrapped(["Q", "Q"], ["a", "b"], answer=["1"])

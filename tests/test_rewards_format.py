@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from r1lab.rewards import chat_format_reward, format_reward, get_reward
+from r1lab.rewards import get_reward
 from r1lab.rewards.format import check_format
+
+format_reward = get_reward("format")
+chat_format_reward = get_reward("chat_format")
 
 ZERO_CASES = [
     # (completion, expected score)

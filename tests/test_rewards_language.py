@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from r1lab.model.tokenizer import r1_chat_prompt, r1_zero_prompt
-from r1lab.rewards import count_words, detect_language, language_consistency_reward
+from r1lab.rewards import count_words, detect_language, get_reward
 from r1lab.rewards.language import question_from_prompt
+
+language_consistency_reward = get_reward("language_consistency")
 
 EN_Q = "Tom has 3 apples and buys 5 more. How many apples does he have?"
 ZH_Q = "小明有3个苹果，又买了5个。他一共有几个苹果？"

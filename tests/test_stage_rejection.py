@@ -12,7 +12,7 @@ import r1lab.stages.judging as judging
 import r1lab.stages.rejection as rej
 from r1lab.config import ConfigError, build_config
 from r1lab.engine.generate import Completion
-from r1lab.rewards import language_consistency_reward
+from r1lab.rewards import get_reward
 from r1lab.stages.readability import (
     FILTERS,
     has_code_block,
@@ -80,7 +80,7 @@ def test_mixed_language_uses_the_reward_score():
     question = "计算 23+45+17 。"
     english_cot = "<think>\nFirst, add 23 and 45 to get 68.\n</think>\n答案是 \\boxed{85}。"
     chinese_cot = "<think>\n先算 23+45=68。再算 68+17=85。\n</think>\n答案是 \\boxed{85}。"
-    scores = language_consistency_reward(
+    scores = get_reward("language_consistency")(
         ["p", "p"], [english_cot, chinese_cot], question=[question] * 2
     )
     assert scores[0] < 0.95 <= scores[1]

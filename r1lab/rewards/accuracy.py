@@ -110,10 +110,7 @@ class AccuracyReward(RewardFunction):
                     return Verdict(None, f"task {task!r} unavailable: {e}"[:300])
             task = self._tasks[task]
         example = Example(question="", answer=reference, meta=dict(meta or {}))
-        judge = getattr(task, "judge", None)
-        if judge is not None:
-            return _call(lambda: judge(predicted, reference, example), task.name)
-        return _call(lambda: task.verify(predicted, reference, example), task.name)
+        return _call(lambda: task.judge(predicted, reference, example), task.name)
 
 
 def _call(check: Callable[[], Any], what: str) -> Verdict:
@@ -132,10 +129,7 @@ def _call(check: Callable[[], Any], what: str) -> Verdict:
         return Verdict(None, f"{what} returned {type(result).__name__}, not a bool or number")
 
 
-accuracy_reward = AccuracyReward()
-
-
 @register_reward("accuracy")
 def make_accuracy_reward(kind: str = "math", template_hint: str | None = None) -> AccuracyReward:
-    """A fresh accuracy reward (its own `last_reasons` and task cache)."""
+    """A fresh accuracy reward (its own task cache)."""
     return AccuracyReward(kind=kind, template_hint=template_hint)

@@ -34,9 +34,9 @@ class RewardResult(list):
 class RewardFunction:
     """A named reward: `fn(prompts, completions, **columns) -> RewardResult`.
 
-    Subclasses implement `score`. Calling checks the batch shape and keeps the reasons
-    of the last call in `last_reasons`, for callers that only hold the function.
-    `__name__` is the metric name (`rewards/<name>/mean`).
+    Subclasses implement `score`. Calling checks the batch shape; the reasons travel with
+    the result (`RewardResult.reasons`). `__name__` is the metric name
+    (`rewards/<name>/mean`).
     """
 
     __name__ = "reward"
@@ -44,7 +44,6 @@ class RewardFunction:
     def __init__(self, name: str | None = None):
         if name is not None:
             self.__name__ = name
-        self.last_reasons: list[str | None] = []
 
     def score(self, prompts: list[str], completions: list[str], **columns: Any) -> RewardResult:
         raise NotImplementedError
@@ -66,7 +65,6 @@ class RewardFunction:
             result = RewardResult(result, [NO_REASON if s is None else None for s in result])
         if len(result) != len(completions):
             raise ValueError(f"reward {self.__name__} returned {len(result)} scores")
-        self.last_reasons = result.reasons
         return result
 
     def __repr__(self) -> str:

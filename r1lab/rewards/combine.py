@@ -62,8 +62,8 @@ def combine_rewards(
     """Run each reward function (bare, weight 1, or `(fn, weight)`) and add them up.
 
     Plain functions returning lists work too; their reasons come from a `.reasons`
-    attribute of the result or the function's `last_reasons`, when present. A NaN from a
-    plain function counts as None ("not a finite score").
+    attribute of the result, when present. A NaN from a plain function counts as None
+    ("not a finite score").
     """
     weights: dict[str, float] = {}
     scores: dict[str, list[float | None]] = {}
@@ -74,7 +74,7 @@ def combine_rewards(
         result = fn(prompts, completions, **columns)
         if len(result) != len(completions):
             raise ValueError(f"reward {name} returned {len(result)} scores for {len(completions)}")
-        given = getattr(result, "reasons", None) or getattr(fn, "last_reasons", None)
+        given = getattr(result, "reasons", None)
         given = (
             list(given) if given is not None and len(given) == len(result) else [None] * len(result)
         )

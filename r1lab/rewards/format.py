@@ -74,10 +74,6 @@ class FormatReward(RewardFunction):
         return RewardResult([0.0 if r else 1.0 for r in reasons], reasons)
 
 
-format_reward = FormatReward("r1-zero")
-chat_format_reward = FormatReward("r1-chat")
-
-
 @register_reward("format")
 def make_format_reward(structure: str = "r1-zero") -> FormatReward:
     """A fresh format reward for `structure` ("r1-zero" or "r1-chat")."""

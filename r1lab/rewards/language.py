@@ -178,9 +178,6 @@ class LanguageConsistencyReward(RewardFunction):
         return RewardResult(scores, reasons)
 
 
-language_consistency_reward = LanguageConsistencyReward()
-
-
 @register_reward("language_consistency")
 def make_language_consistency_reward(default_language: str = "en") -> LanguageConsistencyReward:
     """A fresh language-consistency reward."""

@@ -71,7 +71,7 @@ class OverlongPenaltyReward(RewardFunction):
 
 
 @register_reward("overlong_penalty")
-def overlong_penalty_reward(
+def make_overlong_penalty_reward(
     max_completion_tokens: int, buffer_tokens: int, penalty: float = 1.0, tokenizer: Any = None
 ) -> OverlongPenaltyReward:
     """The soft overlong penalty for a budget of `max_completion_tokens` tokens, ramping

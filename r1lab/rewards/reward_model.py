@@ -82,7 +82,7 @@ class RewardModelReward(RewardFunction):
 
 
 @register_reward("reward_model")
-def reward_model_reward(
+def make_reward_model_reward(
     scorer: Scorer, on: str = "summary", no_summary_score: float | None = None
 ) -> RewardModelReward:
     """A reward from a learned scorer, judging the summary (default) or the response."""

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
-AnswerKind = Literal["math", "exact", "gym"]
+from r1lab.tasks.answers import Verdict
 
 
 @dataclass
@@ -25,15 +24,20 @@ class Example:
 class Task:
     """A source of examples that knows how its answers are checked.
 
-    Subclasses set `name` and `answer_kind` and implement `examples`; `verify` compares
-    an already-extracted answer with the reference.
+    Subclasses set `name` and implement `examples`, and say how an already-extracted
+    answer is checked by implementing one of two methods: `verify` (right or wrong) or
+    `judge` (a score in [0, 1], or None with the reason it could not be judged). Callers
+    always ask `judge`, which by default turns `verify`'s answer into a verdict.
     """
 
     name: str = "task"
-    answer_kind: AnswerKind = "exact"
 
     def examples(self, split: str = "test", n: int | None = None, seed: int = 0) -> list[Example]:
         raise NotImplementedError
+
+    def judge(self, predicted: str, reference: str, example: Example | None = None) -> Verdict:
+        """The verdict on `predicted` (the one call every grader makes)."""
+        return Verdict(1.0 if self.verify(predicted, reference, example) else 0.0)
 
     def verify(self, predicted: str, reference: str, example: Example | None = None) -> bool:
         return predicted.strip() == reference.strip()
