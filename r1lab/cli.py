@@ -12,22 +12,49 @@ import sys
 
 # subcommand -> (module in r1lab.stages, preset section, one-line help)
 STAGES = {
-    "pretrain": ("pretrain", "pretrain", "train a from-scratch decoder and its tokenizer on the procedural corpus"),
-    "sft": ("sft", "sft", "supervised fine-tuning (cold start, rejection-sampling SFT, distillation)"),
-    "grpo": ("grpo", "grpo", "GRPO reinforcement learning with rule rewards (R1-Zero and later RL stages)"),
+    "pretrain": (
+        "pretrain",
+        "pretrain",
+        "train a from-scratch decoder and its tokenizer on the procedural corpus",
+    ),
+    "sft": (
+        "sft",
+        "sft",
+        "supervised fine-tuning (cold start, rejection-sampling SFT, distillation)",
+    ),
+    "grpo": (
+        "grpo",
+        "grpo",
+        "GRPO reinforcement learning with rule rewards (R1-Zero and later RL stages)",
+    ),
     "eval": ("evaluate", "eval", "the paper's evaluation: k samples per question, pass@1, cons@k"),
-    "rejection-sample": ("rejection", "rejection", "sample, keep correct and readable responses, write SFT data"),
-    "reward-model": ("reward_model", "reward_model", "train a Bradley-Terry reward model on preference pairs"),
+    "rejection-sample": (
+        "rejection",
+        "rejection",
+        "sample, keep correct and readable responses, write SFT data",
+    ),
+    "reward-model": (
+        "reward_model",
+        "reward_model",
+        "train a Bradley-Terry reward model on preference pairs",
+    ),
 }
 
 
 def _stage_parser(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("--preset", default=None,
-                   help="preset name (see `r1lab presets`) or a YAML file; default: the tiny CPU settings")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="preset name (see `r1lab presets`) or a YAML file; default: the tiny CPU settings",
+    )
     p.add_argument("--out", required=True, help="run directory for this stage")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="resume from the run directory's last checkpoint (default on)")
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="resume from the run directory's last checkpoint (default on)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value or section.key=value")
 
 
@@ -42,11 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", default="tiny", help="pipeline preset (default tiny)")
     run.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     run.add_argument("--only", default=None, metavar="STAGE", help="run just this stage")
-    run.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
-                     help="rerun from this stage on (earlier finished stages are reused)")
-    run.add_argument("--jobs", type=int, default=None, metavar="N",
-                     help="stages run at once where the graph allows, one CPU thread each "
-                          "(default: the preset's pipeline.jobs, else 2 on a machine with 2+ cores)")
+    run.add_argument(
+        "--from",
+        dest="from_stage",
+        default=None,
+        metavar="STAGE",
+        help="rerun from this stage on (earlier finished stages are reused)",
+    )
+    run.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stages run at once where the graph allows, one CPU thread each "
+        "(default: the preset's pipeline.jobs, else 2 on a machine with 2+ cores)",
+    )
     run.add_argument("overrides", nargs="*", help="stage.key=value, e.g. r1-zero.steps=50")
 
     for name, (_, _, help_text) in STAGES.items():
@@ -90,8 +127,17 @@ def _generate(args) -> int:
 
     model, tokenizer = r1lab.load(args.model, device=args.device)
     prompts = [render_prompt(args.template, p, tokenizer) for p in args.prompt]
-    outs = r1lab.generate(model, tokenizer, prompts, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, max_new_tokens=args.max_new_tokens, n=args.n, seed=args.seed)
+    outs = r1lab.generate(
+        model,
+        tokenizer,
+        prompts,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        n=args.n,
+        seed=args.seed,
+    )
     for c in outs:
         print(f"--- prompt {c.prompt_index} ({c.finish_reason}, {len(c.token_ids)} tokens)")
         print(c.text)
@@ -99,8 +145,8 @@ def _generate(args) -> int:
 
 
 def _info(args) -> int:
+    from r1lab.model.checkpoint import resolve_model_dir
     from r1lab.model.config import ModelConfig
-    from r1lab.training import resolve_model_dir
 
     folder = resolve_model_dir(args.path)
     cfg = ModelConfig.from_file(folder / "config.json")
@@ -110,9 +156,13 @@ def _info(args) -> int:
     print(f"parameters       {cfg.num_parameters():,}")
     print(f"layers           {cfg.num_hidden_layers}")
     print(f"hidden size      {cfg.hidden_size} (MLP {cfg.intermediate_size})")
-    print(f"attention heads  {cfg.num_attention_heads} query / {cfg.num_key_value_heads} key-value, head dim {cfg.head_dim}")
+    print(
+        f"attention heads  {cfg.num_attention_heads} query / {cfg.num_key_value_heads} key-value, head dim {cfg.head_dim}"
+    )
     print(f"vocabulary       {cfg.vocab_size}")
-    print(f"context          {cfg.max_position_embeddings} (rope theta {cfg.rope_theta:g}, scaling {rope})")
+    print(
+        f"context          {cfg.max_position_embeddings} (rope theta {cfg.rope_theta:g}, scaling {rope})"
+    )
     print(f"embeddings       {'tied' if cfg.tie_word_embeddings else 'untied'}")
     extras = [n for n, on in (("qkv bias", cfg.attention_bias), ("qk-norm", cfg.qk_norm)) if on]
     if extras:
@@ -130,8 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from r1lab.pipeline import run_pipeline
 
-            run_pipeline(args.preset, args.out, only=args.only, from_stage=args.from_stage,
-                         overrides=args.overrides, jobs=args.jobs)
+            run_pipeline(
+                args.preset,
+                args.out,
+                only=args.only,
+                from_stage=args.from_stage,
+                overrides=args.overrides,
+                jobs=args.jobs,
+            )
             return 0
         if args.command == "report":
             from r1lab.report import write_report
