@@ -86,7 +86,7 @@ def _validate(job: SupervisedJob) -> float | None:
     return eval_loss(job.model, job.val_rows, job.cfg.batch_size, job.device, job.autocast)
 
 
-def _prepare_run_dir(job: SupervisedJob, optimizer, snapshot) -> tuple[_Progress, dict, dict]:
+def _prepare_run_dir(job: SupervisedJob, snapshot) -> tuple[_Progress, dict, dict]:
     """Restore the checkpoint, or clear what a previous run left; (progress, extra, position)."""
     progress, extra, position = _Progress(), {}, {"epoch": 0, "offset": 0}
     data_hash = rows_fingerprint(*job.train_rows)
@@ -116,7 +116,7 @@ def train(job: SupervisedJob) -> dict:
     model.train()
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     snapshot = TrainingSnapshot(model=model, optimizer=optimizer)
-    progress, extra, position = _prepare_run_dir(job, optimizer, snapshot)
+    progress, extra, position = _prepare_run_dir(job, snapshot)
     resumed_from = progress.step if job.record is not None else None
     write_config(cfg, out / "config.yaml")
     log = MetricsLog(out / "metrics.jsonl", resume_step=progress.step + 1 if job.record else None)
