@@ -58,6 +58,7 @@ CORPUS_OPTIONS = (
     "flawed_fraction",
     "check_fraction",
     "opener_fraction",
+    "chat_fraction",
     "mixed_language_fraction",
 )
 

@@ -741,6 +741,7 @@ def pretrain_documents(
     flawed_fraction: float = 0.1,
     check_fraction: float = 0.2,
     opener_fraction: float = 0.5,
+    chat_fraction: float = 0.5,
     mixed_language_fraction: float = 0.3,
 ) -> list[str]:
     """The base model's corpus, shaped like the text a real base model learns from.
@@ -757,6 +758,9 @@ def pretrain_documents(
       carry one wrong step to a wrong answer (the base must be imperfect), `check_fraction`
       verify their answer ("Wait, let me verify: ..."), half of those after a slip they
       catch and redo; `opener_fraction` open with "Let me think." (`THINK_OPENER`).
+      `chat_fraction` of the template-free documents are a plain dialogue,
+      `"User: q. Assistant: steps The answer is X."`, as forums and chat logs are: the
+      R1-Zero prompt ends the same way, with neither its instruction nor its tags.
     - `mixed_language_fraction` of Chinese questions are answered in English (the language
       mixing R1-Zero shows, which the language-consistency reward later removes).
     """
@@ -767,6 +771,7 @@ def pretrain_documents(
         ("r1_zero_fraction", r1_zero_fraction),
         ("brief_think_fraction", brief_think_fraction),
         ("opener_fraction", opener_fraction),
+        ("chat_fraction", chat_fraction),
         ("mixed_language_fraction", mixed_language_fraction),
     ):
         if not 0.0 <= value <= 1.0:
@@ -786,9 +791,10 @@ def pretrain_documents(
                 think = f" <think> {rng.choice(BRIEF_REMARKS[lang])} </think>"
             docs.append(f"{r1_zero_prompt(item.question)}{think} <answer> {answer} </answer>")
             continue
+        chat = rng.random() < chat_fraction
         u = rng.random()
         if u < no_reasoning_fraction:
-            docs.append(f"{item.question}\n{answer_sentence(answer, lang)}")
+            docs.append(_plain_document(item.question, [], answer, lang, chat))
             continue
         if u < no_reasoning_fraction + flawed_fraction:
             mode = "flawed"
@@ -799,9 +805,17 @@ def pretrain_documents(
         steps, answer = reasoning_steps(item, lang, mode, rng)
         if rng.random() < opener_fraction:
             steps = [THINK_OPENER[lang], *steps]
-        reasoning = join_steps(steps, lang)
-        docs.append(f"{item.question}\n{reasoning}\n{answer_sentence(answer, lang)}")
+        docs.append(_plain_document(item.question, steps, answer, lang, chat))
     return docs
+
+
+def _plain_document(question: str, steps: list[str], answer: str, lang: str, chat: bool) -> str:
+    """A template-free document: question, reasoning, answer; as text or as a dialogue."""
+    closing = answer_sentence(answer, lang)
+    if chat:
+        return f"User: {question}. Assistant: {join_steps([*steps, closing], lang)}"
+    body = f"{join_steps(steps, lang)}\n" if steps else ""
+    return f"{question}\n{body}{closing}"
 
 
 def cold_start_examples(
