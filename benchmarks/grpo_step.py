@@ -136,7 +136,7 @@ def model_config(shape: dict, layers: int | None = None):
 
 
 def run_r1lab(args, shape: dict, work: dict) -> dict:
-    from r1lab.engine import fast_generate
+    from r1lab.engine import decode_ops, fallbacks, fast_generate
     from r1lab.engine.generate import SamplingParams, sample
     from r1lab.engine.grpo_update import TrainBatch
     from r1lab.model.transformer import Transformer
@@ -146,7 +146,9 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.kernel_config:  # launch shapes picked by benchmarks/decode_kernels.py
         for name, value in json.loads(Path(args.kernel_config).read_text())["best"].items():
-            setattr(fast_generate, name, value)
+            if not hasattr(decode_ops, name):
+                raise SystemExit(f"--kernel-config: decode_ops has no launch shape {name!r}")
+            setattr(decode_ops, name, value)
     torch.manual_seed(0)
     cfg = model_config(shape)
     model = Transformer(cfg).to(dev)  # fp32 master weights
@@ -206,12 +208,29 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
                 for k, v in fast_generate.last_stats().items()
             }
         result["steps"].append(record)
+        # every fast path that declined so far (a slow run is never silent), and how often
+        # torch.compile recompiled or gave up on a frame
+        result["declines"] = {f"{p}: {r}": n for (p, r), n in fallbacks.declines().items()}
+        result["dynamo"] = dynamo_counters()
         emit(tool="r1lab", **record)
         summarise(result, args.warmup)
         write_json(args.out, result)
         if args.profile and step == args.warmup:
             profile_step(args, model, optimizer, ref, prompts, params, batch, step)
     return result
+
+
+def dynamo_counters() -> dict:
+    """torch.compile's own counts: frames compiled, recompiles, and graph breaks."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {
+        "frames": dict(counters["frames"]),
+        "recompiles": dict(counters["recompiles"]),
+        "graph_breaks": len(counters["graph_break"]),
+    }
 
 
 def update(args, model, optimizer, ref, batch, step: int) -> dict:

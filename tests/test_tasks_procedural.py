@@ -332,11 +332,15 @@ def test_pretrain_documents_options():
         flawed_fraction=0.0,
         check_fraction=0.0,
         opener_fraction=1.0,
+        chat_fraction=0.0,
     )
     for doc in docs:
         completion = _completion(doc)
         assert re.fullmatch(r"Let me think\. First, .*\nThe answer is \d+\.", completion)
         assert all(ok for _, ok in equations(completion))
+    dialogues = pretrain_documents("chain_sum", n=100, r1_zero_fraction=0.0, chat_fraction=1.0)
+    assert all(re.fullmatch(r"User: .+\. Assistant: .*The answer is \d+\.", d) for d in dialogues)
+    assert not any("<think>" in d or "<answer>" in d for d in dialogues)
     templated = pretrain_documents("chain_sum", n=100, r1_zero_fraction=1.0, brief_think_fraction=0)
     assert all(_completion(d).startswith(" <answer> ") for d in templated)
     with pytest.raises(ValueError, match="fractions"):

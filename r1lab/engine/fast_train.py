@@ -334,6 +334,12 @@ def _layer_weights(layer) -> tuple:
 
 
 _COMPILED: dict[tuple, object] = {}
+CHECK_ERRORS: dict[tuple, dict] = {}  # the compile check's errors, per key (benchmarks read them)
+
+
+def _layer_error(outs, truth) -> float:
+    (y, g), (y_t, g_t) = outs, truth
+    return max((y - y_t).norm() / y_t.norm(), (g - g_t).norm() / g_t.norm()).item()
 
 
 def _compiled_layer_fn(model, attn_options: dict | None, sample_batch: PackedBatch):
@@ -341,7 +347,11 @@ def _compiled_layer_fn(model, attn_options: dict | None, sample_batch: PackedBat
 
     Fusing the elementwise work (norms, RoPE, SiLU, casts) cuts the kernel launches and
     autograd nodes of a layer several-fold, which is what bounds a training step's speed
-    at this model size. Checked once, forward and backward, against the eager function.
+    at this model size. Checked once, forward and backward: the compiled layer and the
+    eager one (same dtype, same autocast) are both held to the layer in fp32, and the
+    compiled one is kept when it is no further from it than rounding allows (a fixed
+    bound between two bf16 layers would depend on the width: at the 1.5B shape a correct
+    compiled layer can differ from the eager bf16 one by more than at 0.5B).
     """
     key = (id(model.config), repr(attn_options), torch.is_autocast_enabled(model.device.type))
     if key in _COMPILED:
@@ -359,21 +369,31 @@ def _compiled_layer_fn(model, attn_options: dict | None, sample_batch: PackedBat
         gen = torch.Generator().manual_seed(0)
         x0 = torch.randn(n, model.config.hidden_size, generator=gen).to(model.device, model.dtype)
         weights = _layer_weights(layer)
-        outs = []
-        # the check differentiates, also when asked for from a no-grad pass (the reference)
-        for fn in (eager, compiled):
-            with torch.enable_grad():
-                x = x0.clone().requires_grad_()
-                y = fn(x, cos, sin, cu, n - n // 3, *weights)
+
+        def run(fn, x_in, ws, cast: bool = True):
+            # the check differentiates, also when asked for from a no-grad pass (the reference)
+            ctx = (
+                contextlib.nullcontext()
+                if cast
+                else torch.autocast(x_in.device.type, enabled=False)
+            )
+            with torch.enable_grad(), ctx:
+                x = x_in.clone().requires_grad_()
+                y = fn(x, cos, sin, cu, n - n // 3, *ws)
                 (gx,) = torch.autograd.grad(y.float().square().mean(), x)
-            outs.append((y.detach().float(), gx.float()))
-        (y_e, g_e), (y_c, g_c) = outs
-        err = max((y_e - y_c).norm() / y_e.norm(), (g_e - g_c).norm() / g_e.norm()).item()
-        if err < 2e-2:
+            return y.detach().float(), gx.float()
+
+        fp32 = tuple(w.float() if w is not None else None for w in weights)
+        truth = run(_make_layer_fn(model.config, None), x0.float(), fp32, cast=False)
+        err_e = _layer_error(run(eager, x0, weights), truth)
+        err_c = _layer_error(run(compiled, x0, weights), truth)
+        CHECK_ERRORS[key] = {"eager_vs_fp32": err_e, "compiled_vs_fp32": err_c}
+        if err_c <= max(2e-2, 2 * err_e):
             _COMPILED[key] = compiled
         else:
             report_decline(
-                "compiled decoder layer", f"disagrees with eager (relative error {err:.3g})"
+                "compiled decoder layer",
+                f"further from fp32 than eager (relative error {err_c:.3g} against {err_e:.3g})",
             )
     except Exception as exc:  # noqa: BLE001 - no compiler, or it failed: the eager path serves
         report_decline("compiled decoder layer", f"torch.compile failed ({type(exc).__name__}: "

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def gather_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """log softmax(logits / temperature)[target] for every position; shapes (..., V) -> (...)."""
     logits = logits.float()
     if temperature != 1.0:
@@ -40,7 +42,9 @@ def token_logprobs(
     Returns (logprobs (B, T-1), entropy (B, T-1) or None). Gradients flow through the
     log-probs; the entropy is computed without them (a diagnostic).
     """
-    hidden = model.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    hidden = model.hidden_states(
+        input_ids, attention_mask=attention_mask, position_ids=position_ids
+    )
     hidden = hidden[:, :-1]
     targets = input_ids[:, 1:]
     b, t, d = hidden.shape
