@@ -16,7 +16,8 @@ A reward is made by name, fresh on every call, with `get_reward(name, **options)
   `<think>...</think> summary` (`FormatReward`);
 - "language_consistency" (`LanguageConsistencyReward`);
 - "overlong_penalty" with `max_completion_tokens, buffer_tokens, ...` (`OverlongPenaltyReward`);
-- "reward_model" with `scorer, on="summary" | "response"` (`RewardModelReward`).
+- "reward_model" with `scorer, on="summary" | "response"` (`RewardModelReward`);
+- "code": the last fenced block run against the `tests` column in a sandbox (`CodeReward`).
 `combine_rewards` runs several with weights (a None in a weighted one makes the total None).
 """
 
@@ -29,6 +30,7 @@ from r1lab.rewards.base import (
     register_reward,
     reward_names,
 )
+from r1lab.rewards.code import CodeReward, code_reward, extract_code
 from r1lab.rewards.combine import CombinedRewards, combine_rewards
 from r1lab.rewards.format import FormatReward, check_format
 from r1lab.rewards.language import LanguageConsistencyReward, count_words, detect_language
@@ -37,6 +39,7 @@ from r1lab.rewards.reward_model import RewardModelReward
 
 __all__ = [
     "AccuracyReward",
+    "CodeReward",
     "CombinedRewards",
     "FormatReward",
     "FunctionReward",
@@ -46,9 +49,11 @@ __all__ = [
     "RewardModelReward",
     "RewardResult",
     "check_format",
+    "code_reward",
     "combine_rewards",
     "count_words",
     "detect_language",
+    "extract_code",
     "get_reward",
     "register_reward",
     "reward_names",

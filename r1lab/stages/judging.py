@@ -122,6 +122,57 @@ def load_reward(name: str, options: dict, template: str) -> Callable:
     return get_reward(name, **{**defaults, **options})
 
 
+class ByTask:
+    """The accuracy reward, except for rows whose task names its own (code tasks: "code").
+
+    A task with a `reward` attribute is judged by that reward (made once, by name, with
+    the task's `reward_options`); every other row goes to the wrapped reward, in one call
+    with exactly the columns it would have had alone, so a batch without such tasks is
+    scored exactly as before. Scores and reasons come back in the batch's order.
+    """
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.__name__ = getattr(fn, "__name__", "accuracy")
+        self._own: dict[str, Callable] = {}
+
+    def _reward_of(self, task: Any) -> str | None:
+        return getattr(task, "reward", None) if not isinstance(task, str) else None
+
+    def __call__(self, prompts: list, completions: list[str], **columns: Any):
+        from r1lab.rewards.base import RewardResult
+
+        tasks = columns.get("task")
+        names = [self._reward_of(t) for t in tasks] if tasks is not None else []
+        if not any(names):
+            return self.fn(prompts, completions, **columns)
+        scores: list[float | None] = [None] * len(completions)
+        reasons: list[str | None] = [None] * len(completions)
+        for name in dict.fromkeys(names):
+            rows = [i for i, n in enumerate(names) if n == name]
+            if name is None:
+                fn = self.fn
+            else:
+                if name not in self._own:
+                    from r1lab.rewards.base import get_reward
+
+                    task = tasks[rows[0]]
+                    self._own[name] = get_reward(name, **dict(getattr(task, "reward_options", {})))
+                fn = self._own[name]
+            part = fn(
+                [prompts[i] for i in rows],
+                [completions[i] for i in rows],
+                **{
+                    k: [v[i] for i in rows] if isinstance(v, (list, tuple)) else v
+                    for k, v in columns.items()
+                },
+            )
+            given = getattr(part, "reasons", None) or [None] * len(part)
+            for j, i in enumerate(rows):
+                scores[i], reasons[i] = part[j], given[j]
+        return RewardResult(scores, reasons)
+
+
 class RewardSet:
     """Reward functions with weights, scored together by `r1lab.rewards.combine_rewards`.
 
@@ -134,6 +185,11 @@ class RewardSet:
         self.items: list[tuple[Callable, float]] = [
             (load_reward(name, dict(spec.options), template), spec.weight)
             for name, spec in specs.items()
+        ]
+        # the accuracy reward defers to a task's own reward (code tasks run their tests)
+        self.items = [
+            (ByTask(fn) if name.removesuffix("_reward") == "accuracy" else fn, weight)
+            for (fn, weight), name in zip(self.items, specs)
         ]
 
     def add(self, fn: Callable, weight: float) -> None:
@@ -225,6 +281,12 @@ def judge_samples(
     structure = by_fn[1] if len(by_fn) == 3 else [None] * len(completions)
     reasons = list(scored.reasons.values())[0]
     hint = template if template in ("r1-zero", "r1-chat") else None
+    if getattr(task, "reward", None) == "code":  # a code task's answer is its program
+        from r1lab.rewards.code import extract_code
+
+        def extract_answer(text, _hint, prefilled):  # noqa: F811
+            return extract_code(text, prefilled=prefilled)
+
     rows: list[list[SampleResult]] = [[] for _ in examples]
     for i, c in enumerate(completions):
         text, prompt = c.text or "", prompts[c.prompt_index]
