@@ -204,13 +204,15 @@ def _varlen_options(
                 xs = [x.to(device, dtype).requires_grad_() for x in base]
                 out = _varlen_call(*xs, cu, max(lengths), options).reshape(t, -1)
                 out.float().square().sum().backward()
-                errs = [(out - ref).abs().max()]
-                errs += [(a.grad - b.grad).abs().max() for a, b in zip(xs, ref_in)]
-                err = max(e.item() for e in errs)
-                if err < 0.05:
+                # relative to each tensor's size: at head_dim 128 the gradients reach tens,
+                # where one bf16 rounding step is 0.125, so an absolute bound would reject
+                # a correct call (it did, at the 1.5B shape)
+                pairs = [(out, ref)] + [(a.grad, b.grad) for a, b in zip(xs, ref_in)]
+                err = max(((a - b).float().norm() / b.float().norm()).item() for a, b in pairs)
+                if err < 2e-2:
                     _VARLEN_OK[key] = options
                     return options
-                failures.append(f"{options}: max error {err:.3g}")
+                failures.append(f"{options}: relative error {err:.3g}")
             except Exception as exc:  # noqa: BLE001 - any failure means: not this way
                 failures.append(f"{options}: {type(exc).__name__}: {str(exc)[:120]}")
     report_decline(
@@ -334,6 +336,11 @@ def _layer_weights(layer) -> tuple:
 
 
 _COMPILED: dict[tuple, object] = {}
+# Inductor options tried in turn. Its memory-coalescing tiling analysis fails an assertion
+# on this layer with dynamic shapes at the 1.5B width (torch 2.11: InductorError in
+# tiling_utils.get_pw_red_splits), which left that shape on eager layers; without it the
+# layer compiles at every width measured.
+COMPILE_OPTIONS: tuple[dict, ...] = ({"triton.coalesce_tiling_analysis": False}, {})
 CHECK_ERRORS: dict[tuple, dict] = {}  # the compile check's errors, per key (benchmarks read them)
 
 
@@ -359,7 +366,6 @@ def _compiled_layer_fn(model, attn_options: dict | None, sample_batch: PackedBat
     _COMPILED[key] = None
     eager = _make_layer_fn(model.config, attn_options)
     try:
-        compiled = torch.compile(_make_layer_fn(model.config, attn_options), dynamic=True)
         layer = model.model.layers[0]
         n = min(48, sample_batch.num_tokens)
         cu = torch.tensor([0, n // 3, n], dtype=torch.int32, device=model.device)
@@ -386,7 +392,18 @@ def _compiled_layer_fn(model, attn_options: dict | None, sample_batch: PackedBat
         fp32 = tuple(w.float() if w is not None else None for w in weights)
         truth = run(_make_layer_fn(model.config, None), x0.float(), fp32, cast=False)
         err_e = _layer_error(run(eager, x0, weights), truth)
-        err_c = _layer_error(run(compiled, x0, weights), truth)
+        failures = []
+        for options in COMPILE_OPTIONS:
+            try:
+                compiled = torch.compile(
+                    _make_layer_fn(model.config, attn_options), dynamic=True, options=options
+                )
+                err_c = _layer_error(run(compiled, x0, weights), truth)
+                break
+            except Exception as exc:  # noqa: BLE001 - an Inductor failure: the next options
+                failures.append(f"{options}: {type(exc).__name__}: {str(exc)[:120]}")
+        else:
+            raise RuntimeError("; ".join(failures))
         CHECK_ERRORS[key] = {"eager_vs_fp32": err_e, "compiled_vs_fp32": err_c}
         if err_c <= max(2e-2, 2 * err_e):
             _COMPILED[key] = compiled
