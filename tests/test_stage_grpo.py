@@ -132,8 +132,8 @@ def test_killed_run_resumes_where_it_saved(micro_dir, rewards_module, tmp_path, 
 
     real_save = grpo.save_checkpoint
 
-    def save_then_die(out, snapshot, tokenizer, step, extra, *args):
-        real_save(out, snapshot, tokenizer, step, extra, *args)
+    def save_then_die(out, snapshot, model, tokenizer, step, *args):
+        real_save(out, snapshot, model, tokenizer, step, *args)
         if step == 2:
             raise Killed
 
@@ -160,6 +160,37 @@ def test_killed_run_resumes_where_it_saved(micro_dir, rewards_module, tmp_path, 
     b = load_model(tmp_path / "killed" / "model").state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_a_refreshed_reference_survives_a_kill(micro_dir, rewards_module, tmp_path, monkeypatch):
+    """The reference refreshed at step 3 is in step 3's checkpoint; step 4 uses it again."""
+    cfg = small(
+        micro_dir,
+        steps=4,
+        save_every=3,
+        beta=0.04,
+        ref_refresh_every=2,
+        rewards={f"{rewards_module}:spread": 1},
+    )
+    grpo.run(cfg, tmp_path / "whole")
+    real_save = grpo.save_checkpoint
+
+    def save_then_die(out, snapshot, model, tokenizer, step, *args):
+        real_save(out, snapshot, model, tokenizer, step, *args)
+        if step == 3:
+            raise Killed
+
+    monkeypatch.setattr(grpo, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        grpo.run(cfg, tmp_path / "killed")
+    state = torch.load(tmp_path / "killed" / "state" / "optimizer.pt", weights_only=True)
+    assert set(state) == {"policy", "optimizer", "ref"} and state["ref"] is not None
+    monkeypatch.setattr(grpo, "save_checkpoint", real_save)
+    grpo.run(cfg, tmp_path / "killed")
+
+    whole = read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+    resumed = read_jsonl(tmp_path / "killed" / "metrics.jsonl")
+    assert [r.get("kl") for r in whole] == [r.get("kl") for r in resumed]
 
 
 train_step = grpo.train_step

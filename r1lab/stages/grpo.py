@@ -35,14 +35,11 @@ from pydantic import Field, field_validator, model_validator
 
 from r1lab.config import ConfigError, StageConfig, resolve_device, resolve_dtype, write_config
 from r1lab.engine.grpo_update import UpdateSettings, train_batch, update_on_rollout
-from r1lab.model.checkpoint import (
-    atomic_write_text,
-    latest_checkpoint,
-    load_model,
-    load_training_state,
-)
+from r1lab.model.checkpoint import atomic_write_text, load_model
 from r1lab.model.tokenizer import load_tokenizer
-from r1lab.stages.grpo_state import RunState, TrainingSnapshot, save_checkpoint
+from r1lab.rundir import check_resumable
+from r1lab.snapshot import TrainingSnapshot, restore_checkpoint, save_checkpoint, saved_state
+from r1lab.stages.grpo_state import RunState
 from r1lab.stages.judging import RewardSet, RewardSpec
 from r1lab.stages.rollout import (
     Rollout,
@@ -290,11 +287,16 @@ def _message(err: Exception) -> str:
     return str(err.args[0]) if err.args else str(err)
 
 
-def _resume_mismatch(saved: dict, cfg: Config) -> list[str]:
-    now = cfg.model_dump(mode="json")
-    return sorted(
-        k for k in set(saved) | set(now) if k not in RESUME_NEUTRAL and saved.get(k) != now.get(k)
-    )
+def open_checkpoint(cfg: Config, out: Path, resume: bool) -> dict | None:
+    """The trainer record to resume from (None: start over), refused if settings differ."""
+    record = saved_state(out) if resume else None
+    if record is not None:
+        extra = record.setdefault("extra", {})
+        if "config" not in extra:  # checkpoints written before they carried their settings
+            saved = out / "config.yaml"
+            extra["config"] = yaml.safe_load(saved.read_text()) if saved.exists() else {}
+        check_resumable("grpo", out, record, cfg.model_dump(mode="json"), RESUME_NEUTRAL)
+    return record
 
 
 def start_run(cfg: Config, out: Path, resume: bool) -> RunState:
@@ -310,7 +312,7 @@ def start_run(cfg: Config, out: Path, resume: bool) -> RunState:
         tokenizer,
         ref_model,
         optimizer,
-        TrainingSnapshot(policy, optimizer, ref_model),
+        TrainingSnapshot(policy=policy, optimizer=optimizer, ref=None),  # ref: once refreshed
         mixture,
         rewards,
         late_rewards,
@@ -318,26 +320,16 @@ def start_run(cfg: Config, out: Path, resume: bool) -> RunState:
         eval_examples,
         update_settings(cfg, policy, pad_id),
     )
-    state = latest_checkpoint(out) if resume else None
-    if state is not None:
-        saved = (
-            yaml.safe_load((out / "config.yaml").read_text())
-            if (out / "config.yaml").exists()
-            else {}
-        )
-        changed = _resume_mismatch(saved or {}, cfg)
-        if changed:
-            raise ConfigError(
-                f"grpo: {out} holds a run with other settings ({', '.join(changed)}); "
-                "use a new --out, or --no-resume to start over there"
-            )
-        info = load_training_state(state, optimizer=rs.snapshot)
+    record = open_checkpoint(cfg, out, resume)
+    if record is not None:
+        if int(record["extra"].get("ref_synced_at", 0)) > 0:
+            rs.snapshot.parts["ref"] = ref_model
+        info = restore_checkpoint(out, rs.snapshot)
         extra = info["extra"]
         rs.start = info["step"]
         rs.elapsed_before = float(extra.get("elapsed_s", 0.0))
         rs.nan_streak = int(extra.get("nan_streak", 0))
         rs.ref_synced_at = int(extra.get("ref_synced_at", 0))
-        rs.snapshot.ref_synced = rs.ref_synced_at > 0
         rs.initial_eval, rs.last_eval = extra.get("initial_eval"), extra.get("last_eval")
         console.print(f"grpo: resuming {out} after step {rs.start}")
     rs.t_start = time.perf_counter()
@@ -380,7 +372,7 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
     refresh = cfg.ref_refresh_every and step > 1 and (step - 1) % cfg.ref_refresh_every == 0
     if rs.ref_model is not None and refresh:
         rs.ref_model.load_state_dict(rs.policy.state_dict())
-        rs.ref_synced_at, rs.snapshot.ref_synced = step, True
+        rs.ref_synced_at, rs.snapshot.parts["ref"] = step, rs.ref_model
     lr = lr_at(step - 1, cfg.steps, cfg.lr, cfg.warmup_steps, schedule=cfg.lr_schedule)
     set_lr(rs.optimizer, lr)
     late = rs.late_rewards is not None and step > cfg.steps - (
@@ -505,9 +497,9 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             advance(1)
             track_nan(rs, record, step, cfg, out)
             if stopped or step % cfg.save_every == 0 or step == cfg.steps:
-                save_checkpoint(
-                    out, rs.snapshot, rs.tokenizer, step, rs.extra(), compute_dtype(cfg, rs.policy)
-                )
+                extra = {"config": cfg.model_dump(mode="json"), **rs.extra()}
+                dtype = compute_dtype(cfg, rs.policy)
+                save_checkpoint(out, rs.snapshot, rs.policy, rs.tokenizer, step, step, extra, dtype)
             if stopped:
                 console.print(f"[yellow]grpo: {stopped}; stopping")
                 break
@@ -567,7 +559,7 @@ def evaluate_policy(rs: RunState, cfg: Config) -> dict[str, float]:
     return {f"eval/{k}": result[k] for k in EVAL_KEYS if result.get(k) is not None}
 
 
-# ---- records (checkpoints: r1lab.stages.grpo_state) ------------------------------------------
+# ---- records (checkpoints: r1lab.snapshot) --------------------------------------------------
 def _clean(record: dict) -> dict:
     """JSON-safe values: NaN and inf become None (strict JSON has no NaN)."""
     out = {}
