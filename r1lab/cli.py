@@ -7,7 +7,9 @@ path), `--out DIR` (its run directory) and `key=value` / `section.key=value` ove
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 # subcommand -> (module in r1lab.stages, preset section, one-line help)
@@ -63,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="r1lab",
         description="The DeepSeek-R1 recipe: GRPO, the four-stage R1 pipeline, distillation, evaluation.",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error (also R1LAB_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the whole R1 pipeline (default: the tiny CPU preset)")
@@ -113,19 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_stage(args) -> int:
     from r1lab.config import load_stage_config
+    from r1lab.rundir import check_out_dir, run_dir_lock
 
     module_name, section, _ = STAGES[args.command]
     module = importlib.import_module(f"r1lab.stages.{module_name}")
     cfg = load_stage_config(module.Config, section, args.preset, args.overrides)
-    module.run(cfg, args.out, resume=args.resume)
+    out = check_out_dir(args.out)
+    with run_dir_lock(out):
+        module.run(cfg, out, resume=args.resume)
     return 0
 
 
 def _generate(args) -> int:
     import r1lab
+    from r1lab.config import resolve_device
     from r1lab.model.tokenizer import render_prompt
 
-    model, tokenizer = r1lab.load(args.model, device=args.device)
+    model, tokenizer = r1lab.load(args.model, device=resolve_device(args.device))
     prompts = [render_prompt(args.template, p, tokenizer) for p in args.prompt]
     outs = r1lab.generate(
         model,
@@ -170,9 +181,32 @@ def _info(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def error_line(err: BaseException) -> str | None:
+    """The one-line message of an input or environment error (None: a bug, keep the trace)."""
     from r1lab.config import ConfigError
+    from r1lab.training import NonFiniteLossError
 
+    if isinstance(err, KeyError):
+        return str(err.args[0]) if err.args else "missing key"
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        where = f" ({err.filename})" if err.filename else ""
+        if err.errno == errno.ENOSPC:
+            return f"no space left on the device{where}; free some and rerun (the run resumes)"
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"cannot write{where}: {err.strerror}; choose a writable --out"
+        return f"{err.strerror or err}{where}"
+    if isinstance(err, (ConfigError, ValueError, FileNotFoundError, NonFiniteLossError)):
+        return str(err)
+    if type(err).__name__ == "NonFiniteLossError":  # grpo's own, older class
+        return str(err)
+    if isinstance(err, RuntimeError) and (
+        "PytorchStreamWriter" in str(err) or "No space left" in str(err)
+    ):
+        return f"writing a checkpoint failed (disk full or unwritable?): {err}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in STAGES:
@@ -203,9 +237,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n".join(preset_names()))
             return 0
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    except Exception as err:  # noqa: BLE001  (input and environment errors: one line)
+        msg = error_line(err)
+        if msg is None or args.debug or os.environ.get("R1LAB_DEBUG") == "1":
+            raise
         print(f"r1lab {args.command}: error: {msg}", file=sys.stderr)
+        print("(rerun with r1lab --debug ... for the traceback)", file=sys.stderr)
         return 2
     return 1
 

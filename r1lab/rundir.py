@@ -13,7 +13,11 @@ under either: a run dir is
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -99,3 +103,80 @@ def decide_reuse(
     if changed:
         return Reuse("restart", f"settings changed since the last run ({', '.join(changed)})")
     return Reuse("resume")
+
+
+# ---- the run dir itself: a usable --out, one process at a time, only r1lab's removed ----------
+LOCK_FILE = ".r1lab-lock"  # held (flock) by the process writing the run dir; r1lab's marker
+R1LAB_MARKERS = (LOCK_FILE, CONFIG_FILE, DONE_FILE, "eval.json", "state")
+
+
+class RunDirBusy(ConfigError):
+    """Another live process holds the run dir's lock."""
+
+
+def check_out_dir(out: str | Path | None, flag: str = "--out") -> Path:
+    """`out` as a folder this process can write, created if missing, or a one-line error."""
+    if out is None or not str(out).strip():
+        raise ConfigError(f"{flag} is empty; give a run directory, e.g. {flag} runs/mine")
+    path = Path(out)
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            what = f"{path} is a file" if parent == path else f"{parent} (above {path}) is a file"
+            raise ConfigError(f"{flag} {path}: {what}, not a folder; choose another {flag}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: cannot create it ({err.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: not writable (read-only file system or permissions)")
+    return path
+
+
+@contextmanager
+def run_dir_lock(out: str | Path):
+    """Hold `out`'s lock for the block; a second process gets RunDirBusy naming the holder.
+
+    An OS lock (flock) on `out/.r1lab-lock`: the kernel drops it when its process dies, so a
+    kill -9 never leaves a stale lock. The file stays as r1lab's marker of the folder.
+    """
+    path = Path(out) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirBusy(
+                f"{out} is in use by another r1lab process (pid {holder}); wait for it to "
+                "finish, or use another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def is_r1lab_dir(folder: str | Path) -> bool:
+    """Whether `folder` is empty or holds a file r1lab writes into every run dir."""
+    folder = Path(folder)
+    return not any(folder.iterdir()) or any((folder / m).exists() for m in R1LAB_MARKERS)
+
+
+def remove_run_dir(folder: str | Path, keep_lock: bool = False) -> None:
+    """Delete a stage run dir, refusing a folder r1lab did not write (a user's files)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir() or not is_r1lab_dir(folder):
+        raise ConfigError(
+            f"{folder} holds files r1lab did not write (no {LOCK_FILE}, {CONFIG_FILE} or "
+            f"{DONE_FILE}); not deleting it: move it away, or use another --out"
+        )
+    if not keep_lock:
+        shutil.rmtree(folder)
+        return
+    for child in folder.iterdir():
+        if child.name == LOCK_FILE:
+            continue
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()

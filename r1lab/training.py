@@ -33,6 +33,11 @@ console = Console(stderr=True)
 DONE_FILE = "DONE"
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training diverged (NaN/inf loss, gradient or weights): the stage stops without DONE,
+    keeping its last good checkpoint; the message says where it is and what to change."""
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

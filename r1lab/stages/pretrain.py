@@ -102,7 +102,8 @@ class Config(ProceduralConfig):
     max_steps: int = Field(default=1000, ge=1)
     max_minutes: float | None = Field(default=5.0, gt=0)  # wall clock of the whole stage
 
-    # logging and checkpoints
+    # logging, checkpoints, divergence (stop after this many NaN/inf steps in a row)
+    max_nan_steps: int = Field(default=3, ge=1)
     log_every: int = Field(default=50, ge=1)
     eval_every: int = Field(default=200, ge=1)
     save_every: int = Field(default=200, ge=1)

@@ -75,7 +75,8 @@ class Config(ProceduralConfig):
     grad_clip: float = Field(default=1.0, ge=0)
     gradient_checkpointing: bool = False
 
-    # logging and checkpoints
+    # logging, checkpoints, divergence (stop after this many NaN/inf steps in a row)
+    max_nan_steps: int = Field(default=3, ge=1)
     log_every: int = Field(default=10, ge=1)
     eval_every: int = Field(default=50, ge=1)
     save_every: int = Field(default=100, ge=1)

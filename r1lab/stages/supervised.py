@@ -9,6 +9,7 @@ checkpoint. The stage writes its summary and DONE from what `train` returns.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from r1lab.stages.packing import RowSampler, rows_fingerprint
 from r1lab.training import (
     DONE_FILE,
     MetricsLog,
+    NonFiniteLossError,
     console,
     make_optimizer,
     progress_bar,
@@ -33,7 +35,9 @@ from r1lab.training import (
 )
 
 # Settings of a supervised stage that may change between an interrupted run and its resume.
-SUPERVISED_RESUME_NEUTRAL = frozenset({"device", "log_every", "eval_every", "save_every"})
+SUPERVISED_RESUME_NEUTRAL = frozenset(
+    {"device", "log_every", "eval_every", "save_every", "max_nan_steps"}
+)
 PROGRESS_UNITS = 1000  # the bar counts thousandths of the budget (steps or time)
 
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -78,6 +82,54 @@ class _Progress:
     setup_s: float = 0.0
     eval_s: float = 0.0
     recent: list[float] = field(default_factory=list)
+    nan_streak: int = 0  # steps in a row whose loss or gradient was NaN/inf (update skipped)
+    finished: bool = False  # the last checkpoint is the final one (only DONE was missing)
+
+
+class _FiniteStep:
+    """The optimizer as `train_step` sees it: a step whose gradients hold a NaN or an
+    infinity is skipped, so the weights (and the next checkpoint) stay those of the last
+    good step. `skipped` tells the loop what happened to the last step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer, self.skipped = optimizer, False
+
+    def step(self) -> None:
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
+        grads = [g for g in grads if g is not None]
+        norms = torch._foreach_norm(grads) if grads else []
+        self.skipped = bool(norms) and not bool(torch.isfinite(torch.stack(norms)).all())
+        if not self.skipped:
+            self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def weights_finite(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity (None: all finite)."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            return name
+    return None
+
+
+def _diverged(job: SupervisedJob, progress: _Progress, step: int, loss: float) -> None:
+    """Count a skipped step; after `max_nan_steps` in a row, stop the stage (no DONE)."""
+    progress.nan_streak += 1
+    limit = getattr(job.cfg, "max_nan_steps", 3)
+    console.print(
+        f"[bold red]{job.stage} step {step}: loss or gradient is NaN/inf (loss {loss}); "
+        f"update skipped ({progress.nan_streak} in a row)"
+    )
+    if progress.nan_streak >= limit:
+        kept = job.out / "model" if (job.out / "state").exists() else None
+        where = f"the last good checkpoint is kept in {kept}" if kept else "nothing was saved"
+        raise NonFiniteLossError(
+            f"{job.stage}: {progress.nan_streak} steps in a row had a NaN or infinite loss or "
+            f"gradient (last: step {step}); stopped without DONE, {where}. Lower lr (now "
+            f"{job.cfg.lr:g}) or set grad_clip (now {job.cfg.grad_clip:g})"
+        )
 
 
 def _validate(job: SupervisedJob) -> float | None:
@@ -106,6 +158,9 @@ def _prepare_run_dir(job: SupervisedJob, snapshot) -> tuple[_Progress, dict, dic
     progress.val_loss = extra.get("val_loss")
     progress.initial_val_loss = extra.get("initial_val_loss")
     progress.eval_s = extra.get("eval_s", 0.0)
+    progress.recent = list(extra.get("recent_losses", []))
+    progress.nan_streak = int(extra.get("nan_streak", 0))
+    progress.finished = bool(extra.get("finished", False))
     extra["data_hash"] = data_hash
     return progress, extra, position
 
@@ -138,7 +193,13 @@ def train(job: SupervisedJob) -> dict:
         f"{job.total_steps} steps, setup {progress.setup_s:.1f}s, device {job.device}"
     )
 
-    def checkpoint() -> None:
+    def checkpoint(final: bool = False) -> None:
+        bad = weights_finite(model)
+        if bad is not None:
+            raise NonFiniteLossError(
+                f"{job.stage}: the weights hold NaN/inf ({bad}) at step {progress.step}; "
+                f"not saved, and no DONE: {out} keeps its last good checkpoint"
+            )
         state = {
             "config": cfg.model_dump(mode="json"),
             "data_hash": extra["data_hash"],
@@ -148,6 +209,10 @@ def train(job: SupervisedJob) -> dict:
             "tokens": progress.tokens,
             "val_loss": progress.val_loss,
             "initial_val_loss": progress.initial_val_loss,
+            "recent_losses": progress.recent,
+            "nan_streak": progress.nan_streak,
+            "finished": final,
+            "stopped_by": extra.get("stopped_by"),
         }
         save_checkpoint(
             out,
@@ -161,21 +226,31 @@ def train(job: SupervisedJob) -> dict:
         )
 
     session_tokens, session_start, shown = 0, time.perf_counter(), 0
+    guarded = _FiniteStep(optimizer)
+    stop = budget.stop_reason(progress.step, clock.elapsed())
+    if progress.finished:  # killed after its final checkpoint: only the summary is left
+        stop = extra.get("stopped_by", stop)
     with progress_bar(job.stage, PROGRESS_UNITS) as advance:
-        while (stop := budget.stop_reason(progress.step, clock.elapsed())) is None:
+        while not progress.finished and (
+            stop := budget.stop_reason(progress.step, clock.elapsed())
+        ) is None:
             t0 = time.perf_counter()
             lr = scheduled_lr(cfg, budget, job.total_steps, progress.step, clock.elapsed())
             set_lr(optimizer, lr)
             rows = sampler.next_batch()
             batch = [t[rows].to(job.device) for t in job.train_rows]
             loss, grad_norm = train_step(
-                model, optimizer, batch, cfg.micro_batch_size, cfg.grad_clip, job.autocast
+                model, guarded, batch, cfg.micro_batch_size, cfg.grad_clip, job.autocast
             )
             progress.step += 1
             step, n_tokens = progress.step, batch[0].numel()
             progress.tokens += n_tokens
             session_tokens += n_tokens
-            progress.recent = (progress.recent + [loss])[-20:]
+            if guarded.skipped or not math.isfinite(loss):
+                _diverged(job, progress, step, loss)
+            else:
+                progress.nan_streak = 0
+                progress.recent = (progress.recent + [loss])[-20:]
             step_time = time.perf_counter() - t0
             metrics = {
                 "step": step,
@@ -198,17 +273,19 @@ def train(job: SupervisedJob) -> dict:
                     f"{job.stage} step {step}/{job.total_steps}: loss {loss:.4f}{val} "
                     f"lr {lr:.2e} grad {grad_norm:.2f} {rate:.0f} tok/s {clock.elapsed():.0f}s"
                 )
-            mean = sum(progress.recent) / len(progress.recent)
+            mean = sum(progress.recent) / max(1, len(progress.recent))
             now = round(PROGRESS_UNITS * budget.progress(step, clock.elapsed()))
             advance(now - shown, info=f"step {step} loss {mean:.3f} {rate / 1000:.1f}k tok/s")
             shown = now
             if step % cfg.save_every == 0:
                 checkpoint()
 
-    progress.val_loss = _validate(job)
-    if progress.val_loss is not None:
-        log.write({"step": progress.step, "val_loss": progress.val_loss})
-    checkpoint()
+    if not progress.finished:
+        progress.val_loss = _validate(job)
+        if progress.val_loss is not None:
+            log.write({"step": progress.step, "val_loss": progress.val_loss})
+        extra["stopped_by"] = stop
+        checkpoint(final=True)
     elapsed = clock.elapsed()
     recent = progress.recent
     return {

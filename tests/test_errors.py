@@ -1,0 +1,121 @@
+"""Issue 12: every bad input, fault and divergence ends in a clear error, and no run dir is
+ever corrupted. One test per row of the issue's table (numbered as there)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from r1lab.cli import main
+from r1lab.rows import read_jsonl
+from r1lab.stages import pretrain, supervised
+from r1lab.training import NonFiniteLossError
+
+MICRO = dict(
+    size="micro",
+    n_documents=120,
+    val_documents=20,
+    vocab_size=400,
+    seq_len=64,
+    batch_size=4,
+    lr=5e-3,
+    warmup_steps=1,
+    max_steps=6,
+    max_minutes=None,
+    log_every=2,
+    eval_every=3,
+    save_every=3,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def micro(**overrides) -> pretrain.Config:
+    return pretrain.Config(**{**MICRO, **overrides})
+
+
+class Killed(Exception):
+    pass
+
+
+# ---- row 1 (and 11, training side): divergence stops the stage --------------------------
+def test_row1_nan_loss_stops_without_done_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch
+):
+    out = tmp_path / "pre"
+    real_step = supervised.train_step
+    calls = {"n": 0}
+
+    def poisoned(model, optimizer, batch, *args):
+        calls["n"] += 1
+        if calls["n"] > 3:  # steps 4.. get a NaN gradient
+            for p in model.parameters():
+                p.grad = torch.full_like(p, float("nan"))
+            optimizer.step()
+            optimizer.zero_grad()
+            return float("nan"), float("nan")
+        return real_step(model, optimizer, batch, *args)
+
+    monkeypatch.setattr(supervised, "train_step", poisoned)
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row.*without DONE"):
+        pretrain.run(micro(), out)
+    assert not (out / "DONE").exists()
+    state = json.loads((out / "state" / "trainer_state.json").read_text())
+    assert state["step"] == 3  # the last good checkpoint
+    from r1lab.model.checkpoint import load_model
+
+    model = load_model(out / "model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_row1_cli_exit_code_is_non_zero_on_divergence(tmp_path, capsys):
+    out = tmp_path / "pre"
+    args = [f"{k}={v}" for k, v in MICRO.items() if v is not None]
+    rc = main(["pretrain", "--out", str(out), *args, "lr=1e8", "grad_clip=0", "max_minutes=1"])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "NaN" in err and "Traceback" not in err
+    assert not (out / "DONE").exists()
+
+
+# ---- row 14: a resumed run's summary equals an uninterrupted one's --------------------------
+def test_row14_resumed_summary_loss_and_a_kill_after_the_last_checkpoint(tmp_path, monkeypatch):
+    straight = pretrain.run(micro(), tmp_path / "straight")
+
+    out = tmp_path / "killed"
+    real_save = supervised.save_checkpoint
+    saves = {"n": 0}
+
+    def die_after(n):
+        def save(*args, **kwargs):
+            real_save(*args, **kwargs)
+            saves["n"] += 1
+            if saves["n"] == n:
+                raise Killed
+
+        return save
+
+    monkeypatch.setattr(supervised, "save_checkpoint", die_after(1))
+    with pytest.raises(Killed):
+        pretrain.run(micro(), out)
+    monkeypatch.setattr(supervised, "save_checkpoint", die_after(3))  # the final one
+    with pytest.raises(Killed):
+        pretrain.run(micro(), out)
+    assert not (out / "DONE").exists()
+    monkeypatch.setattr(supervised, "save_checkpoint", real_save)
+    again = pretrain.run(micro(), out)
+    assert again["loss"] == pytest.approx(straight["loss"], rel=1e-5)
+    assert again["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-5)
+    records = read_jsonl(out / "metrics.jsonl")
+    keys = [(r["step"], "loss" in r) for r in records]
+    assert len(keys) == len(set(keys))  # no duplicated record
