@@ -1,10 +1,12 @@
-"""The public Python API: load a model and its tokenizer, sample from it."""
+"""The public Python API: load a model and its tokenizer, sample from it, save it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from r1lab.engine.generate import Completion, SamplingParams, sample
+from r1lab.model.checkpoint import load_model, save_model
+from r1lab.model.tokenizer import load_tokenizer
 from r1lab.training import resolve_model_dir
 
 
@@ -14,13 +16,15 @@ def load(path: str | Path, dtype=None, device=None):
     `dtype`: a torch dtype or "float32" / "bfloat16" / "auto" (the checkpoint's own);
     `device`: "cpu", "cuda", ... (default cpu).
     """
-    from r1lab.model.checkpoint import load_model
-    from r1lab.model.tokenizer import load_tokenizer
-
     folder = resolve_model_dir(path)
     model = load_model(folder, dtype=dtype, device=device)
     tokenizer = load_tokenizer(folder) if Path(folder).exists() else None
     return model, tokenizer
+
+
+def save(model, path: str | Path, tokenizer=None, dtype=None) -> None:
+    """`model` (and `tokenizer`) as a Hugging Face folder that `load` and transformers read."""
+    save_model(model, path, tokenizer=tokenizer, dtype=dtype)
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:

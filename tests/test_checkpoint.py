@@ -116,10 +116,12 @@ def test_tokenizer_is_saved_alongside(tmp_path, random_model):
     assert again("hello world")["input_ids"] == [3, 4]
 
 
-def test_from_pretrained_and_save_pretrained_delegate(tmp_path, random_model):
+def test_the_api_saves_a_folder_load_model_reads(tmp_path, random_model):
+    import r1lab
+
     model = random_model(model_type="qwen3")
-    model.save_pretrained(tmp_path / "m")
-    assert same_weights(model, Transformer.from_pretrained(tmp_path / "m"))
+    r1lab.save(model, tmp_path / "m")
+    assert same_weights(model, load_model(tmp_path / "m"))
 
 
 # ---- clear errors ----------------------------------------------------------------------

@@ -279,7 +279,7 @@ def test_dapo_style_options_run(micro_dir, rewards_module, tmp_path):
 
 def test_training_pool_never_holds_an_eval_question():
     from r1lab.stages.rollout import TaskMixture, question_key
-    from r1lab.tasks.base import get_task
+    from r1lab.tasks import get_task
 
     spec = grpo.TaskSpec(name="chain_sum")
     train = get_task("chain_sum").examples("train", n=50, seed=0)

@@ -345,15 +345,3 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab)."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
-
-    # ---- Hugging Face format ---------------------------------------------------------------
-    def save_pretrained(self, path, tokenizer=None, **kwargs) -> None:
-        from r1lab.model.checkpoint import save_model
-
-        save_model(self, path, tokenizer=tokenizer, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> Transformer:
-        from r1lab.model.checkpoint import load_model
-
-        return load_model(path, dtype=dtype, device=device)

@@ -19,16 +19,20 @@ A reward is made by name, fresh on every call, with `get_reward(name, **options)
 - "reward_model" with `scorer, on="summary" | "response"` (`RewardModelReward`);
 - "code": the last fenced block run against the `tests` column in a sandbox (`CodeReward`).
 `combine_rewards` runs several with weights (a None in a weighted one makes the total None).
+Each reward module registers its rewards by name (`r1lab.rewards.base.register_reward`);
+this package imports all of them, so `get_reward` and `reward_names` see every built-in.
 """
+
+from collections.abc import Callable
+from typing import Any
 
 from r1lab.rewards.accuracy import AccuracyReward
 from r1lab.rewards.base import (
+    REGISTERED,
     FunctionReward,
     RewardFunction,
     RewardResult,
-    get_reward,
     register_reward,
-    reward_names,
 )
 from r1lab.rewards.code import CodeReward, code_reward, extract_code
 from r1lab.rewards.combine import CombinedRewards, combine_rewards
@@ -58,3 +62,19 @@ __all__ = [
     "register_reward",
     "reward_names",
 ]
+
+
+def get_reward(name: str, **options: Any) -> Callable:
+    """A fresh reward function by name ("accuracy" or "accuracy_reward", ...)."""
+    key = name.removesuffix("_reward")
+    if key not in REGISTERED:
+        known = ", ".join(sorted(REGISTERED))
+        raise KeyError(f"unknown reward {name!r}; known rewards: {known}")
+    try:
+        return REGISTERED[key](**options)
+    except TypeError as e:
+        raise TypeError(f"reward {key!r}: {e}") from e
+
+
+def reward_names() -> list[str]:
+    return sorted(REGISTERED)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from r1lab.rewards.base import RewardFunction, RewardResult, prefills_think, register_reward
+from r1lab.tasks import Example, Task, get_task
 from r1lab.tasks.answers import (
     Verdict,
     extract_answer,
@@ -29,7 +30,6 @@ from r1lab.tasks.answers import (
     judge_exact,
     judge_math,
 )
-from r1lab.tasks.base import Example, Task, get_task
 
 KINDS = ("math", "exact", "gym")
 

@@ -111,34 +111,16 @@ def finite_or_none(value: Any) -> tuple[float | None, str | None]:
 
 # --- registry -------------------------------------------------------------------------
 
-_REGISTRY: dict[str, Callable[..., Callable]] = {}
+# Reward factories by name, filled by `register_reward`. Read them through
+# `r1lab.rewards.get_reward`, which imports every built-in reward module first.
+REGISTERED: dict[str, Callable[..., Callable]] = {}
 
 
 def register_reward(name: str):
     """Decorator: make a reward factory findable by name (`get_reward(name, **options)`)."""
 
     def wrap(factory):
-        _REGISTRY[name] = factory
+        REGISTERED[name] = factory
         return factory
 
     return wrap
-
-
-def get_reward(name: str, **options: Any) -> Callable:
-    """A fresh reward function by name ("accuracy" or "accuracy_reward", ...)."""
-    import r1lab.rewards  # noqa: F401  (importing the package registers the built-ins)
-
-    key = name.removesuffix("_reward")
-    if key not in _REGISTRY:
-        known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown reward {name!r}; known rewards: {known}")
-    try:
-        return _REGISTRY[key](**options)
-    except TypeError as e:
-        raise TypeError(f"reward {key!r}: {e}") from e
-
-
-def reward_names() -> list[str]:
-    import r1lab.rewards  # noqa: F401
-
-    return sorted(_REGISTRY)

@@ -52,7 +52,7 @@ from r1lab.stages.judging import (
     sample_completions,
 )
 from r1lab.stages.task_spec import TaskSpec, load_task_examples, parse_task_spec
-from r1lab.tasks.base import Example, Task, get_task
+from r1lab.tasks import Example, Task, get_task
 from r1lab.training import console, is_done, mark_done, set_cpu_threads, set_seed
 
 BREAKDOWN_KEYS = ("subject", "level", "language", "family")

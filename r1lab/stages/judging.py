@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from r1lab.engine.generate import Completion, SamplingParams, sample
 from r1lab.model.tokenizer import render_prompt
+from r1lab.rewards import RewardResult, get_reward
 from r1lab.rewards.combine import CombinedRewards, combine_rewards
 from r1lab.tasks.base import Example, Task
 from r1lab.training import progress_bar
@@ -116,8 +117,6 @@ def load_reward(name: str, options: dict, template: str) -> Callable:
         if not callable(fn):
             raise ValueError(f"reward {name!r} is not callable")
         return fn(**options) if options else fn
-    from r1lab.rewards.base import get_reward
-
     defaults = TEMPLATE_OPTIONS.get(name.removesuffix("_reward"), lambda _t: {})(template)
     return get_reward(name, **{**defaults, **options})
 
@@ -140,8 +139,6 @@ class ByTask:
         return getattr(task, "reward", None) if not isinstance(task, str) else None
 
     def __call__(self, prompts: list, completions: list[str], **columns: Any):
-        from r1lab.rewards.base import RewardResult
-
         tasks = columns.get("task")
         names = [self._reward_of(t) for t in tasks] if tasks is not None else []
         if not any(names):
@@ -154,8 +151,6 @@ class ByTask:
                 fn = self.fn
             else:
                 if name not in self._own:
-                    from r1lab.rewards.base import get_reward
-
                     task = tasks[rows[0]]
                     self._own[name] = get_reward(name, **dict(getattr(task, "reward_options", {})))
                 fn = self._own[name]

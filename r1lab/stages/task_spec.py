@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from r1lab.config import ConfigError
-from r1lab.tasks.base import Example, Task, get_task, task_names
+from r1lab.tasks import Example, Task, get_task, task_names
 
 
 class TaskSpec(BaseModel):

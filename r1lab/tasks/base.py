@@ -43,30 +43,16 @@ class Task:
         return predicted.strip() == reference.strip()
 
 
-_REGISTRY: dict[str, Callable[..., Task]] = {}
+# Task factories by name, filled by `register_task`. Read them through `r1lab.tasks.get_task`,
+# which imports every built-in task module first.
+REGISTERED: dict[str, Callable[..., Task]] = {}
 
 
 def register_task(name: str):
     """Class decorator: make a task findable by name in configs and on the command line."""
 
     def wrap(factory):
-        _REGISTRY[name] = factory
+        REGISTERED[name] = factory
         return factory
 
     return wrap
-
-
-def get_task(name: str, **options) -> Task:
-    """Build the task called `name`; an unknown name lists the known ones."""
-    from r1lab import tasks  # noqa: F401  (importing the package registers the built-ins)
-
-    if name not in _REGISTRY:
-        known = ", ".join(sorted(_REGISTRY))
-        raise KeyError(f"unknown task {name!r}; known tasks: {known}")
-    return _REGISTRY[name](**options)
-
-
-def task_names() -> list[str]:
-    from r1lab import tasks  # noqa: F401
-
-    return sorted(_REGISTRY)
