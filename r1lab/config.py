@@ -84,6 +84,8 @@ def parse_overrides(items: list[str]) -> dict:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: empty key")
         value = _parse_value(raw)
+        if isinstance(value, dict):
+            value = Whole(value)  # `rewards={...}` replaces the mapping, never merges into it
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -112,10 +114,28 @@ def _parse_value(raw: str) -> Any:
     return value
 
 
+class Whole(dict):
+    """A mapping given as a whole (`key={...}` on the command line, or a preset's mapping):
+    it replaces the mapping below it (a default, a preset's), where `key.sub=value` merges."""
+
+
+def whole_values(section: dict) -> dict:
+    """A preset section whose mapping values replace the defaults as a whole."""
+    return {k: Whole(v) if isinstance(v, dict) else v for k, v in (section or {}).items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, Whole):
+            out[key] = Whole(value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
@@ -137,7 +157,8 @@ def _describe(err: dict, cls: type[BaseModel]) -> str:
 def build_config(cls: type[C], *layers: dict, source: str = "config") -> C:
     """Validate the merged layers (preset, then overrides) into `cls`, or raise ConfigError."""
     # Dict-valued fields start from their defaults, so `rewards.language=0.5` adds a key
-    # to the default mapping instead of replacing it.
+    # to the default mapping; a mapping given whole (`rewards={...}`, a preset's
+    # `rewards:`; see `Whole`) replaces it.
     merged: dict = {}
     for name, info in cls.model_fields.items():
         if not info.is_required():
@@ -147,7 +168,7 @@ def build_config(cls: type[C], *layers: dict, source: str = "config") -> C:
     for layer in layers:
         merged = deep_merge(merged, layer or {})
     try:
-        return cls.model_validate(merged)
+        return cls.model_validate(_plain(merged))
     except ValidationError as err:
         lines = [_describe(e, cls) for e in err.errors()]
         raise ConfigError(f"{source} ({cls.__name__}): " + "; ".join(lines)) from None
@@ -162,7 +183,7 @@ def load_stage_config(cls: type[C], stage: str, preset: str | None, overrides: l
             raise ConfigError(
                 f"preset {preset!r} has no {stage!r} section; it has: {', '.join(data) or 'nothing'}"
             )
-        base = data[stage]
+        base = whole_values(data[stage])
     return build_config(cls, base, parse_overrides(overrides), source=f"{stage} config")
 
 

@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,8 +31,14 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from r1lab.config import ConfigError, build_config, load_preset, parse_overrides
-from r1lab.rundir import decide_reuse, resume_neutral
+from r1lab.config import ConfigError, build_config, load_preset, parse_overrides, whole_values
+from r1lab.rundir import (
+    check_out_dir,
+    decide_reuse,
+    remove_run_dir,
+    resume_neutral,
+    run_dir_lock,
+)
 from r1lab.stage_graph import GRAPH, STAGE_NAMES, Stage, stage_inputs
 from r1lab.training import console
 
@@ -61,15 +66,27 @@ def _upstream_sample_file(stage_dir: Path) -> str:
     return str(path)
 
 
-def stage_config(stage: Stage, run_dir: Path, preset: dict, overrides: dict):
-    """The config of one stage: its preset section, wired to its inputs, then overrides."""
+def stage_config(stage: Stage, run_dir: Path, preset: dict, overrides: dict, check_only=False):
+    """The config of one stage: its preset section, wired to its inputs, then overrides.
+
+    `check_only`: validate before anything ran, with the data of upstream stages that have
+    not run yet standing in by name."""
     module = stage_module(stage.kind)
-    section = dict(preset.get(stage.name, {}))
+    section = whole_values(preset.get(stage.name, {}))
     wiring: dict = {}
     if stage.model_from:
         wiring["model"] = str(run_dir / stage.model_from)
     if stage.data_from:
         own = section.get("data", [])
+        if check_only:
+            wiring["data"] = list(own) + [str(run_dir / d / "samples.jsonl") for d in stage.data_from]
+            return build_config(
+                module.Config,
+                section,
+                wiring,
+                overrides.get(stage.name, {}),
+                source=f"pipeline stage {stage.name!r}",
+            )
         files = [_upstream_sample_file(run_dir / d) for d in stage.data_from]
         for path in files:
             if not Path(path).read_text().strip():
@@ -91,11 +108,21 @@ def stage_config(stage: Stage, run_dir: Path, preset: dict, overrides: dict):
 def eval_config(stage: Stage, run_dir: Path, preset: dict, overrides: dict):
     module = stage_module("evaluate")
     section = {
-        **preset.get("eval", {}),
+        **whole_values(preset.get("eval", {})),
         "model": str(run_dir / stage.name),
         "template": stage.eval_template,
     }
     return build_config(module.Config, section, overrides.get("eval", {}), source="pipeline eval")
+
+
+def check_configs(selected: list[Stage], run_dir: Path, preset: dict, parsed: dict) -> None:
+    """Build every selected stage's config (and its evaluation's) before the first stage
+    runs, so a typo in the last stage's settings fails in a second, not after the others."""
+    skip_eval = bool(preset.get("pipeline", {}).get("skip_eval", False))
+    for stage in selected:
+        stage_config(stage, run_dir, preset, parsed, check_only=True)
+        if stage.eval_template and not skip_eval:
+            eval_config(stage, run_dir, preset, parsed)
 
 
 def _select(only: str | None, from_stage: str | None) -> list[Stage]:
@@ -163,15 +190,19 @@ def run_pipeline(
         )
     parsed = _spread_seed(parse_overrides(overrides or []))
     _check_overrides(parsed)
-    run_dir = Path(out or f"runs/{preset_name}").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     selected = _select(only, from_stage)
+    check_configs(selected, Path(out or f"runs/{preset_name}").resolve(), preset, parsed)
+    run_dir = check_out_dir(out if out is not None else f"runs/{preset_name}").resolve()
+    with run_dir_lock(run_dir):
+        return _run_locked(preset_name, preset, run_dir, selected, from_stage, parsed, jobs)
+
+
+def _run_locked(preset_name, preset, run_dir, selected, from_stage, parsed, jobs) -> Path:
     if from_stage:
         # Rerun from this stage on: its directory and every later one start afresh.
         for stage in selected:
             for d in (run_dir / stage.name, run_dir / "eval" / stage.name):
-                if d.exists():
-                    shutil.rmtree(d)
+                remove_run_dir(d)
 
     settings = preset.get("pipeline", {})
     skip_eval = bool(settings.get("skip_eval", False))
@@ -217,16 +248,18 @@ def run_stage(
     stage_dir = run_dir / stage.name
     module = stage_module(stage.kind)
     inputs = [run_dir / n for n in stage_inputs(stage)]
-    reuse = decide_reuse(stage_dir, cfg, resume_neutral(module), inputs)
-    if reuse.action == "restart":
-        console.print(f"[yellow]{stage.name}: {reuse.reason}; running it again")
-    if reuse.wipe:
-        shutil.rmtree(stage_dir)
-    record.status = "skipped" if reuse.action == "reuse" else "done"
-    eval_dir = run_dir / "eval" / stage.name
-    if record.status == "done" and eval_dir.exists():
-        shutil.rmtree(eval_dir)  # a model trained anew is evaluated anew
-    module.run(cfg, stage_dir, resume=reuse.resume)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(stage_dir):
+        reuse = decide_reuse(stage_dir, cfg, resume_neutral(module), inputs)
+        if reuse.action == "restart":
+            console.print(f"[yellow]{stage.name}: {reuse.reason}; running it again")
+        if reuse.wipe:
+            remove_run_dir(stage_dir, keep_lock=True)
+        record.status = "skipped" if reuse.action == "reuse" else "done"
+        eval_dir = run_dir / "eval" / stage.name
+        if record.status == "done":
+            remove_run_dir(eval_dir)  # a model trained anew is evaluated anew
+        module.run(cfg, stage_dir, resume=reuse.resume)
     record.seconds = time.time() - record.started
     if stage.eval_template and not skip_eval:
         t1 = time.time()

@@ -119,3 +119,32 @@ def test_row14_resumed_summary_loss_and_a_kill_after_the_last_checkpoint(tmp_pat
     records = read_jsonl(out / "metrics.jsonl")
     keys = [(r["step"], "loss" in r) for r in records]
     assert len(keys) == len(set(keys))  # no duplicated record
+
+
+# ---- row 2: a mapping given whole replaces the default ---------------------------------------
+def test_row2_rewards_given_whole_replace_the_default_and_dotted_keys_add():
+    from r1lab.config import build_config, load_stage_config, parse_overrides, whole_values
+    from r1lab.stages import grpo
+
+    def weights(cfg):
+        return {k: (v if isinstance(v, (int, float)) else v.weight) for k, v in cfg.rewards.items()}
+
+    whole = build_config(grpo.Config, {}, parse_overrides(["rewards={format: 0.5}"]))
+    assert set(whole.rewards) == {"format"}
+    added = build_config(grpo.Config, {}, parse_overrides(["rewards.format=0.5"]))
+    assert set(added.rewards) == {"accuracy", "format"}
+    preset = build_config(grpo.Config, whole_values({"rewards": {"format": 1}}))
+    assert set(preset.rewards) == {"format"}
+    over = load_stage_config(grpo.Config, "grpo", "r1-zero", ["rewards={format: 2}"])
+    assert set(over.rewards) == {"format"}
+    assert weights(over)["format"] == 2
+
+
+# ---- row 3: r1lab run validates every stage before the first runs ---------------------------
+def test_row3_pipeline_rejects_a_bad_late_setting_before_any_stage(tmp_path, capsys):
+    out = tmp_path / "pp"
+    rc = main(["run", "--preset", "micro", "--out", str(out), "distill.epochz=1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "epochz" in err and "distill" in err
+    assert not out.exists() or not any(p.name != ".r1lab-lock" for p in out.iterdir())
