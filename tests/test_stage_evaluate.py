@@ -20,7 +20,6 @@ class FractionTask(Task):
     """Answers are numbers; "0.5" and "1/2" are the same answer."""
 
     name = "fractions"
-    answer_kind = "exact"
 
     def verify(self, predicted, reference, example=None):
         try:

@@ -219,7 +219,7 @@ def test_registry():
     names = set(task_names())
     assert {"arithmetic", "chain_sum", "linear_equation", "countdown", "procedural"} <= names
     task = get_task("chain_sum", levels=(1, 2), zh_fraction=0.5)
-    assert task.name == "chain_sum" and task.answer_kind == "exact"
+    assert task.name == "chain_sum"
     examples = task.examples("test", 50, seed=3)
     assert len(examples) == 50 and {e.meta["level"] for e in examples} == {1, 2}
     assert len({e.meta["key"] for e in examples}) == 50

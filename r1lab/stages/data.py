@@ -17,7 +17,6 @@ from pydantic import Field, field_validator
 
 from r1lab.config import StageConfig
 from r1lab.rows import DataError, read_hub_rows, read_rows
-from r1lab.training import autocast_for  # noqa: F401  (grpo.py at HEAD imports it from here)
 
 BUILTIN_SOURCES = ("cold-start", "non-reasoning")
 REQUIRED_FIELDS = ("prompt", "response")

@@ -143,13 +143,10 @@ def answer_equivalence(task: Task, example: Example) -> Callable[[str, str], boo
     Used for the majority vote: the first answer of a group plays the reference. A check
     that fails (an error, math-verify giving up) counts as "not the same".
     """
-    judge = getattr(task, "judge", None)
 
     def same(representative: str, answer: str) -> bool:
         try:
-            if judge is not None:
-                return judge(answer, representative, example).correct
-            return bool(task.verify(answer, representative, example))
+            return task.judge(answer, representative, example).correct
         except Exception:  # noqa: BLE001  (a failed comparison only splits a vote)
             return False
 

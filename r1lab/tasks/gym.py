@@ -39,8 +39,6 @@ class GymTask(Task):
     """One reasoning-gym family. Example.meta carries the family and the full entry
     (question, answer, metadata) because some scorers need the metadata."""
 
-    answer_kind = "gym"
-
     def __init__(self, family: str | None = None, size: int = 1000, seed: int = 0, **options: Any):
         self.family, self.size, self.seed, self.options = family, size, seed, options
         self.name = f"gym/{family}" if family else "gym"

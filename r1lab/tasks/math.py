@@ -96,8 +96,6 @@ def subset(items: list, n: int | None, seed: int) -> list:
 class MathTask(Task):
     """A task whose answers are mathematical expressions, judged with math-verify."""
 
-    answer_kind = "math"
-
     def judge(self, predicted: str, reference: str, example: Example | None = None) -> Verdict:
         """Score with reason; `None` score when the checker failed (see `judge_math`)."""
         return judge_math(predicted, reference)
@@ -234,7 +232,7 @@ class JsonlTask(MathTask):
             raise ValueError(f"kind must be 'math' or 'exact', got {kind!r}")
         self.path = Path(path)
         self.question_field, self.answer_field = question_field, answer_field
-        self.answer_kind = kind
+        self.kind = kind
         self.name = name or self.path.stem
         self._examples: list[Example] | None = None
 
@@ -254,6 +252,6 @@ class JsonlTask(MathTask):
         return Example(question=question, answer=answer, meta=meta)
 
     def judge(self, predicted: str, reference: str, example: Example | None = None) -> Verdict:
-        if self.answer_kind == "exact":
+        if self.kind == "exact":
             return judge_exact(predicted, reference)
         return judge_math(predicted, reference)

@@ -919,7 +919,6 @@ class ProceduralTask(Task):
     """
 
     name = "procedural"
-    answer_kind = "exact"
     families: tuple[str, ...] = FAMILY_NAMES
 
     def __init__(self, levels: int | Sequence[int] = (1,), zh_fraction: float = 0.0):
