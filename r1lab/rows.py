@@ -9,6 +9,7 @@ hub datasets by `read_hub_rows`, which labels its rows the same way.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,22 @@ def read_rows(path: str | Path) -> list[Row]:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """The records of a run log such as metrics.jsonl; a missing or empty file has none."""
+    """The records of a run log such as metrics.jsonl; a missing or empty file has none.
+
+    A torn last line (what a kill or a full disk leaves mid-write) is dropped with a
+    warning naming the file; any other bad line is an error naming file:line."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [fields for _, fields in _read_json(path)]
+    return [fields for _, fields in _read_json(path, torn_tail_ok=True)]
+
+
+def warn_torn(path: Path, lineno: int) -> None:
+    print(
+        f"warning: {path} line {lineno}: dropped a partial last line (left by an "
+        "interrupted write)",
+        file=sys.stderr,
+    )
 
 
 def read_hub_rows(
@@ -87,7 +99,7 @@ def _read_parquet(path: Path) -> list[dict]:
         raise DataError(f"{path}: cannot read parquet: {e}") from e
 
 
-def _read_json(path: Path) -> list[Row]:
+def _read_json(path: Path, torn_tail_ok: bool = False) -> list[Row]:
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -104,15 +116,19 @@ def _read_json(path: Path) -> list[Row]:
             rows.append((f"{path} row {i}", item))
         return rows
     rows = []
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
+    lines = data.split(b"\n")
+    for lineno, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         where = f"{path} line {lineno}"
         try:
             item = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from e
-        except json.JSONDecodeError as e:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if torn_tail_ok and lineno == len(lines):  # no newline after it: a torn write
+                warn_torn(path, lineno)
+                break
+            if isinstance(e, UnicodeDecodeError):
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from e
             raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from e
         if not isinstance(item, dict):
             raise DataError(f"{where}: expected a JSON object, got {kind_name(item)}")

@@ -139,13 +139,12 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            # Drop records past the checkpoint we resume from: they will be produced again.
+            # Drop records past the checkpoint we resume from: they will be produced again
+            # (and a torn last line, with a warning; read_jsonl names any other bad line).
             kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", -1) < resume_step
+                json.dumps(r) for r in read_jsonl(self.path) if r.get("step", -1) < resume_step
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
 

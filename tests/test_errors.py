@@ -148,3 +148,40 @@ def test_row3_pipeline_rejects_a_bad_late_setting_before_any_stage(tmp_path, cap
     err = capsys.readouterr().err
     assert "epochz" in err and "distill" in err
     assert not out.exists() or not any(p.name != ".r1lab-lock" for p in out.iterdir())
+
+
+# ---- row 4: a torn last line of a run log ------------------------------------------------------
+def test_row4_a_torn_last_log_line_is_dropped_with_a_warning_on_resume(tmp_path, capsys):
+    from r1lab.rows import DataError
+    from r1lab.training import MetricsLog
+
+    log = tmp_path / "samples.jsonl"
+    log.write_text('{"step": 1, "text": "a"}\n{"step": 2, "text": "b"}\n{"step": 3, "te')
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2]
+    assert f"{log} line 3" in capsys.readouterr().err
+    MetricsLog(log, resume_step=3).write({"step": 3, "text": "c"})
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2, 3]
+
+    log.write_text('{"step": 1}\n{"step": 2, "te\n{"step": 3}\n')  # not the last line
+    with pytest.raises(DataError, match=f"{log} line 2"):
+        read_jsonl(log)
+
+
+def test_row4_a_pretrain_resume_with_a_torn_metrics_line(tmp_path, monkeypatch):
+    out = tmp_path / "pre"
+    real_save = supervised.save_checkpoint
+
+    def die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(supervised, "save_checkpoint", die)
+    with pytest.raises(Killed):
+        pretrain.run(micro(), out)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 1.2')
+    monkeypatch.setattr(supervised, "save_checkpoint", real_save)
+    summary = pretrain.run(micro(), out)
+    assert summary["steps"] == 6
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 7))
