@@ -185,3 +185,34 @@ def test_row4_a_pretrain_resume_with_a_torn_metrics_line(tmp_path, monkeypatch):
     assert summary["steps"] == 6
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 7))
+
+
+# ---- rows 10 and 11: unreadable or NaN weights ----------------------------------------------
+@pytest.fixture
+def saved_model(tmp_path, random_model):
+    from r1lab.model.checkpoint import save_model
+
+    return save_model(random_model(), tmp_path / "m")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, "truncate"])
+def test_row10_a_damaged_safetensors_file_is_named(saved_model, content, capsys):
+    weights = saved_model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if content == "truncate" else content)
+    rc = main(["generate", "--model", str(saved_model), "--prompt", "hi", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(weights) in err and "Traceback" not in err
+
+
+def test_row11_nan_weights_are_refused_by_generate(saved_model, capsys):
+    from safetensors.torch import load_file, save_file
+
+    weights = saved_model / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name][0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    rc = main(["generate", "--model", str(saved_model), "--prompt", "hi", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "NaN" in err and name in err

@@ -373,6 +373,23 @@ def _weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {folder}")
 
 
+@contextmanager
+def _open_weights(f: Path, device: str = "cpu"):
+    """`safe_open`, with an error naming the file when it is empty, truncated or not
+    safetensors (the library's own message names neither)."""
+    try:
+        handle = safe_open(f, framework="pt", device=device)
+    except Exception as err:  # noqa: BLE001  (SafetensorError, OSError, ...)
+        size = f.stat().st_size if f.exists() else 0
+        what = "empty" if size == 0 else f"not a readable safetensors file ({size} bytes)"
+        raise ValueError(
+            f"{f}: {what}: {err}; the save was interrupted or the file is damaged: "
+            "use another checkpoint or save it again"
+        ) from None
+    with handle as sf:
+        yield sf
+
+
 def _check_names_and_shapes(
     files: list[Path], expected: dict[str, tuple[int, ...]], tied: bool
 ) -> None:
@@ -380,7 +397,7 @@ def _check_names_and_shapes(
     found: dict[str, Path] = {}
     unexpected, mismatched = [], []
     for f in files:
-        with safe_open(f, framework="pt") as sf:
+        with _open_weights(f) as sf:
             for name in sf.keys():
                 if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
                     continue
@@ -434,10 +451,13 @@ def load_model(
 
     state = {}
     for f in files:
-        with safe_open(f, framework="pt", device=str(device)) as sf:
+        with _open_weights(f, str(device)) as sf:
             for name in sf.keys():
                 if name in expected:
-                    t = sf.get_tensor(name)
+                    try:
+                        t = sf.get_tensor(name)
+                    except Exception as err:  # noqa: BLE001
+                        raise ValueError(f"{f}: tensor {name} cannot be read ({err})") from None
                     state[name] = t.to(target) if target and t.is_floating_point() else t
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
@@ -446,6 +466,12 @@ def load_model(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"not initialised after loading: {', '.join(left)}")
+    for name, t in model.named_parameters():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{folder}: weight {name} holds NaN or infinite values (a diverged training "
+                "run?); sampling or training from it is meaningless: use an earlier checkpoint"
+            )
     return model
 
 
