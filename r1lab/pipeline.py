@@ -1,14 +1,6 @@
 """`r1lab run`: the DeepSeek-R1 stage graph, each stage in its own run directory.
 
-The graph, as the paper describes it (R1_RECIPE.md):
-
-    base ──> r1-zero                          (pure RL from the base: R1-Zero)
-      ├────> cold-start ──> reasoning-rl ──> rejection ─┐
-      │                                                 v
-      ├──────────────────────────────────────────> rejection-sft ──> general-rl
-      ├────> reward-model ──────────────────────────────────────────────┘
-    student-base ──> student-rl               (RL directly on the small model)
-      └────────────> distill <── distill-data <── general-rl   (SFT on the final model's samples)
+The graph (which stage reads which) is `r1lab.stage_graph`; this module runs it.
 
 Stages meet only through their directories: a stage's config names the directories of the
 stages it reads. A finished stage leaves `DONE` with the fingerprint of its config, so a

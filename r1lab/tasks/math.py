@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from r1lab.rows import DataError, Row, kind_name, read_rows
+from r1lab.rows import read_hub_rows as read_dataset_rows
 from r1lab.tasks.answers import Verdict, judge_exact, judge_math
 from r1lab.tasks.base import Example, Task, register_task
 
@@ -30,18 +31,9 @@ __all__ = ["DataError", "read_rows"]  # re-exported: loaders and tests import th
 def read_hub_rows(hub_id: str, config: str | None, split: str, task: str) -> list[Row]:
     """Rows of a Hugging Face hub dataset split (needs the optional `datasets`)."""
     try:
-        import datasets
-    except ImportError as e:
-        raise ImportError(
-            f"task {task!r} loads {hub_id} from the Hugging Face hub, which needs the "
-            "`datasets` package: pip install 'r1lab[hub]' (or pip install datasets), "
-            "or pass path= to a local .jsonl/.parquet file"
-        ) from e
-    ds = datasets.load_dataset(hub_id, config, split=split)
-    rows = [(f"{hub_id} (split {split}) row {i}", dict(r)) for i, r in enumerate(ds, 1)]
-    if not rows:
-        raise DataError(f"{hub_id} (split {split}): no rows")
-    return rows
+        return read_dataset_rows(hub_id, config, split, needed_by=f"task {task!r}")
+    except ImportError as err:
+        raise ImportError(f"{err} (the task's path= option)") from err
 
 
 # --- turning fields into text ---------------------------------------------------------
