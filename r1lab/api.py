@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 from r1lab.engine.generate import Completion, SamplingParams, sample
@@ -41,4 +43,21 @@ def generate(model, tokenizer, prompts: str | list[str], **sampling) -> list[Com
         prompts = [prompts]
     max_batch_size = sampling.pop("max_batch_size", None)
     params = SamplingParams(**sampling)
-    return sample(model, encode_prompts(tokenizer, prompts), params, tokenizer, max_batch_size)
+    ids = encode_prompts(tokenizer, prompts)
+    warn_over_context(ids, model.config.max_position_embeddings, params.max_new_tokens)
+    return sample(model, ids, params, tokenizer, max_batch_size)
+
+
+def warn_over_context(prompt_ids: list[list[int]], context: int, max_new_tokens: int = 0) -> int:
+    """Warn once (to stderr) when prompts plus `max_new_tokens` exceed the model's context,
+    with how many and the limit; returns that count. The model still runs (positions past
+    its context are extrapolated), but its output there means little."""
+    over = [len(p) for p in prompt_ids if len(p) + max_new_tokens > context]
+    if over:
+        print(
+            f"warning: {len(over)} of {len(prompt_ids)} prompts (longest {max(over)} tokens) "
+            f"plus max_new_tokens={max_new_tokens} exceed the model's context of {context} "
+            "tokens; the output past it is unreliable",
+            file=sys.stderr,
+        )
+    return len(over)

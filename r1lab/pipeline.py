@@ -71,7 +71,9 @@ def stage_config(stage: Stage, run_dir: Path, preset: dict, overrides: dict, che
     if stage.data_from:
         own = section.get("data", [])
         if check_only:
-            wiring["data"] = list(own) + [str(run_dir / d / "samples.jsonl") for d in stage.data_from]
+            wiring["data"] = list(own) + [
+                str(run_dir / d / "samples.jsonl") for d in stage.data_from
+            ]
             return build_config(
                 module.Config,
                 section,

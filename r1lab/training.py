@@ -141,9 +141,7 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             # Drop records past the checkpoint we resume from: they will be produced again
             # (and a torn last line, with a warning; read_jsonl names any other bad line).
-            kept = [
-                json.dumps(r) for r in read_jsonl(self.path) if r.get("step", -1) < resume_step
-            ]
+            kept = [json.dumps(r) for r in read_jsonl(self.path) if r.get("step", -1) < resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()

@@ -49,9 +49,7 @@ class Killed(Exception):
 
 
 # ---- row 1 (and 11, training side): divergence stops the stage --------------------------
-def test_row1_nan_loss_stops_without_done_and_keeps_the_last_good_checkpoint(
-    tmp_path, monkeypatch
-):
+def test_row1_nan_loss_stops_without_done_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "pre"
     real_step = supervised.train_step
     calls = {"n": 0}
@@ -216,3 +214,118 @@ def test_row11_nan_weights_are_refused_by_generate(saved_model, capsys):
     rc = main(["generate", "--model", str(saved_model), "--prompt", "hi", "--max-new-tokens", "2"])
     err = capsys.readouterr().err
     assert rc == 2 and "NaN" in err and name in err
+
+
+# ---- row 5: one process per run dir ------------------------------------------------------
+def test_row5_a_second_run_on_a_locked_dir_fails_fast_naming_the_holder(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from r1lab.rundir import LOCK_FILE
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom r1lab.rundir import run_dir_lock\n"
+            "with run_dir_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = main(["pretrain", "--out", str(out), "size=micro", "max_steps=1"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"pid {holder.pid}" in err and "in use" in err
+        assert not (out / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / LOCK_FILE).exists()  # stays as the marker; the kernel dropped the lock
+
+
+# ---- row 7: prompts longer than the context ----------------------------------------------
+def test_row7_prompts_beyond_the_context_are_counted_and_reported(capsys):
+    from r1lab.api import warn_over_context
+
+    assert warn_over_context([[1] * 4000, [1] * 10], 128, 16) == 1
+    err = capsys.readouterr().err
+    assert "1 of 2 prompts" in err and "4000" in err and "128" in err
+
+
+# ---- rows 8 and 9: unusable --out ------------------------------------------------------------
+def test_row8_and_9_an_unusable_out_is_a_one_line_error(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    cases = {"": "empty", str(a_file): "is a file", str(a_file / "sub"): "is a file"}
+    import os
+
+    if os.geteuid() != 0:  # root writes anywhere
+        cases[str(read_only / "run")] = "cannot create"
+    for out, message in cases.items():
+        rc = main(["sft", "--out", out, "model=x"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, (out, err)
+    assert a_file.read_text() == "x"
+
+
+def test_row9_a_full_disk_is_one_line(monkeypatch, tmp_path, capsys):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "pre" / "state"))
+
+    monkeypatch.setattr(supervised, "save_checkpoint", full)
+    args = [f"{k}={v}" for k, v in MICRO.items() if v is not None]
+    rc = main(["pretrain", "--out", str(tmp_path / "pre"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no space left" in err and "Traceback" not in err
+
+
+# ---- row 12: unknown model fields and devices -------------------------------------------------
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pretrain", "model_overrides={num_hidden_layerz: 2}"], "num_hidden_layerz"),
+        (["pretrain", "device=tpu"], "unknown device"),
+    ],
+)
+def test_row12_bad_model_fields_and_devices_are_config_errors(tmp_path, capsys, argv, message):
+    rc = main([argv[0], "--out", str(tmp_path / "o"), *argv[1:]])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+def test_row12_generate_on_cuda_without_cuda(saved_model, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here")
+    rc = main(["generate", "--model", str(saved_model), "--prompt", "hi", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "CUDA is not available" in err
+
+
+# ---- row 13: --from deletes only r1lab's folders ---------------------------------------------
+def test_row13_a_folder_with_a_users_files_is_not_deleted(tmp_path):
+    from r1lab.config import ConfigError
+    from r1lab.rundir import remove_run_dir
+
+    mine = tmp_path / "base"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not deleting"):
+        remove_run_dir(mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    ours = tmp_path / "sft"
+    ours.mkdir()
+    (ours / "config.yaml").write_text("{}")
+    remove_run_dir(ours)
+    assert not ours.exists()

@@ -13,6 +13,7 @@ Reads top to bottom: config -> corpus and tokenizer -> model -> loop -> save.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -133,6 +134,12 @@ class Config(ProceduralConfig):
             raise ValueError("family_weights needs one positive weight per entry of families")
         if self.val_documents >= self.n_documents:
             raise ValueError("val_documents must be smaller than n_documents")
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.model_overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"model_overrides: unknown ModelConfig fields {unknown}; known: {', '.join(sorted(known))}"
+            )
         context = self.model_overrides.get(
             "max_position_embeddings", SIZES[self.size]["max_position_embeddings"]
         )

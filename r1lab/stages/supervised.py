@@ -231,9 +231,10 @@ def train(job: SupervisedJob) -> dict:
     if progress.finished:  # killed after its final checkpoint: only the summary is left
         stop = extra.get("stopped_by", stop)
     with progress_bar(job.stage, PROGRESS_UNITS) as advance:
-        while not progress.finished and (
-            stop := budget.stop_reason(progress.step, clock.elapsed())
-        ) is None:
+        while (
+            not progress.finished
+            and (stop := budget.stop_reason(progress.step, clock.elapsed())) is None
+        ):
             t0 = time.perf_counter()
             lr = scheduled_lr(cfg, budget, job.total_steps, progress.step, clock.elapsed())
             set_lr(optimizer, lr)
