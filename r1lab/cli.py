@@ -10,6 +10,7 @@ import argparse
 import errno
 import importlib
 import os
+import shutil
 import sys
 
 # subcommand -> (module in r1lab.stages, preset section, one-line help)
@@ -120,14 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_stage(args) -> int:
     from r1lab.config import load_stage_config
-    from r1lab.rundir import check_out_dir, run_dir_lock
+    from r1lab.rundir import LOCK_FILE, check_out_dir, run_dir_lock
 
     module_name, section, _ = STAGES[args.command]
     module = importlib.import_module(f"r1lab.stages.{module_name}")
     cfg = load_stage_config(module.Config, section, args.preset, args.overrides)
+    existed = bool(str(args.out).strip()) and os.path.exists(args.out)
     out = check_out_dir(args.out)
-    with run_dir_lock(out):
-        module.run(cfg, out, resume=args.resume)
+    try:
+        with run_dir_lock(out):
+            module.run(cfg, out, resume=args.resume)
+    except BaseException:
+        if not existed and [p.name for p in out.iterdir()] == [LOCK_FILE]:
+            shutil.rmtree(out)  # failed before writing anything: leave no empty run dir
+        raise
     return 0
 
 
