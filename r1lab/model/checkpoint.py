@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from r1lab.model.config import ModelConfig
+from r1lab.model.hub import download, is_hub_id
 from r1lab.model.transformer import Transformer, rope_inv_freq
 
 CONFIG_NAME = "config.json"
@@ -61,9 +61,6 @@ _DTYPES = {
     "half": torch.float16,
 }
 # "org/name" as the Hub spells repository ids; anything else is treated as a local path.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 # ---- atomic writes ---------------------------------------------------------------------
 def _fsync(path: Path) -> None:
     """Flush a file or a directory entry to disk (best effort: some platforms refuse dirs)."""
@@ -305,25 +302,6 @@ def save_model(
 
 
 # ---- loading models --------------------------------------------------------------------
-def _download(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as err:
-        raise ImportError(
-            f"{repo_id!r} is not a local folder; downloading it from the Hugging Face Hub "
-            "needs huggingface_hub (pip install 'r1lab[hub]')"
-        ) from err
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.tiktoken"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as err:
-        raise OSError(
-            f"{repo_id!r} is not a local folder and could not be downloaded from the Hugging "
-            f"Face Hub ({type(err).__name__}: {err}); check the path, the repository name "
-            "and the network (HF_HUB_OFFLINE)"
-        ) from err
-
-
 def resolve_model_dir(path: str | Path) -> Path:
     """The local model folder `path` names, whichever of these it is:
 
@@ -342,9 +320,11 @@ def resolve_model_dir(path: str | Path) -> Path:
         return local
     if local.exists():
         raise NotADirectoryError(f"{local} is a file; expected a model folder with {CONFIG_NAME}")
-    if isinstance(path, str) and _HUB_ID.match(path):
-        return _download(path)
-    raise FileNotFoundError(f"model folder not found: {path}")
+    if is_hub_id(path):
+        return download(str(path))
+    raise FileNotFoundError(
+        f"model folder not found: {path} (a model folder, a stage run dir, or a hub id org/name)"
+    )
 
 
 def _weight_files(folder: Path) -> list[Path]:
