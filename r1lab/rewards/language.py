@@ -137,6 +137,11 @@ def question_from_prompt(prompt: str) -> str:
     return prompt
 
 
+# The reason a completion without a chain of thought gets: a reward of 0 (RL must not pay
+# for skipping the reasoning), but nothing to measure for readability (evaluation skips it).
+NO_CHAIN_OF_THOUGHT = "no chain of thought"
+
+
 def consistency(thinking: str, language: str) -> float:
     """Share of the words of `thinking` written in `language`'s script (1.0 if no words)."""
     counts = count_words(thinking)
@@ -171,7 +176,7 @@ class LanguageConsistencyReward(RewardFunction):
             thinking = split_think(completion, prefilled=prefills_think(prompt)).thinking
             if not thinking.strip():
                 scores.append(0.0)
-                reasons.append("no chain of thought")
+                reasons.append(NO_CHAIN_OF_THOUGHT)
                 continue
             scores.append(consistency(thinking, lang))
             reasons.append(None)

@@ -266,6 +266,7 @@ def judge_samples(
 ) -> list[list[SampleResult]]:
     """Judge every completion (accuracy, answer, format, language); one row per question."""
     from r1lab.rewards.base import prefills_think
+    from r1lab.rewards.language import NO_CHAIN_OF_THOUGHT
     from r1lab.tasks.answers import extract_answer
 
     scored = score_completions(
@@ -275,6 +276,8 @@ def judge_samples(
     accuracy, language = by_fn[0], by_fn[-1]
     structure = by_fn[1] if len(by_fn) == 3 else [None] * len(completions)
     reasons = list(scored.reasons.values())[0]
+    # Readability is measured on responses that reason; one without reasoning has no language.
+    language_reasons = scored.reasons.get("language_consistency") or [None] * len(completions)
     hint = template if template in ("r1-zero", "r1-chat") else None
     if getattr(task, "reward", None) == "code":  # a code task's answer is its program
         from r1lab.rewards.code import extract_code
@@ -296,7 +299,9 @@ def judge_samples(
                 finish_reason=c.finish_reason,
                 n_tokens=len(c.token_ids),
                 format_ok=None if structure[i] is None else structure[i] >= 1.0,
-                language_consistency=language[i],
+                language_consistency=None
+                if language_reasons[i] == NO_CHAIN_OF_THOUGHT
+                else language[i],
             )
         )
     return rows
