@@ -44,8 +44,14 @@ STAGES = {
 }
 
 
-def _stage_parser(sub, name: str, help_text: str) -> None:
-    p = sub.add_parser(name, help=help_text, description=help_text)
+def _stage_parser(sub, name: str, help_text: str, settings: str | None = None) -> None:
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=settings,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--preset",
         default=None,
@@ -61,7 +67,24 @@ def _stage_parser(sub, name: str, help_text: str) -> None:
     p.add_argument("overrides", nargs="*", help="key=value or section.key=value")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _stage_settings(stage: str) -> str:
+    from r1lab.settings import settings_help
+
+    module = importlib.import_module(f"r1lab.stages.{STAGES[stage][0]}")
+    return settings_help(module.Config)
+
+
+def _help_for(argv: list[str]) -> str | None:
+    """The stage whose `--help` is asked for (its settings are listed), else None."""
+    words = [a for a in argv if not a.startswith("-")]
+    if words and words[0] in STAGES and ("-h" in argv or "--help" in argv):
+        return words[0]
+    return None
+
+
+def build_parser(describe: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; `describe` names a stage whose settings its --help lists (the
+    stage module is imported only then, so other commands start fast)."""
     parser = argparse.ArgumentParser(
         prog="r1lab",
         description="The DeepSeek-R1 recipe: GRPO, the four-stage R1 pipeline, distillation, evaluation.",
@@ -95,7 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="stage.key=value, e.g. r1-zero.steps=50")
 
     for name, (_, _, help_text) in STAGES.items():
-        _stage_parser(sub, name, help_text)
+        _stage_parser(sub, name, help_text, _stage_settings(name) if name == describe else None)
+
+    conf = sub.add_parser(
+        "config",
+        help="print a stage's resolved settings as YAML (save, edit, pass back with --preset)",
+    )
+    conf.add_argument("stage", choices=list(STAGES))
+    conf.add_argument("--preset", default=None, help="preset name or YAML file to start from")
+    conf.add_argument("overrides", nargs="*", help="key=value or section.key=value")
 
     rep = sub.add_parser("report", help="rebuild report.md and plots of a pipeline run dir")
     rep.add_argument("run_dir")
@@ -135,6 +166,21 @@ def _run_stage(args) -> int:
         if not existed and [p.name for p in out.iterdir()] == [LOCK_FILE]:
             shutil.rmtree(out)  # failed before writing anything: leave no empty run dir
         raise
+    return 0
+
+
+def _config(args) -> int:
+    from r1lab.settings import config_yaml, resolved_config
+
+    module_name, section, _ = STAGES[args.stage]
+    module = importlib.import_module(f"r1lab.stages.{module_name}")
+    cfg, missing = resolved_config(module.Config, section, args.preset, args.overrides)
+    text = config_yaml(cfg, missing)
+    # a file passed back with --preset is read by stage section
+    print(
+        f"{section}:\n" + "".join(f"  {line}\n" if line else "\n" for line in text.splitlines()),
+        end="",
+    )
     return 0
 
 
@@ -214,7 +260,8 @@ def error_line(err: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_help_for(argv)).parse_args(argv)
     try:
         if args.command in STAGES:
             return _run_stage(args)
@@ -239,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "info":
             return _info(args)
+        if args.command == "config":
+            return _config(args)
         if args.command == "presets":
             from r1lab.config import preset_names
 

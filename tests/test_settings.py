@@ -1,0 +1,53 @@
+"""Settings are discoverable: `r1lab STAGE --help` lists them, `r1lab config STAGE` prints them."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import yaml
+
+from r1lab import cli
+from r1lab.settings import settings_rows
+
+
+def test_grpo_help_lists_group_size_with_default_and_description(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["grpo", "--help"])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("group_size"))
+    assert "int = 8" in line
+    assert "completions sampled per question" in out
+
+
+@pytest.mark.parametrize("stage", list(cli.STAGES))
+def test_every_setting_has_type_default_and_description(stage):
+    module = importlib.import_module(f"r1lab.stages.{cli.STAGES[stage][0]}")
+    rows = settings_rows(module.Config)
+    assert [r[0] for r in rows] == list(module.Config.model_fields)
+    undocumented = [name for name, _, _, description in rows if not description]
+    assert not undocumented, f"{stage}: {undocumented}"
+
+
+def test_other_commands_do_not_import_stage_settings():
+    assert cli._help_for(["grpo", "--out", "x"]) is None
+    assert cli._help_for(["--debug", "sft", "-h"]) == "sft"
+
+
+def test_config_prints_yaml_that_round_trips(tmp_path, capsys):
+    assert cli.main(["config", "grpo", "model=org/name", "group_size=4"]) == 0
+    text = capsys.readouterr().out
+    data = yaml.safe_load(text)["grpo"]
+    assert data["group_size"] == 4 and data["model"] == "org/name"
+    assert "# int: completions sampled per question" in text
+    saved = tmp_path / "mine.yaml"
+    saved.write_text(text)
+    assert cli.main(["config", "grpo", "--preset", str(saved)]) == 0
+    assert capsys.readouterr().out == text
+
+
+def test_config_leaves_a_required_model_empty_and_says_so(capsys):
+    assert cli.main(["config", "sft"]) == 0
+    text = capsys.readouterr().out
+    assert "(required: fill it in)" in text
+    assert yaml.safe_load(text)["sft"]["model"] == ""
