@@ -99,7 +99,8 @@ def test_scores_match_hand_computed_values(scripted):
     assert result["answer_rate"] == pytest.approx(10 / 12)
     assert result["truncation_rate"] == pytest.approx(2 / 12)
     assert result["mean_length"] == pytest.approx((10 * 10 + 2 * MAX_NEW) / 12)
-    assert result["language_consistency"] == pytest.approx(11 / 12)  # "no idea" has no thought
+    # "no idea" has no chain of thought: no language to measure, so it is left out
+    assert result["language_consistency"] == pytest.approx(1.0)
     assert result["n_questions"] == 3 and result["k"] == 4 and result["unjudged"] == 0
     assert result["sampling"] == {
         "greedy": False,
