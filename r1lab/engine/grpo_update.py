@@ -13,6 +13,7 @@ packed path never builds the padded tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from typing import Any
 
 import torch
 
+from r1lab import distributed
 from r1lab.engine import fast_train
+from r1lab.engine.fallbacks import declined
 from r1lab.engine.logprobs import token_logprobs
 from r1lab.rl import group_advantages, loss_normalizer, policy_loss, truncation_mask
 from r1lab.training import clip_grad
@@ -201,13 +204,44 @@ def minibatch_normalizer(batch: TrainBatch, indices: list[int], settings: Update
     return loss_normalizer(mask, settings.aggregation, norm_length=settings.norm_length)
 
 
+def for_model(model, settings: UpdateSettings) -> UpdateSettings:
+    """The settings as `model` can run them: an FSDP2-sharded policy takes the padded path
+    (the packed one calls the layers' weights directly, around FSDP's gathers)."""
+    if settings.packed and distributed.is_sharded(model):
+        declined("packed GRPO forward", "the policy is sharded with FSDP2 (padded path used)")
+        return dataclasses.replace(settings, packed=False)
+    return settings
+
+
+def rank_chunks(batch: TrainBatch, indices: list[int], size: int) -> list[list[int] | None]:
+    """This rank's micro-batches of a mini-batch every rank holds whole.
+
+    One process: `micro_batches(indices)`. Under FSDP, rank r trains on its contiguous share
+    of `indices`, and every rank runs the same number of forwards (FSDP gathers weights in
+    each one), so a rank with fewer chunks gets `None` entries: forwards whose loss is 0.
+    """
+    if not distributed.active():
+        return micro_batches(batch, indices, size)
+    world = distributed.world_size()
+
+    def share(r: int) -> list[int]:
+        return [indices[i] for i in distributed.shard_of(len(indices), r, world)]
+
+    counts = [len(micro_batches(batch, share(r), size)) if share(r) else 0 for r in range(world)]
+    mine = share(distributed.rank())
+    chunks: list[list[int] | None] = list(micro_batches(batch, mine, size)) if mine else []
+    return chunks + [None] * (max(counts) - len(chunks))
+
+
 @torch.no_grad()
 def sequence_logprobs(model, batch: TrainBatch, settings: UpdateSettings) -> list[torch.Tensor]:
     """Per-sequence completion log-probs under `model`'s current weights, without gradients.
 
     The old-policy pass before a rollout's first update (and any other frozen pass): the
-    same micro-batches, layout and kernels as the policy pass.
+    same micro-batches, layout and kernels as the policy pass. Under FSDP every rank runs
+    it over the whole batch (the same forwards on every rank).
     """
+    settings = for_model(model, settings)
     out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
     for chunk in micro_batches(batch, list(range(len(batch))), settings.micro_batch_size):
         lp, _ = completion_logprobs(
@@ -241,6 +275,10 @@ def sampler_gap(batch: TrainBatch, indices: list[int], logprobs: list[torch.Tens
     return gap
 
 
+SUMMED = ("loss", "tokens", "entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean")
+SUMMED += ("train_tokens",)
+
+
 def accumulate_gradients(
     policy,
     batch: TrainBatch,
@@ -260,10 +298,19 @@ def accumulate_gradients(
     Returns token-weighted stats; `finite` is False (and nothing more is added) as soon as
     a micro-batch loss is NaN or infinite.
     """
-    normalizer = minibatch_normalizer(batch, indices, settings)
+    settings = for_model(policy, settings)
+    normalizer = minibatch_normalizer(batch, indices, settings)  # of the whole mini-batch
+    scale = distributed.grad_scale() if distributed.is_sharded(policy) else 1.0
     sums: Counter = Counter()
     use_ref = ref_model is not None and settings.beta > 0
-    for chunk in micro_batches(batch, indices, settings.micro_batch_size):
+    for chunk in rank_chunks(batch, indices, settings.micro_batch_size):
+        if chunk is None:  # this rank's share ran out: a forward FSDP needs, adding nothing
+            mb = micro_batch(batch, indices[:1], settings, policy.device)
+            lp, _ = completion_logprobs(policy, mb, settings)
+            if distributed.all_reduce_max(0.0):
+                return {"finite": False}
+            (lp.sum() * 0.0).backward()
+            continue
         mb = micro_batch(batch, chunk, settings, policy.device)
         lp, ent = completion_logprobs(policy, mb, settings, with_entropy=True)
         width = lp.shape[1]
@@ -289,9 +336,10 @@ def accumulate_gradients(
             aggregation=settings.aggregation,
             normalizer=normalizer,
         )
-        if not torch.isfinite(loss):
-            return {"finite": False}
-        loss.backward()
+        bad = not bool(torch.isfinite(loss))
+        if distributed.all_reduce_max(float(bad)) if scale != 1.0 else bad:
+            return {"finite": False}  # on every rank, so none waits in a backward
+        (loss * scale if scale != 1.0 else loss).backward()
         if old_logprobs is None:
             rows = [lp[r, : len(batch.completion_ids[i])] for r, i in enumerate(chunk)]
             sums["logprob_diff"] = max(sums["logprob_diff"], sampler_gap(batch, chunk, rows))
@@ -302,6 +350,10 @@ def accumulate_gradients(
         for key in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean"):
             sums[key] += float(stats[key]) * n_tok
         sums["train_tokens"] += float(mb.train_tokens)
+    if scale != 1.0:  # the mini-batch's numbers, not this rank's share of them
+        for key in SUMMED:  # a fixed list: every rank makes the same calls
+            sums[key] = distributed.all_reduce_sum(sums[key])
+        sums["logprob_diff"] = distributed.all_reduce_max(sums["logprob_diff"])
     tokens = max(sums["tokens"], 1.0)
     out = {
         key: sums[key] / tokens

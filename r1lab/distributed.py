@@ -1,0 +1,254 @@
+"""Many processes on PyTorch's own engine: `torchrun`, `torch.distributed` and FSDP2.
+
+Nothing here communicates by itself: every exchange is a `torch.distributed` collective
+(NCCL on GPUs, gloo on CPU) and sharding is `torch.distributed.fsdp.fully_shard`.
+
+- `init(device)`: joins the process group torchrun describes in the environment (RANK,
+  WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), with a timeout
+  (`R1LAB_DIST_TIMEOUT_S`, default 600 s) so a dead peer ends in an error, not a hang.
+  Without torchrun (no WORLD_SIZE, or 1) it does nothing and every helper below is the
+  one-process identity.
+- `check_agreement(fingerprint)`: every rank must run the same config on the same world
+  size; the first rank that differs from rank 0 is named in the error.
+- `shard_model(model, dtype)`: FSDP2 over each decoder layer, then the root, with a
+  mixed-precision policy (parameters cast to the compute dtype for forwards, gradients
+  reduced in fp32). The model's `hidden_states` method is registered as a forward, so
+  the log-prob helpers that call it gather the root's parameters.
+- `full_state_dict(model)` / `plain_model(...)`: the whole weights on every rank (the
+  sampler's copy, the HF export); `grad_scale()`: FSDP averages gradients over ranks, and
+  a loss already divided by a global normaliser must be multiplied by the world size so
+  the summed gradient is the one-process gradient.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT_ENV = "R1LAB_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class DistributedError(RuntimeError):
+    """Ranks disagree, or one of them failed or did not answer in time."""
+
+
+# ---- who am I --------------------------------------------------------------------------------
+def launched() -> bool:
+    """True when started by torchrun (or alike) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    """A process group of more than one rank is up."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def timeout_s() -> float:
+    return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+
+
+def local_device(device: str) -> str:
+    """On CUDA, this process's GPU (LOCAL_RANK); otherwise `device` unchanged."""
+    if launched() and str(device).startswith("cuda"):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return str(device)
+
+
+def init(device: str = "cpu") -> bool:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); False when not launched."""
+    if not launched():
+        return False
+    if dist.is_initialized():
+        return True
+    backend = "gloo"
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        backend = "nccl"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    who = f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE')}"
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s()))
+    except Exception as err:  # noqa: BLE001 - re-raised with the rank and the address
+        raise DistributedError(
+            f"{who}: could not join the {backend} process group at {where} within "
+            f"{timeout_s():g}s ({TIMEOUT_ENV}): {err}"
+        ) from err
+    return True
+
+
+def close() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- agreement and failures ------------------------------------------------------------------
+def check_agreement(fingerprint: str, what: str = "config") -> None:
+    """Every rank must see the same world size and `fingerprint`; the error names the rank."""
+    if not active():
+        return
+    mine = {
+        "rank": rank(),
+        "world": world_size(),
+        "env_world": int(os.environ.get("WORLD_SIZE", world_size())),
+        "fingerprint": fingerprint,
+    }
+    everyone: list[Any] = [None] * world_size()
+    try:
+        dist.all_gather_object(everyone, mine)
+    except Exception as err:  # noqa: BLE001
+        raise DistributedError(
+            f"rank {rank()}: a peer did not answer the {what} check within {timeout_s():g}s: {err}"
+        ) from err
+    first = everyone[0]
+    for other in everyone[1:]:
+        if other["env_world"] != first["env_world"] or other["world"] != first["world"]:
+            raise DistributedError(
+                f"rank {other['rank']} runs with world size {other['env_world']}, rank 0 with "
+                f"{first['env_world']}: every rank must be launched with the same --nproc/--nnodes"
+            )
+        if other["fingerprint"] != first["fingerprint"]:
+            raise DistributedError(
+                f"rank {other['rank']} has {what} fingerprint {other['fingerprint']}, rank 0 has "
+                f"{first['fingerprint']}: every rank must run the same {what} (same preset, "
+                "overrides and data)"
+            )
+
+
+def fail_message(err: BaseException) -> str:
+    """An exception as one line that names this rank (used by the CLI under torchrun)."""
+    return f"rank {rank()} of {world_size()}: {type(err).__name__}: {err}"
+
+
+# ---- collectives -----------------------------------------------------------------------------
+def all_reduce_sum(value: float) -> float:
+    """The sum over ranks of a number (the number itself on one process)."""
+    if not active():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def all_reduce_max(value: float) -> float:
+    if not active():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order ([obj] on one process)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard_of(n: int, r: int | None = None, world: int | None = None) -> range:
+    """Rank `r`'s contiguous share of `n` items (the first `n % world` ranks get one more)."""
+    r = rank() if r is None else r
+    world = world_size() if world is None else world
+    base, extra = divmod(n, world)
+    start = r * base + min(r, extra)
+    return range(start, start + base + (1 if r < extra else 0))
+
+
+# ---- FSDP2 -----------------------------------------------------------------------------------
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float32):
+    """FSDP2 (`fully_shard`) of each decoder layer and of the root, in place; returns it.
+
+    Parameters stay fp32 (master weights, sharded with their gradients and the optimizer
+    state built after this call); forwards run in `compute_dtype`, gradients are reduced in
+    fp32. The optimizer must be created after sharding.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    if not active():
+        return model
+    mesh = init_device_mesh(model.device.type, (world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "hidden_states")
+    return model
+
+
+def grad_scale() -> float:
+    """Multiply a globally normalised loss by this: FSDP divides the summed gradient by it."""
+    return float(world_size())
+
+
+def full_state_dict(model: torch.nn.Module, cpu: bool = False) -> dict[str, torch.Tensor]:
+    """The whole weights by name, on every rank (`cpu`: offloaded, on rank 0 only)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=cpu)
+    return get_model_state_dict(model, options=opts)
+
+
+def plain_model(config, state: dict[str, torch.Tensor], device, dtype=None):
+    """An ordinary (unsharded) Transformer holding `state`: the sampler's or the exporter's."""
+    from r1lab.model.transformer import Transformer, rope_inv_freq
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(state, assign=True, strict=False)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(config)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def refresh_plain(plain: torch.nn.Module, sharded: torch.nn.Module) -> None:
+    """Copy the sharded model's current weights into its plain copy (every rank)."""
+    state = full_state_dict(sharded)
+    with torch.no_grad():
+        for name, p in plain.state_dict().items():
+            if name in state:
+                p.copy_(state[name])

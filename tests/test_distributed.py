@@ -1,0 +1,139 @@
+"""Two gloo ranks on the CPU give the one-process results (issue 15).
+
+Each test spawns two processes (`torch.multiprocessing`, the environment torchrun would
+set), runs the same work sharded with FSDP2, and compares with one process in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from r1lab import distributed
+from r1lab.engine.grpo_update import TrainBatch, UpdateSettings, update_on_rollout
+from r1lab.model.config import config_for_size
+from r1lab.model.transformer import Transformer
+from r1lab.training import make_optimizer
+
+VOCAB = 64
+WORLD = 2
+TOL = 1e-5
+
+
+# ---- harness ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(local_rank: int, fn, world: int, port: int, tmp: str, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    os.environ.setdefault(distributed.TIMEOUT_ENV, "20")
+    torch.set_num_threads(1)
+    try:
+        distributed.init("cpu")
+        fn(Path(tmp), *args)
+    except BaseException as err:  # the parent reads what went wrong
+        Path(tmp, f"error{local_rank}.txt").write_text(
+            distributed.fail_message(err) + "\n" + traceback.format_exc()
+        )
+        raise
+    finally:
+        distributed.close()
+
+
+def spawn(fn, tmp: Path, *args, world: int = WORLD, check: bool = True) -> None:
+    """Run `fn(tmp, *args)` on `world` gloo ranks; raise with the ranks' errors if one fails."""
+    try:
+        mp.start_processes(
+            _entry,
+            args=(fn, world, free_port(), str(tmp), args),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
+    except mp.ProcessRaisedException:
+        if check:
+            errors = "\n".join(p.read_text() for p in sorted(tmp.glob("error*.txt")))
+            raise AssertionError(errors) from None
+
+
+def micro_model(seed: int = 0) -> Transformer:
+    from conftest import randomize_
+
+    cfg = config_for_size("micro", vocab_size=VOCAB, eos_token_id=1, pad_token_id=0)
+    return randomize_(Transformer(cfg), seed=seed)
+
+
+def rollout_batch(n: int = 10, seed: int = 0) -> TrainBatch:
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(lo: int, hi: int) -> list[int]:
+        length = int(torch.randint(lo, hi + 1, (), generator=gen))
+        return torch.randint(3, VOCAB, (length,), generator=gen).tolist()
+
+    completions = [ids(1, 11) for _ in range(n)]
+    return TrainBatch(
+        prompt_ids=[ids(2, 7) for _ in range(n)],
+        completion_ids=completions,
+        advantages=torch.randn(n, generator=gen),
+        counted=[i != 3 for i in range(n)],
+        sampler_logprobs=[[0.0] * len(c) for c in completions],
+    )
+
+
+SETTINGS = dict(beta=0.04, mu=2, mini_batches=2, micro_batch_size=2, packed=False)
+
+
+def grpo_update(sharded: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One GRPO step (2 epochs x 2 mini-batches, KL to a reference) on a fixed rollout."""
+    torch.manual_seed(0)
+    policy, ref = micro_model(0), micro_model(1).eval()
+    if sharded:
+        distributed.shard_model(policy)
+    optimizer = make_optimizer(policy, 1e-3, weight_decay=0.1)
+    settings = UpdateSettings(aggregation="token-mean", **SETTINGS)
+    stats = update_on_rollout(policy, optimizer, rollout_batch(), settings, step=1, ref_model=ref)
+    weights = {k: v.detach().clone() for k, v in distributed.full_state_dict(policy).items()}
+    return stats, weights
+
+
+def _grpo_worker(tmp: Path) -> None:
+    stats, weights = grpo_update(sharded=True)
+    if distributed.is_main():
+        torch.save({"stats": stats, "weights": weights}, tmp / "grpo.pt")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=TOL, rtol=TOL, msg=k)
+
+
+# ---- tests -----------------------------------------------------------------------------------
+def test_grpo_step_on_two_ranks_matches_one_process(tmp_path):
+    spawn(_grpo_worker, tmp_path)
+    got = torch.load(tmp_path / "grpo.pt")
+    stats, weights = grpo_update(sharded=False)
+    for key in ("loss", "kl", "entropy", "grad_norm", "train_tokens"):
+        assert abs(got["stats"][key] - stats[key]) <= TOL * max(1.0, abs(stats[key])), key
+    assert got["stats"]["optimizer_steps"] == stats["optimizer_steps"] == 4
+    assert_same_weights(got["weights"], weights)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
