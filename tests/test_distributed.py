@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,99 @@ def test_grpo_step_on_two_ranks_matches_one_process(tmp_path):
         assert abs(got["stats"][key] - stats[key]) <= TOL * max(1.0, abs(stats[key])), key
     assert got["stats"]["optimizer_steps"] == stats["optimizer_steps"] == 4
     assert_same_weights(got["weights"], weights)
+
+
+def sft_rows(n: int = 5, width: int = 16, seed: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, width), generator=gen)
+    pos = torch.arange(width).repeat(n, 1)
+    mask = (torch.rand((n, width), generator=gen) > 0.3).long()
+    return ids, pos, mask
+
+
+def sft_steps(sharded: bool, steps: int = 2):
+    """SFT steps of the supervised loop (micro-batches of 2 rows); losses, norms, weights."""
+    from r1lab.stages.lm_loss import train_step
+    from r1lab.stages.supervised import _FiniteStep, sharded_train_step
+
+    model = micro_model(0).train()
+    if sharded:
+        distributed.shard_model(model)
+    optimizer = _FiniteStep(make_optimizer(model, 1e-3, 0.1))
+    step = sharded_train_step if sharded else train_step
+    out = [step(model, optimizer, sft_rows(seed=s), 2, 1.0, nullcontext()) for s in range(steps)]
+    weights = {k: v.detach().clone() for k, v in distributed.full_state_dict(model).items()}
+    return out, weights, model, optimizer.optimizer
+
+
+def _sft_worker(tmp: Path) -> None:
+    out, weights, _, _ = sft_steps(sharded=True)
+    if distributed.is_main():
+        torch.save({"out": out, "weights": weights}, tmp / "sft.pt")
+
+
+def test_sft_step_on_two_ranks_matches_one_process(tmp_path):
+    spawn(_sft_worker, tmp_path)
+    got = torch.load(tmp_path / "sft.pt")
+    out, weights, _, _ = sft_steps(sharded=False)
+    for (loss2, norm2), (loss1, norm1) in zip(got["out"], out):
+        assert abs(loss2 - loss1) <= TOL and abs(norm2 - norm1) <= TOL
+    assert_same_weights(got["weights"], weights)
+
+
+def _checkpoint_worker(tmp: Path) -> None:
+    from r1lab.snapshot import TrainingSnapshot, save_checkpoint
+
+    _, weights, model, optimizer = sft_steps(sharded=True, steps=1)
+    save_checkpoint(
+        tmp / "run",
+        TrainingSnapshot(model=model, optimizer=optimizer),
+        model,
+        None,
+        1,
+        {"epoch": 0},
+        {"note": "two ranks"},
+        torch.float32,
+    )
+    from r1lab.stages.supervised import _FiniteStep, sharded_train_step
+
+    sharded_train_step(model, _FiniteStep(optimizer), sft_rows(seed=1), 2, 1.0, nullcontext())
+    after = {k: v.detach().clone() for k, v in distributed.full_state_dict(model).items()}
+    if distributed.is_main():
+        torch.save({"saved": weights, "after": after}, tmp / "ckpt.pt")
+
+
+def test_checkpoint_written_on_two_ranks_resumes_on_one(tmp_path):
+    from r1lab.model.checkpoint import load_model
+    from r1lab.snapshot import TrainingSnapshot, restore_checkpoint
+    from r1lab.stages.lm_loss import train_step
+    from r1lab.stages.supervised import _FiniteStep
+
+    spawn(_checkpoint_worker, tmp_path)
+    got = torch.load(tmp_path / "ckpt.pt")
+    assert (tmp_path / "run" / "state" / "dcp").is_dir()
+    assert_same_weights(load_model(tmp_path / "run" / "model").state_dict(), got["saved"])
+    model = micro_model(5).train()  # other weights: all must come from the checkpoint
+    optimizer = make_optimizer(model, 1e-3, 0.1)
+    info = restore_checkpoint(tmp_path / "run", TrainingSnapshot(model=model, optimizer=optimizer))
+    assert info["step"] == 1 and info["extra"] == {"note": "two ranks"}
+    assert_same_weights(model.state_dict(), got["saved"])
+    train_step(model, _FiniteStep(optimizer), sft_rows(seed=1), 2, 1.0, nullcontext())
+    assert_same_weights(model.state_dict(), got["after"])  # the optimizer state came too
+
+
+def _fingerprint_worker(tmp: Path) -> None:
+    distributed.check_agreement("abc" if distributed.rank() == 0 else "xyz")
+
+
+def test_rank_with_another_config_fails_naming_it(tmp_path):
+    start = time.perf_counter()
+    spawn(_fingerprint_worker, tmp_path, check=False)
+    errors = [p.read_text() for p in sorted(tmp_path.glob("error*.txt"))]
+    assert len(errors) == WORLD
+    for text in errors:
+        assert "rank 1 has config fingerprint xyz, rank 0 has abc" in text
+    assert time.perf_counter() - start < 30
 
 
 if __name__ == "__main__":  # pragma: no cover

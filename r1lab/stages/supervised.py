@@ -18,16 +18,18 @@ from typing import Any
 
 import torch
 
+from r1lab import distributed
 from r1lab.config import write_config
 from r1lab.rundir import check_resumable
 from r1lab.snapshot import TrainingSnapshot, restore_checkpoint, save_checkpoint, saved_state
 from r1lab.stages.budget import Budget, Clock, scheduled_lr
-from r1lab.stages.lm_loss import eval_loss, train_step
+from r1lab.stages.lm_loss import eval_loss, masked_nll, train_step
 from r1lab.stages.packing import RowSampler, rows_fingerprint
 from r1lab.training import (
     DONE_FILE,
     MetricsLog,
     NonFiniteLossError,
+    clip_grad,
     console,
     make_optimizer,
     progress_bar,
@@ -96,9 +98,11 @@ class _FiniteStep:
 
     def step(self) -> None:
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
-        grads = [g for g in grads if g is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads if g is not None]
         norms = torch._foreach_norm(grads) if grads else []
         self.skipped = bool(norms) and not bool(torch.isfinite(torch.stack(norms)).all())
+        if distributed.active():  # every rank skips, or none (FSDP: each holds shards)
+            self.skipped = bool(distributed.all_reduce_max(float(self.skipped)))
         if not self.skipped:
             self.optimizer.step()
 
@@ -107,11 +111,56 @@ class _FiniteStep:
 
 
 def weights_finite(model: torch.nn.Module) -> str | None:
-    """The name of the first parameter holding a NaN or an infinity (None: all finite)."""
+    """The name of the first parameter holding a NaN or an infinity (None: all finite).
+
+    Under FSDP each rank looks at its shards and every rank gets the same answer."""
+    bad = None
     for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p.detach()).all()):
-            return name
-    return None
+        local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+        if not bool(torch.isfinite(local).all()):
+            bad = name
+            break
+    if distributed.is_sharded(model):
+        return next((b for b in distributed.all_gather_objects(bad) if b is not None), None)
+    return bad
+
+
+class _NullLog:
+    """The metrics log of ranks other than 0 (one process writes the run dir)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+
+def sharded_train_step(model, optimizer, batch: Rows, micro_batch_size, grad_clip, autocast):
+    """`lm_loss.train_step` for an FSDP2 model: the same loss, gradient and grad norm.
+
+    Every rank holds the whole batch and trains on its contiguous share of the rows; the
+    normaliser is the target count of the whole batch (an all-reduce of the shares'
+    counts) and the loss is multiplied by the world size, since FSDP averages gradients.
+    Every rank runs the same number of forwards (a rank whose share ran out runs one with
+    a zero loss). Returns (the whole batch's mean target loss, grad norm).
+    """
+    ids, pos, mask = batch
+    world = distributed.world_size()
+    mine = distributed.shard_of(len(ids))
+    n_targets = max(1.0, distributed.all_reduce_sum(float(mask[mine.start : mine.stop, 1:].sum())))
+    size = micro_batch_size or max(1, len(distributed.shard_of(len(ids), 0, world)))
+    chunks = -(-len(distributed.shard_of(len(ids), 0, world)) // size)  # rank 0 has the most
+    scale, total = distributed.grad_scale(), 0.0
+    for k in range(chunks):
+        start = mine.start + k * size
+        part = slice(start, min(start + size, mine.stop))
+        empty = part.start >= part.stop
+        part = slice(0, 1) if empty else part
+        with autocast:
+            loss = masked_nll(model, ids[part], pos[part], mask[part], normalizer=n_targets)
+        (loss * (0.0 if empty else scale)).backward()
+        total += 0.0 if empty else float(loss.detach())
+    grad_norm = clip_grad(model, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return distributed.all_reduce_sum(total), grad_norm
 
 
 def _diverged(job: SupervisedJob, progress: _Progress, step: int, loss: float) -> None:
@@ -150,10 +199,11 @@ def _prepare_run_dir(job: SupervisedJob, snapshot) -> tuple[_Progress, dict, dic
                 f"{job.stage}: the data differs from the data {job.out} was trained on"
             )
         console.print(f"{job.stage}: resuming {job.out} after step {progress.step}")
-    else:
+    elif distributed.is_main():
         job.out.mkdir(parents=True, exist_ok=True)
         for stale in (job.out / DONE_FILE, job.out / "state"):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    distributed.barrier()
     progress.tokens = extra.get("tokens", 0)
     progress.val_loss = extra.get("val_loss")
     progress.initial_val_loss = extra.get("initial_val_loss")
@@ -169,12 +219,19 @@ def train(job: SupervisedJob) -> dict:
     """Train `job.model` to its budget; returns the numbers of the stage summary."""
     cfg, out, model = job.cfg, job.out, job.model
     model.train()
+    if distributed.active():  # torchrun: shard before the optimizer sees the parameters
+        distributed.shard_model(model)
+    step_fn = sharded_train_step if distributed.is_sharded(model) else train_step
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     snapshot = TrainingSnapshot(model=model, optimizer=optimizer)
     progress, extra, position = _prepare_run_dir(job, snapshot)
     resumed_from = progress.step if job.record is not None else None
-    write_config(cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=progress.step + 1 if job.record else None)
+    log: MetricsLog | _NullLog = _NullLog()
+    if distributed.is_main():
+        write_config(cfg, out / "config.yaml")
+        log = MetricsLog(
+            out / "metrics.jsonl", resume_step=progress.step + 1 if job.record else None
+        )
 
     if progress.initial_val_loss is None and job.val_rows is not None:
         t0 = time.perf_counter()
@@ -240,7 +297,7 @@ def train(job: SupervisedJob) -> dict:
             set_lr(optimizer, lr)
             rows = sampler.next_batch()
             batch = [t[rows].to(job.device) for t in job.train_rows]
-            loss, grad_norm = train_step(
+            loss, grad_norm = step_fn(
                 model, guarded, batch, cfg.micro_batch_size, cfg.grad_clip, job.autocast
             )
             progress.step += 1
