@@ -261,8 +261,21 @@ def error_line(err: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a.startswith("--nproc") for a in argv):  # --nproc N: the same command under torchrun
+        from r1lab.distributed import torchrun_command
+
+        launch = torchrun_command(argv)
+        if launch is not None:
+            import subprocess
+
+            return subprocess.call(launch)
     args = build_parser(_help_for(argv)).parse_args(argv)
+    torchrun = os.environ.get("WORLD_SIZE", "1") != "1"  # one of torchrun's processes
     try:
+        if torchrun:
+            from r1lab import distributed
+
+            distributed.init("cuda" if distributed.torch.cuda.is_available() else "cpu")
         if args.command in STAGES:
             return _run_stage(args)
         if args.command == "run":
@@ -297,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = error_line(err)
         if msg is None or args.debug or os.environ.get("R1LAB_DEBUG") == "1":
             raise
-        print(f"r1lab {args.command}: error: {msg}", file=sys.stderr)
+        who = f" (rank {os.environ.get('RANK')})" if torchrun else ""
+        print(f"r1lab {args.command}{who}: error: {msg}", file=sys.stderr)
         print("(rerun with r1lab --debug ... for the traceback)", file=sys.stderr)
         return 2
     return 1

@@ -252,3 +252,37 @@ def refresh_plain(plain: torch.nn.Module, sharded: torch.nn.Module) -> None:
         for name, p in plain.state_dict().items():
             if name in state:
                 p.copy_(state[name])
+
+
+# ---- the launcher ----------------------------------------------------------------------------
+def torchrun_command(argv: list[str]) -> list[str] | None:
+    """`r1lab STAGE --nproc N ...` -> `torchrun --nproc-per-node N --no-python r1lab STAGE ...`.
+
+    None when `argv` has no `--nproc` (or it is 1, or this process is already one of
+    torchrun's). One node (`--standalone`); for several, call torchrun yourself
+    (docs/distributed.md).
+    """
+    import shutil
+    import sys
+
+    rest, nproc, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--nproc" and i + 1 < len(argv):
+            nproc, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--nproc="):
+            nproc = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    if nproc is None or launched():
+        return None
+    if not nproc.isdigit() or int(nproc) < 1:
+        raise ValueError(f"--nproc must be a positive number of processes, got {nproc!r}")
+    if int(nproc) == 1:
+        return None
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    r1lab = shutil.which("r1lab") or "r1lab"
+    return [*launcher, "--standalone", "--nproc-per-node", nproc, "--no-python", r1lab, *rest]

@@ -230,5 +230,16 @@ def test_rank_with_another_config_fails_naming_it(tmp_path):
     assert time.perf_counter() - start < 30
 
 
+def test_nproc_launches_torchrun():
+    cmd = distributed.torchrun_command(["sft", "--nproc", "2", "--out", "x", "lr=1e-5"])
+    i = cmd.index("--nproc-per-node")
+    assert cmd[i + 1] == "2" and "--no-python" in cmd
+    assert cmd[-4:] == ["sft", "--out", "x", "lr=1e-5"] and cmd[-5].endswith("r1lab")
+    assert distributed.torchrun_command(["sft", "--out", "x"]) is None
+    assert distributed.torchrun_command(["sft", "--nproc=1", "--out", "x"]) is None
+    with pytest.raises(ValueError, match="--nproc"):
+        distributed.torchrun_command(["sft", "--nproc", "two"])
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
