@@ -134,7 +134,14 @@ def build_parser(describe: str | None = None) -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="sample from a model")
     gen.add_argument("--model", required=True, help="model folder, hub id or stage run dir")
     gen.add_argument("--prompt", required=True, action="append", help="prompt text (repeatable)")
-    gen.add_argument("--template", default="plain", help="plain | r1-zero | r1-chat")
+    gen.add_argument(
+        "--template",
+        default="plain",
+        help="plain | r1-zero | r1-chat | chat (the tokenizer's own) | r1-distill | a .yaml file",
+    )
+    gen.add_argument("--system", default=None, help="system prompt")
+    gen.add_argument("--instruction", default=None, help="appended to each prompt")
+    gen.add_argument("--show-prompt", action="store_true", help="print each prompt as sent")
     gen.add_argument("--temperature", type=float, default=0.6)
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--top-k", type=int, default=0)
@@ -190,7 +197,13 @@ def _generate(args) -> int:
     from r1lab.model.tokenizer import render_prompt
 
     model, tokenizer = r1lab.load(args.model, device=resolve_device(args.device))
-    prompts = [render_prompt(args.template, p, tokenizer) for p in args.prompt]
+    prompts = [
+        render_prompt(args.template, p, tokenizer, system=args.system, instruction=args.instruction)
+        for p in args.prompt
+    ]
+    if args.show_prompt:
+        for i, p in enumerate(prompts):
+            print(f"--- prompt {i} as sent\n{p}")
     outs = r1lab.generate(
         model,
         tokenizer,

@@ -44,6 +44,42 @@ def read_rows(path: str | Path) -> list[Row]:
     return rows
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: Any, where: str) -> list[dict]:
+    """A chat conversation row's `messages`: a list of {role, content} with roles among
+    system / user / assistant, at least one assistant turn, and a system turn only first.
+    Errors name `where` (file and line) and the turn."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(
+            f"{where}: field 'messages' must be a non-empty list of {{role, content}}, "
+            f"got {kind_name(messages)}"
+        )
+    checked = []
+    for i, turn in enumerate(messages):
+        at = f"{where}: messages[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at} must be an object with role and content, got {kind_name(turn)}")
+        for name in ("role", "content"):
+            if name not in turn:
+                raise DataError(f"{at}: missing field {name!r}")
+        role, content = turn["role"], turn["content"]
+        if role not in CHAT_ROLES:
+            raise DataError(f"{at}: unknown role {role!r}; use {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{at}: content must be a string, got {kind_name(content)}")
+        if role == "system" and i:
+            raise DataError(f"{at}: a system turn may only come first")
+        checked.append({"role": role, "content": content})
+    answered = [t for t in checked if t["role"] == "assistant" and t["content"].strip()]
+    if not answered:
+        raise DataError(f"{where}: 'messages' has no non-empty assistant turn to learn from")
+    if checked[-1]["role"] != "assistant":
+        raise DataError(f"{where}: 'messages' must end with an assistant turn")
+    return checked
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """The records of a run log such as metrics.jsonl; a missing or empty file has none.
 

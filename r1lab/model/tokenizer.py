@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -192,15 +193,128 @@ TEMPLATES: dict[str, Callable[..., str]] = {
     "r1-chat": r1_chat_prompt,
     "plain": lambda q: q,
 }
+# "chat": a user turn in the tokenizer's own chat template (which it must have)
+BASE_TEMPLATES = (*TEMPLATES, "chat")
+
+# How the R1 distilled models are evaluated: the question in a user turn of the model's own
+# chat template, followed by this instruction, and no system prompt.
+R1_DISTILL_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt template as data: a base format, an optional system prompt, and an optional
+    instruction appended to every question (after a newline).
+
+    `base`: "plain" (the question as written), "r1-zero" (the R1-Zero prompt), "r1-chat"
+    (a user turn in the tokenizer's chat template, or r1lab's role markers when it has none)
+    or "chat" (the tokenizer's own chat template, which must exist).
+    """
+
+    base: str = "plain"
+    system: str | None = None
+    instruction: str | None = None
+
+    def __post_init__(self):
+        if self.base not in BASE_TEMPLATES:
+            known = ", ".join(BASE_TEMPLATES)
+            raise ValueError(f"unknown base template {self.base!r}; known: {known}")
+
+
+NAMED_TEMPLATES: dict[str, PromptTemplate] = {
+    "r1-distill": PromptTemplate("chat", instruction=R1_DISTILL_INSTRUCTION),
+}
+
+
+def template_names() -> list[str]:
+    return [*sorted(TEMPLATES), "chat", *sorted(NAMED_TEMPLATES)]
+
+
+def resolve_template(template: str | PromptTemplate) -> PromptTemplate:
+    """A PromptTemplate from a name (built-in or named), a YAML/JSON template file
+    (`{base, system, instruction}`, relative to the working directory) or itself."""
+    if isinstance(template, PromptTemplate):
+        return template
+    if template in BASE_TEMPLATES:
+        return PromptTemplate(template)
+    if template in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[template]
+    path = Path(template)
+    if path.suffix in (".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt template file not found: {path}")
+        import yaml
+
+        data = yaml.safe_load(path.read_text()) or {}
+        unknown = set(data) - {"base", "system", "instruction"} if isinstance(data, dict) else {0}
+        if unknown:
+            raise ValueError(
+                f"{path}: a prompt template file is a mapping of base, system and instruction; "
+                f"unexpected: {', '.join(map(str, unknown))}"
+            )
+        try:
+            return PromptTemplate(**data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
+    raise KeyError(
+        f"unknown template {template!r}; known templates: {', '.join(template_names())}, "
+        "or a .yaml template file with base, system and instruction"
+    )
+
+
+def check_template(template: str) -> str:
+    """`template` if it names a template (a validator for config fields), else ValueError."""
+    try:
+        resolve_template(template)
+    except (KeyError, FileNotFoundError) as err:
+        raise ValueError(str(err.args[0]) if err.args else str(err)) from None
+    return template
+
+
+def chat_prompt(messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> str:
+    """`messages` in the tokenizer's own chat template (which it must have)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "template 'chat' renders with the tokenizer's own chat template, and this "
+            "tokenizer has none; use r1-chat (r1lab's role markers), r1-zero or plain"
+        )
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def render_messages(messages: list[dict], tokenizer=None, add_generation_prompt=True) -> str:
+    """A conversation as text: the tokenizer's chat template, else r1lab's role markers."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return chat_prompt(messages, tokenizer, add_generation_prompt)
+    marks = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+    text = "".join(
+        marks[m["role"]] + m["content"] + (EOS if m["role"] == "assistant" else "")
+        for m in messages
+    )
+    return text + (ASSISTANT if add_generation_prompt else "")
 
 
 def render_prompt(
-    template_name: str, question: str, tokenizer: PreTrainedTokenizerFast | None = None
+    template_name: str | PromptTemplate,
+    question: str,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    *,
+    system: str | None = None,
+    instruction: str | None = None,
 ) -> str:
-    """Render `question` with the template called `template_name`."""
-    if template_name not in TEMPLATES:
-        known = ", ".join(sorted(TEMPLATES))
-        raise KeyError(f"unknown prompt template {template_name!r}; known templates: {known}")
-    if template_name == "r1-chat":
-        return r1_chat_prompt(question, tokenizer)
-    return TEMPLATES[template_name](question)
+    """Render `question` with a template (a name, a template file or a PromptTemplate);
+    `system` and `instruction` override the template's own."""
+    spec = resolve_template(template_name)
+    system = spec.system if system is None else system
+    instruction = spec.instruction if instruction is None else instruction
+    if instruction:
+        question = f"{question}\n{instruction}"
+    if spec.base in ("r1-chat", "chat"):
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": question})
+        if spec.base == "chat":
+            return chat_prompt(messages, tokenizer)
+        return render_messages(messages, tokenizer)
+    text = r1_zero_prompt(question) if spec.base == "r1-zero" else question
+    return f"{system}\n\n{text}" if system else text

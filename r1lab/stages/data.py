@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from r1lab.config import StageConfig
-from r1lab.rows import DataError, read_hub_rows, read_rows
+from r1lab.rows import DataError, check_messages, read_hub_rows, read_rows
 
 BUILTIN_SOURCES = ("cold-start", "non-reasoning")
 REQUIRED_FIELDS = ("prompt", "response")
@@ -59,11 +59,17 @@ def check_row(row: Any, where: str) -> dict:
     """One prompt/response example, or a DataError that says where and what is wrong."""
     if not isinstance(row, dict):
         raise DataError(
-            f"{where}: expected an object with 'prompt' and 'response', got {type(row).__name__}"
+            f"{where}: expected an object with 'prompt' and 'response' (or 'messages'), "
+            f"got {type(row).__name__}"
         )
+    if "messages" in row and "prompt" not in row:
+        return {"messages": check_messages(row["messages"], where)}
     for name in REQUIRED_FIELDS:
         if name not in row:
-            raise DataError(f"{where}: missing field {name!r}")
+            raise DataError(
+                f"{where}: missing field {name!r} (a row is {{prompt, response}} or "
+                "{messages: [{role, content}, ...]})"
+            )
         if not isinstance(row[name], str):
             raise DataError(
                 f"{where}: field {name!r} must be a string, got {type(row[name]).__name__}"

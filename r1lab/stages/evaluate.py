@@ -42,8 +42,8 @@ from r1lab.metrics import (
     rate,
     truncation_rate,
 )
+from r1lab.model.tokenizer import PromptTemplate, check_template, resolve_template
 from r1lab.stages.judging import (
-    TEMPLATE_NAMES,
     SampleResult,
     describe_model,
     judge_samples,
@@ -87,7 +87,9 @@ class Config(StageConfig):
     tasks: list[str | dict[str, Any]] = Field(default_factory=lambda: [{"name": "chain_sum"}])
     n: int | None = 200  # questions per task when its spec has no "n" (None = all)
     split: str = "test"
-    template: str = "r1-zero"
+    template: str = "r1-zero"  # r1-zero | r1-chat | plain | chat | r1-distill | a .yaml file
+    system_prompt: str | None = None  # system turn (chat) or preamble (plain, r1-zero)
+    instruction: str | None = None  # appended to every question after a newline
     k: int = Field(default=4, ge=1)
     temperature: float = Field(default=0.6, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
@@ -99,11 +101,7 @@ class Config(StageConfig):
     @field_validator("template")
     @classmethod
     def _known_template(cls, value: str) -> str:
-        if value not in TEMPLATE_NAMES:
-            raise ValueError(
-                f"unknown template {value!r}; known templates: {', '.join(TEMPLATE_NAMES)}"
-            )
-        return value
+        return check_template(value)
 
     @field_validator("tasks")
     @classmethod
@@ -267,6 +265,22 @@ def summarize(
 
 
 # --- the reusable entry point -------------------------------------------------------------
+def prompt_template(
+    template: str | PromptTemplate, system: str | None = None, instruction: str | None = None
+) -> tuple[PromptTemplate, str]:
+    """(the template with `system` / `instruction` applied, the structure its completions
+    are judged by: "r1-zero", "r1-chat" (also for the tokenizer's own chat template) or
+    "plain")."""
+    try:
+        spec = resolve_template(template)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    spec = PromptTemplate(
+        spec.base,
+        spec.system if system is None else system,
+        spec.instruction if instruction is None else instruction,
+    )
+    return spec, "r1-chat" if spec.base == "chat" else spec.base
 
 
 def evaluate_with_records(
@@ -276,6 +290,8 @@ def evaluate_with_records(
     task: Task | str,
     *,
     template: str = "r1-zero",
+    system_prompt: str | None = None,
+    instruction: str | None = None,
     k: int = 4,
     temperature: float = 0.6,
     top_p: float = 0.95,
@@ -293,10 +309,7 @@ def evaluate_with_records(
         raise ValueError(f"k must be a positive integer (samples per question), got {k!r}")
     if not examples:
         raise ValueError("no examples to evaluate")
-    if template not in TEMPLATE_NAMES:
-        raise ValueError(
-            f"unknown template {template!r}; known templates: {', '.join(TEMPLATE_NAMES)}"
-        )
+    spec, style = prompt_template(template, system_prompt, instruction)
     if greedy:
         k = 1
     settings = sampling_settings(k, temperature, top_p, max_new_tokens, greedy, seed)
@@ -307,7 +320,7 @@ def evaluate_with_records(
         n=k,
         seed=seed,
     )
-    prompts = render_prompts(template, examples, tokenizer)
+    prompts = render_prompts(spec, examples, tokenizer)
     started = time.perf_counter()
     # all k samples of a question in one sample call: batch b draws with seed + b
     completions = sample_completions(
@@ -321,8 +334,8 @@ def evaluate_with_records(
         description=f"eval {task.name}",
     )
     sampled = time.perf_counter()
-    rows = judge_samples(task, examples, prompts, completions, template)
-    result = summarize(task, examples, rows, template=template, settings=settings, n_shown=n_shown)
+    rows = judge_samples(task, examples, prompts, completions, style)
+    result = summarize(task, examples, rows, template=style, settings=settings, n_shown=n_shown)
     done = time.perf_counter()
     tokens = sum(len(c.token_ids) for c in completions)
     result["timing"] = {
@@ -425,19 +438,21 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _write_samples(
-    path: Path, per_set: dict[str, tuple[list[Example], list[list[SampleResult]]]]
+    path: Path, per_set: dict[str, tuple[list[Example], list[list[SampleResult]], list[str]]]
 ) -> None:
+    """One line per sample, with the exact prompt the model was given."""
     from r1lab.model.checkpoint import atomic_write_text
 
     lines = []
-    for label, (examples, rows) in per_set.items():
-        for q, (ex, row) in enumerate(zip(examples, rows)):
+    for label, (examples, rows, prompts) in per_set.items():
+        for q, (ex, row, prompt) in enumerate(zip(examples, rows, prompts)):
             for j, s in enumerate(row):
                 record = {
                     "set": label,
                     "question_index": q,
                     "sample": j,
                     "question": ex.question,
+                    "prompt": prompt,
                     "reference": ex.answer,
                     **asdict(s),
                 }
@@ -473,6 +488,8 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             examples,
             task,
             template=cfg.template,
+            system_prompt=cfg.system_prompt,
+            instruction=cfg.instruction,
             k=cfg.k,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
@@ -483,7 +500,8 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             n_shown=cfg.n_shown,
         )
         sets[spec.title] = result
-        records[spec.title] = (examples, rows)
+        template = prompt_template(cfg.template, cfg.system_prompt, cfg.instruction)[0]
+        records[spec.title] = (examples, rows, render_prompts(template, examples, tokenizer))
 
     report = {
         "model": describe_model(cfg.model),

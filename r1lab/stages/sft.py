@@ -26,7 +26,7 @@ from pydantic import Field, field_validator, model_validator
 from r1lab.config import resolve_device, resolve_dtype
 from r1lab.model.checkpoint import load_model, resolve_model_dir
 from r1lab.model.config import ModelConfig
-from r1lab.model.tokenizer import load_tokenizer
+from r1lab.model.tokenizer import check_template, load_tokenizer, render_messages, render_prompt
 from r1lab.stages.data import ProceduralConfig, load_source, mix_sources
 from r1lab.stages.packing import RowSampler, pack_rows, tokenize_examples
 from r1lab.stages.supervised import (
@@ -54,11 +54,18 @@ class Config(ProceduralConfig):
 
     model: str  # the starting model: a model folder, a stage run dir or a Hub id
 
-    # data: each source is a built-in generator, a .jsonl with prompt/response, or a dataset id
+    # data: each source is a built-in generator, a .jsonl with prompt/response or messages
+    # rows, or a dataset id
     data: list[str] = Field(default_factory=lambda: ["cold-start"], min_length=1)
     data_weights: list[float] | None = None  # share of each source in the mixture
     n_examples: int = Field(default=2000, ge=1)  # per built-in source
     val_examples: int = Field(default=100, ge=0)  # held out from the mixture for val_loss
+    # prompts: prompt/response rows are rendered with `template` (plain = as written; use the
+    # template eval will use, so training and evaluation prompts match); messages rows with
+    # the tokenizer's chat template. system_prompt / instruction as in `r1lab eval`.
+    template: str = "plain"  # plain | r1-zero | r1-chat | chat | r1-distill | a .yaml file
+    system_prompt: str | None = None  # system turn (chat) or preamble (plain, r1-zero)
+    instruction: str | None = None  # appended to every question after a newline
 
     # optimisation
     seq_len: int = Field(default=256, ge=8)
@@ -86,6 +93,11 @@ class Config(ProceduralConfig):
     def _data_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, (str, int)) else value
 
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        return check_template(value)
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.data_weights is not None and (
@@ -106,7 +118,34 @@ def load_examples(cfg: Config, tokenizer) -> list[dict]:
         "seed": cfg.seed,
     }
     sources = [load_source(spec, tokenizer, **options) for spec in cfg.data]
-    return mix_sources(sources, cfg.data_weights, cfg.seed)
+    return render_examples(mix_sources(sources, cfg.data_weights, cfg.seed), tokenizer, cfg)
+
+
+def render_examples(rows: list[dict], tokenizer, cfg: Config) -> list[dict]:
+    """Prompt/response examples as trained on: prompt rows through the template, and every
+    assistant turn of a messages row as one example (prompt: the conversation before it in
+    the chat template, ending where the assistant writes; response: the turn). So the loss
+    falls on assistant turns only, each once, with the earlier turns as context."""
+    out = []
+    for row in rows:
+        if "messages" not in row:
+            prompt = render_prompt(
+                cfg.template,
+                row["prompt"],
+                tokenizer,
+                system=cfg.system_prompt,
+                instruction=cfg.instruction,
+            )
+            out.append({"prompt": prompt, "response": row["response"]})
+            continue
+        messages = row["messages"]
+        if cfg.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+        for i, turn in enumerate(messages):
+            if turn["role"] == "assistant" and turn["content"].strip():
+                prompt = render_messages(messages[:i], tokenizer, add_generation_prompt=True)
+                out.append({"prompt": prompt, "response": turn["content"]})
+    return out
 
 
 def build_rows(cfg: Config, examples: list[dict], tokenizer, pad_id: int):
