@@ -18,6 +18,7 @@ A reward is made by name, fresh on every call, with `get_reward(name, **options)
 - "overlong_penalty" with `max_completion_tokens, buffer_tokens, ...` (`OverlongPenaltyReward`);
 - "reward_model" with `scorer, on="summary" | "response"` (`RewardModelReward`);
 - "code": the last fenced block run against the `tests` column in a sandbox (`CodeReward`).
+A user's reward is named `module:function` or `path/to/file.py:function` (`r1lab.user_code`).
 `combine_rewards` runs several with weights (a None in a weighted one makes the total None).
 Each reward module registers its rewards by name (`r1lab.rewards.base.register_reward`);
 this package imports all of them, so `get_reward` and `reward_names` see every built-in.
@@ -65,7 +66,14 @@ __all__ = [
 
 
 def get_reward(name: str, **options: Any) -> Callable:
-    """A fresh reward function by name ("accuracy" or "accuracy_reward", ...)."""
+    """A fresh reward function by name ("accuracy" or "accuracy_reward", ...), or a user's
+    own: `module:function` or `path/to/file.py:function` (relative to the working
+    directory; with options, the callable is a factory called with them)."""
+    if ":" in name:
+        from r1lab.user_code import load_callable
+
+        fn = load_callable(name, "reward")
+        return fn(**options) if options else fn
     key = name.removesuffix("_reward")
     if key not in REGISTERED:
         known = ", ".join(sorted(REGISTERED))

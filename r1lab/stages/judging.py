@@ -13,7 +13,6 @@ They do it here, so a question is asked and judged the same way wherever it is a
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -105,17 +104,12 @@ class RewardSpec(BaseModel):
 
 
 def load_reward(name: str, options: dict, template: str) -> Callable:
-    """A built-in reward by name, or `package.module:function` for a user's own callable."""
+    """A built-in reward by name, or `package.module:function` / `file.py:function` for a
+    user's own callable."""
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(
-                f"reward {name!r}: cannot import {attr!r} from {module_name!r} ({err})"
-            ) from err
-        if not callable(fn):
-            raise ValueError(f"reward {name!r} is not callable")
+        from r1lab.user_code import load_callable
+
+        fn = load_callable(name, "reward")  # module:function or path/to/file.py:function
         return fn(**options) if options else fn
     defaults = TEMPLATE_OPTIONS.get(name.removesuffix("_reward"), lambda _t: {})(template)
     return get_reward(name, **{**defaults, **options})
