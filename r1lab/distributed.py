@@ -136,6 +136,13 @@ def fail_message(err: BaseException) -> str:
     return f"rank {rank()} of {world_size()}: {type(err).__name__}: {err}"
 
 
+class NullLog:
+    """The metrics and sample logs of ranks other than 0 (rank 0 writes the run dir)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+
 # ---- collectives -----------------------------------------------------------------------------
 def all_reduce_sum(value: float) -> float:
     """The sum over ranks of a number (the number itself on one process)."""

@@ -33,7 +33,9 @@ import torch
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from r1lab import distributed
 from r1lab.config import ConfigError, StageConfig, resolve_device, resolve_dtype, write_config
+from r1lab.distributed import NullLog
 from r1lab.engine.grpo_update import UpdateSettings, train_batch, update_on_rollout
 from r1lab.model.checkpoint import atomic_write_text, load_model
 from r1lab.model.tokenizer import load_tokenizer
@@ -47,6 +49,8 @@ from r1lab.stages.rollout import (
     check_judged,
     collect_rollout,
     console_line,
+    gather_batch,
+    merge_metrics,
     question_key,
     rollout_metrics,
     sample_records,
@@ -219,7 +223,8 @@ class NonFiniteLossError(RuntimeError):
 
 # ---- load -------------------------------------------------------------------------------------
 def load_models(cfg: Config):
-    """Policy (fp32 master weights), tokenizer, reference model (None when beta is 0), optimizer."""
+    """Policy (fp32 master weights), tokenizer, reference model (None when beta is 0), optimizer,
+    and under torchrun (policy sharded by FSDP2) the whole copy that samples, else None."""
     if not cfg.model:
         raise ConfigError(
             "grpo config: field 'model' is required (a model folder, hub id or stage run dir)"
@@ -232,8 +237,12 @@ def load_models(cfg: Config):
     if cfg.beta > 0:  # frozen: kept in the compute dtype
         ref_model = copy.deepcopy(policy).to(compute_dtype(cfg, policy)).eval()
         ref_model.requires_grad_(False)
+    sampler = None
+    if distributed.active():
+        sampler = copy.deepcopy(policy).to(compute_dtype(cfg, policy)).eval()
+        distributed.shard_model(policy.requires_grad_(True))
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=cfg.weight_decay)
-    return policy, tokenizer, ref_model, optimizer
+    return policy, tokenizer, ref_model, optimizer, sampler
 
 
 def reward_sets(cfg: Config) -> tuple[RewardSet, RewardSet | None]:
@@ -301,7 +310,7 @@ def open_checkpoint(cfg: Config, out: Path, resume: bool) -> dict | None:
 
 def start_run(cfg: Config, out: Path, resume: bool) -> RunState:
     """Load models, tasks and rewards; restore the last checkpoint when resuming."""
-    policy, tokenizer, ref_model, optimizer = load_models(cfg)
+    policy, tokenizer, ref_model, optimizer, sampler = load_models(cfg)
     rewards, late_rewards = reward_sets(cfg)
     eval_task, eval_examples, mixture = task_sets(cfg)
     pad_id = policy.config.pad_token_id
@@ -320,6 +329,7 @@ def start_run(cfg: Config, out: Path, resume: bool) -> RunState:
         eval_examples,
         update_settings(cfg, policy, pad_id),
     )
+    rs.sampler = sampler  # torchrun: the whole copy that samples (None: the policy does)
     record = open_checkpoint(cfg, out, resume)
     if record is not None:
         if int(record["extra"].get("ref_synced_at", 0)) > 0:
@@ -371,15 +381,18 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
     t0 = time.perf_counter()
     refresh = cfg.ref_refresh_every and step > 1 and (step - 1) % cfg.ref_refresh_every == 0
     if rs.ref_model is not None and refresh:
-        rs.ref_model.load_state_dict(rs.policy.state_dict())
+        rs.ref_model.load_state_dict(distributed.full_state_dict(rs.policy))
         rs.ref_synced_at, rs.snapshot.parts["ref"] = step, rs.ref_model
     lr = lr_at(step - 1, cfg.steps, cfg.lr, cfg.warmup_steps, schedule=cfg.lr_schedule)
     set_lr(rs.optimizer, lr)
     late = rs.late_rewards is not None and step > cfg.steps - (
         cfg.reward_model_last_steps or cfg.steps
     )
+    sampler = rs.sampler or rs.policy
+    if rs.sampler is not None:  # torchrun: the whole weights of the last update
+        distributed.refresh_plain(rs.sampler, rs.policy)
     rollout = collect_rollout(
-        rs.policy,
+        sampler,
         rs.tokenizer,
         rs.mixture,
         rs.late_rewards if late else rs.rewards,
@@ -396,12 +409,16 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
         dynamic_sampling=cfg.dynamic_sampling,
         max_resample=cfg.max_resample,
         max_batch_size=cfg.rollout_batch_size or None,
+        rank=distributed.rank(),
+        world=distributed.world_size(),
     )
     check_judged(rollout, step)
-    record = {"step": step, **rollout_metrics(rollout, cfg.dynamic_sampling)}
+    record = rollout_metrics(rollout, cfg.dynamic_sampling)
+    record = {"step": step, **merge_metrics(record, len(rollout.sampled))}
 
     t_train = time.perf_counter()
     upd: dict[str, Any] = {"skipped": 0, "optimizer_steps": 0}
+    batch = None
     if rollout.groups:
         batch = train_batch(
             rollout.groups,
@@ -410,6 +427,8 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
             adv_baseline=cfg.adv_baseline,
             mask_truncated=cfg.mask_truncated,
         )
+    batch = gather_batch(batch)  # torchrun: every rank's groups (one process: its own)
+    if batch is not None:
         upd = update_on_rollout(
             rs.policy, rs.optimizer, batch, rs.update, step=step, ref_model=rs.ref_model
         )
@@ -454,6 +473,9 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     """Train with GRPO; returns the summary also written to DONE."""
     out = Path(out_dir)
     fingerprint = cfg.fingerprint()
+    distributed.check_agreement(fingerprint)
+    if cfg.questions_per_step < distributed.world_size():
+        raise ConfigError("grpo config: questions_per_step is below the number of ranks")
     if resume and is_done(out, fingerprint):
         console.print(f"grpo: {out} is already done (DONE matches this config)")
         return json.loads((out / "DONE").read_text())
@@ -461,10 +483,12 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     set_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
     rs = start_run(cfg, out, resume)
-    write_config(cfg, out / "config.yaml")
     keep = rs.start + 1 if rs.start else None
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=keep)
-    samples = MetricsLog(out / "samples.jsonl", resume_step=keep)
+    main = distributed.is_main()  # one rank writes the run dir
+    if main:
+        write_config(cfg, out / "config.yaml")
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=keep) if main else NullLog()
+    samples = MetricsLog(out / "samples.jsonl", resume_step=keep) if main else NullLog()
 
     if rs.initial_eval is None:
         rs.initial_eval = rs.last_eval = evaluate_policy(rs, cfg)
@@ -516,8 +540,10 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         "final": rs.last_eval,
     }
     report = {"initial": rs.initial_eval, "final": rs.last_eval, "steps": step}
-    atomic_write_text(out / "eval.json", json.dumps(report, indent=2) + "\n")
-    mark_done(out, fingerprint, **summary)
+    if main:
+        atomic_write_text(out / "eval.json", json.dumps(report, indent=2) + "\n")
+        mark_done(out, fingerprint, **summary)
+    distributed.barrier()
     console.print(
         f"grpo: done after {step} steps, {summary['minutes']:.1f} min; held-out pass@1 "
         f"{summary['pass@1_before']} -> {summary['pass@1_after']}"
@@ -543,8 +569,8 @@ def evaluate_policy(rs: RunState, cfg: Config) -> dict[str, float]:
     """Held-out pass@1 etc. by the eval stage's own function and protocol (k samples, T=0.6)."""
     from r1lab.stages.evaluate import evaluate
 
-    result = evaluate(
-        rs.policy,
+    result = evaluate(  # torchrun: every rank evaluates its whole copy (no collectives)
+        rs.sampler or rs.policy,
         rs.tokenizer,
         rs.eval_examples,
         rs.eval_task,

@@ -4,6 +4,14 @@ Kept apart from `grpo.py` so that the stage file holds the loop. Sampling and sc
 `r1lab.stages.judging`'s, the same path the eval and rejection stages take.
 Everything is reproducible from (seed, step): a resumed run draws and samples exactly
 what the uninterrupted run would have.
+
+Under torchrun (docs/distributed.md) rank r of W draws the same questions as one process
+and keeps its contiguous share (a group never straddles ranks), samples and scores them
+where it is, and `gather_batch` hands every rank the whole step's sequences for the
+update. Sampling draws from one generator per call, seeded by (seed, step, round) on rank
+0 and by (seed, step, round, rank) elsewhere, so rank 0's completions of its questions
+are not those one process draws for them: the one-process equivalence holds for the
+update on a given rollout (tests/test_distributed.py), not for the sampled tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from r1lab import distributed
 from r1lab.engine.generate import Completion, SamplingParams
+from r1lab.engine.grpo_update import TrainBatch
 from r1lab.metrics import is_self_check
 from r1lab.rewards.combine import CombinedRewards
 from r1lab.rl import zero_variance_groups
@@ -198,8 +210,10 @@ def collect_rollout(
     dynamic_sampling: bool = False,
     max_resample: int = 0,
     max_batch_size: int | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> Rollout:
-    """Sample and score `questions` groups for `step`.
+    """Sample and score `questions` groups for `step` (this rank's share of them).
 
     With `dynamic_sampling` (DAPO), groups whose rewards are all equal carry no gradient
     and are dropped; fresh questions are drawn and sampled, at most `max_resample` more
@@ -211,17 +225,26 @@ def collect_rollout(
     scores: list[CombinedRewards] = []
     sample_s = score_s = 0.0
     rounds = 0
+    share = distributed.shard_of(questions, rank, world)
+    quota = len(share)
     for round_ in range(1 + (max_resample if dynamic_sampling else 0)):
-        need = questions - len(kept)
+        need = quota - len(kept)
         if need <= 0:
             break
         rounds += 1
+        if world == 1:
+            drawn = mixture.draw(need, step, round_)
+        elif round_ == 0:  # the one-process questions, cut by rank
+            drawn = mixture.draw(questions, step, round_)[share.start : share.stop]
+        else:  # refills: disjoint per rank
+            drawn = mixture.draw(need * world, step, round_)[rank * need : (rank + 1) * need]
+        who = ("rank", rank) if rank else ()
         params = SamplingParams(
-            n=group_size, seed=derive_seed(seed, "sample", step, round_), **sampling
+            n=group_size, seed=derive_seed(seed, "sample", step, round_, *who), **sampling
         )
         t0 = time.perf_counter()
         groups, completions = sample_groups(
-            model, tokenizer, mixture.draw(need, step, round_), template, params, max_batch_size
+            model, tokenizer, drawn, template, params, max_batch_size
         )
         t1 = time.perf_counter()
         scores.append(score_groups(groups, completions, rewards))
@@ -230,7 +253,43 @@ def collect_rollout(
         score_s += t2 - t1
         sampled += groups
         kept += [g for g in groups if g.has_signal] if dynamic_sampling else groups
-    return Rollout(kept[:questions], sampled, join_scores(scores), rounds, sample_s, score_s)
+    return Rollout(kept[:quota], sampled, join_scores(scores), rounds, sample_s, score_s)
+
+
+def gather_batch(batch: TrainBatch | None) -> TrainBatch | None:
+    """The step's sequences from every rank, in rank order (= one process's order)."""
+    parts = [b for b in distributed.all_gather_objects(batch) if b is not None and len(b)]
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+    return TrainBatch(
+        prompt_ids=[x for b in parts for x in b.prompt_ids],
+        completion_ids=[x for b in parts for x in b.completion_ids],
+        advantages=torch.cat([b.advantages for b in parts]),
+        counted=[x for b in parts for x in b.counted],
+        sampler_logprobs=[x for b in parts for x in b.sampler_logprobs],
+    )
+
+
+SUMMED_METRICS = {"rollout/tokens_per_s", "dynamic_sampling/kept_groups"}
+
+
+def merge_metrics(record: dict[str, Any], groups: int) -> dict[str, Any]:
+    """Rollout metrics of all ranks: sums of rates and counts, group-weighted means else."""
+    everyone = distributed.all_gather_objects((record, groups))
+    if len(everyone) == 1:
+        return record
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for r, _ in everyone for k in r):
+        values = [(r[key], w) for r, w in everyone if isinstance(r.get(key), (int, float))]
+        if not values:
+            out[key] = record.get(key)
+        elif key in SUMMED_METRICS:
+            out[key] = sum(v for v, _ in values)
+        elif key == "dynamic_sampling/rounds":
+            out[key] = max(v for v, _ in values)
+        else:
+            out[key] = sum(v * w for v, w in values) / max(sum(w for _, w in values), 1)
+    return out
 
 
 # ---- what a rollout says ------------------------------------------------------------------

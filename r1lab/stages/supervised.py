@@ -125,13 +125,6 @@ def weights_finite(model: torch.nn.Module) -> str | None:
     return bad
 
 
-class _NullLog:
-    """The metrics log of ranks other than 0 (one process writes the run dir)."""
-
-    def write(self, record: dict) -> None:
-        pass
-
-
 def sharded_train_step(model, optimizer, batch: Rows, micro_batch_size, grad_clip, autocast):
     """`lm_loss.train_step` for an FSDP2 model: the same loss, gradient and grad norm.
 
@@ -226,7 +219,7 @@ def train(job: SupervisedJob) -> dict:
     snapshot = TrainingSnapshot(model=model, optimizer=optimizer)
     progress, extra, position = _prepare_run_dir(job, snapshot)
     resumed_from = progress.step if job.record is not None else None
-    log: MetricsLog | _NullLog = _NullLog()
+    log: MetricsLog | distributed.NullLog = distributed.NullLog()
     if distributed.is_main():
         write_config(cfg, out / "config.yaml")
         log = MetricsLog(
