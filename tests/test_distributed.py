@@ -241,5 +241,55 @@ def test_nproc_launches_torchrun():
         distributed.torchrun_command(["sft", "--nproc", "two"])
 
 
+def _grpo_stage_worker(tmp: Path) -> None:
+    """The grpo stage on 2 ranks, killed (on both) as step 3 is logged; step 2 was saved."""
+    import test_recipe_pins as pins
+
+    from r1lab.stages import grpo
+
+    sys.path.insert(0, str(tmp))
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+
+    def dies_at_step_3(real):
+        def write(self, record: dict) -> None:
+            if record.get("step") == 3 and "loss" in record:
+                raise pins.Killed
+            real(self, record)
+
+        return write
+
+    pins.MetricsLog.write = dies_at_step_3(pins.MetricsLog.write)
+    distributed.NullLog.write = dies_at_step_3(distributed.NullLog.write)
+    try:
+        grpo.run(pins.grpo_config(tmp / "base", "pinrewards:spread"), tmp / "run")
+    except pins.Killed:
+        Path(tmp, f"killed{distributed.rank()}").touch()
+
+
+def test_grpo_stage_killed_on_two_ranks_resumes_on_one(tmp_path):
+    import json
+
+    import test_recipe_pins as pins
+
+    from r1lab.stages import grpo
+
+    pins.micro_model_dir(tmp_path / "base")
+    (tmp_path / "pinrewards.py").write_text(pins.REWARDS_MODULE)
+    spawn(_grpo_stage_worker, tmp_path)
+    out = tmp_path / "run"
+    assert (tmp_path / "killed0").exists() and (tmp_path / "killed1").exists()
+    assert (out / "state" / "dcp").is_dir() and not (out / "DONE").exists()
+    sys.path.insert(0, str(tmp_path))
+    try:
+        summary = grpo.run(pins.grpo_config(tmp_path / "base", "pinrewards:spread"), out)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert summary["steps"] == pins.STEPS and (out / "DONE").exists()
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in steps if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]
+    assert all(r["loss"] is not None and r["kl"] is not None for r in losses)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
