@@ -160,6 +160,7 @@ def build_parser(describe: str | None = None) -> argparse.ArgumentParser:
 def _run_stage(args) -> int:
     from r1lab.config import load_stage_config
     from r1lab.rundir import LOCK_FILE, check_out_dir, run_dir_lock
+    from r1lab.training import use_loggers
 
     module_name, section, _ = STAGES[args.command]
     module = importlib.import_module(f"r1lab.stages.{module_name}")
@@ -167,7 +168,7 @@ def _run_stage(args) -> int:
     existed = bool(str(args.out).strip()) and os.path.exists(args.out)
     out = check_out_dir(args.out)
     try:
-        with run_dir_lock(out):
+        with run_dir_lock(out), use_loggers(cfg.loggers):
             module.run(cfg, out, resume=args.resume)
     except BaseException:
         if not existed and [p.name for p in out.iterdir()] == [LOCK_FILE]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -33,6 +33,9 @@ class StageConfig(BaseModel):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    # mirrors of metrics.jsonl: tensorboard | wandb (optional packages; r1lab.loggers). Not
+    # a training setting: left out of config.yaml and the fingerprint.
+    loggers: list[str] = Field(default_factory=list, exclude=True)
 
     @field_validator("device")
     @classmethod
@@ -40,6 +43,14 @@ class StageConfig(BaseModel):
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
         return value
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _known_loggers(cls, value):
+        from r1lab.loggers import check_names
+
+        value = [value] if isinstance(value, str) else value
+        return check_names(list(value or []))
 
     @field_validator("dtype")
     @classmethod

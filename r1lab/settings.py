@@ -85,7 +85,7 @@ def settings_help(cls: type[BaseModel]) -> str:
 def config_yaml(cfg: BaseModel, missing: set[str] = frozenset()) -> str:
     """`cfg` as YAML, each field under a comment with its type and description."""
     comments = _source_comments(type(cfg))
-    data = cfg.model_dump(mode="json")
+    data = {n: to_jsonable_python(getattr(cfg, n), fallback=str) for n in type(cfg).model_fields}
     parts = [f"# {type(cfg).__module__.rsplit('.', 1)[-1]} settings\n"]
     for name, field in type(cfg).model_fields.items():
         note = field.description or comments.get(name) or FALLBACK.get(name, "")
@@ -113,6 +113,7 @@ def resolved_config(cls: type[BaseModel], stage: str, preset: str | None, overri
 # One-line descriptions of fields whose class source carries no comment (the shared names
 # mean the same in every stage that has them).
 FALLBACK: dict[str, str] = {
+    "loggers": "mirror metrics.jsonl to: tensorboard, wandb (optional packages)",
     "seed": "random seed (data order, sampling, initialisation)",
     "families": "procedural task families the built-in data draws from",
     "levels": "difficulty levels of the procedural tasks",

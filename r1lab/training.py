@@ -132,10 +132,33 @@ def mark_done(stage_dir: str | Path, fingerprint: str, **info) -> None:
     atomic_write_text(Path(stage_dir) / DONE_FILE, json.dumps(record, indent=2))
 
 
-class MetricsLog:
-    """Append-only JSON lines (one record per step), flushed so a killed run keeps its log."""
+_ACTIVE_LOGGERS: list[str] = []
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
+
+@contextmanager
+def use_loggers(names: list[str] | None):
+    """Mirror every metrics.jsonl opened inside this block to these loggers
+    (`r1lab.loggers`); R1LAB_LOGGERS adds to them."""
+    from r1lab.loggers import check_names
+
+    before = list(_ACTIVE_LOGGERS)
+    _ACTIVE_LOGGERS[:] = check_names(list(names or []))
+    try:
+        yield
+    finally:
+        _ACTIVE_LOGGERS[:] = before
+
+
+class MetricsLog:
+    """Append-only JSON lines (one record per step), flushed so a killed run keeps its log.
+
+    A metrics.jsonl also goes to the loggers turned on (`loggers=[...]`, R1LAB_LOGGERS):
+    the file is written first and stays the source of truth.
+    """
+
+    def __init__(
+        self, path: str | Path, resume_step: int | None = None, loggers: list[str] | None = None
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
@@ -145,11 +168,33 @@ class MetricsLog:
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
+        self.mirrors = self._open_mirrors(loggers)
+
+    def _open_mirrors(self, loggers: list[str] | None) -> list:
+        from r1lab.loggers import env_loggers, make_loggers
+
+        if loggers is None and self.path.name != "metrics.jsonl":
+            return []
+        loggers = [*(loggers or []), *_ACTIVE_LOGGERS, *env_loggers()]
+        if not loggers:
+            return []
+        saved = self.path.parent / "config.yaml"
+        import yaml
+
+        config = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+        return make_loggers(loggers, self.path.parent, config if isinstance(config, dict) else {})
 
     def write(self, record: dict) -> None:
         clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+        for mirror in self.mirrors:
+            mirror.log(clean)
+
+    def close(self) -> None:
+        for mirror in self.mirrors:
+            mirror.close()
+        self.mirrors = []
 
 
 @contextmanager

@@ -223,7 +223,9 @@ def train(job: SupervisedJob) -> dict:
     if distributed.is_main():
         write_config(cfg, out / "config.yaml")
         log = MetricsLog(
-            out / "metrics.jsonl", resume_step=progress.step + 1 if job.record else None
+            out / "metrics.jsonl",
+            resume_step=progress.step + 1 if job.record else None,
+            loggers=list(getattr(cfg, "loggers", [])),
         )
 
     if progress.initial_val_loss is None and job.val_rows is not None:
