@@ -26,7 +26,7 @@ from r1lab.model.transformer import Transformer
 from r1lab.rows import DataError
 from r1lab.stages import evaluate, sft
 from r1lab.stages.packing import tokenize_examples
-from r1lab.tasks.procedural import cold_start_examples
+from r1lab.tasks.corpus import cold_start_examples
 from r1lab.training import read_jsonl
 
 CHAT = {

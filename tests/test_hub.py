@@ -23,7 +23,7 @@ from r1lab.model.config import config_for_size
 from r1lab.model.hub import HubError, is_hub_id, split_revision
 from r1lab.model.tokenizer import train_tokenizer
 from r1lab.model.transformer import Transformer
-from r1lab.tasks.procedural import pretrain_documents
+from r1lab.tasks.corpus import pretrain_documents
 
 COMMIT = "a" * 40
 

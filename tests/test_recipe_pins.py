@@ -7,7 +7,7 @@ refactoring: a change that moves any of these numbers changed what the stage com
 
 The SFT, GRPO and reward-model runs use a tokenizer and data built here from fixed text, so
 they depend on the stage code only (GRPO draws its questions from the chain_sum task). The
-pretraining run builds its corpus from `r1lab.tasks.procedural.pretrain_documents`, so its
+pretraining run builds its corpus from `r1lab.tasks.corpus.pretrain_documents`, so its
 pins move whenever the corpus changes. To regenerate them after such a change, print fresh
 values and paste them into the pin block below:
 

@@ -202,7 +202,7 @@ def tiny_model_dir(tmp_path_factory):
     from r1lab.model.config import ModelConfig
     from r1lab.model.tokenizer import train_tokenizer
     from r1lab.model.transformer import Transformer
-    from r1lab.tasks.procedural import pretrain_documents
+    from r1lab.tasks.corpus import pretrain_documents
 
     tokenizer = train_tokenizer(pretrain_documents("chain_sum", n=200), vocab_size=300)
     config = ModelConfig(

@@ -16,7 +16,7 @@ from r1lab.model.config import config_for_size
 from r1lab.model.tokenizer import train_tokenizer
 from r1lab.model.transformer import Transformer
 from r1lab.stages import grpo
-from r1lab.tasks.procedural import pretrain_documents
+from r1lab.tasks.corpus import pretrain_documents
 from r1lab.training import read_jsonl
 
 # Every per-step metric name DESIGN.md promises.

@@ -11,7 +11,7 @@ from r1lab.model.tokenizer import train_tokenizer
 from r1lab.model.transformer import Transformer
 from r1lab.rewards.reward_model import text_to_judge
 from r1lab.stages import reward_model as rm_stage
-from r1lab.tasks.procedural import pretrain_documents
+from r1lab.tasks.corpus import pretrain_documents
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from r1lab.stages import sft, supervised
 from r1lab.stages.data import mix_sources
 from r1lab.stages.lm_loss import masked_nll
 from r1lab.stages.packing import pack_rows, tokenize_examples
-from r1lab.tasks.procedural import cold_start_examples
+from r1lab.tasks.corpus import cold_start_examples
 from r1lab.training import is_done
 
 ROWS = [

@@ -26,7 +26,7 @@ from r1lab.model.tokenizer import (
     train_tokenizer,
 )
 from r1lab.tags import ANSWER_CLOSE, ANSWER_OPEN, REASONING_TAGS, THINK_CLOSE, THINK_OPEN
-from r1lab.tasks.procedural import pretrain_documents
+from r1lab.tasks.corpus import pretrain_documents
 
 # Measured: after training on 2,000 documents the whole template (question left out) takes
 # 19 tokens: the 8 tag ids, the 8 pieces of text between them, and ". Assistant:" as 2.

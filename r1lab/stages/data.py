@@ -106,11 +106,11 @@ def builtin_examples(
     seed: int,
 ) -> list[dict]:
     """Generated procedural examples; prompts use the tokenizer's own chat format."""
-    from r1lab.tasks import procedural
+    from r1lab.tasks import corpus
 
     make = {
-        "cold-start": procedural.cold_start_examples,
-        "non-reasoning": procedural.non_reasoning_examples,
+        "cold-start": corpus.cold_start_examples,
+        "non-reasoning": corpus.non_reasoning_examples,
     }[name]
     rows = make(
         list(families), n, seed, levels=list(levels), zh_fraction=zh_fraction, tokenizer=tokenizer

@@ -5,7 +5,7 @@ The recipe starts from a base model that already knows something of its tasks, i
 trained here in a few minutes on a laptop CPU: a byte-level BPE tokenizer and a small
 decoder, on a corpus of worked problems in the forms later stages prompt with (R1-Zero
 conversations, plain text, some flawed or self-checking solutions; see
-`r1lab.tasks.procedural.pretrain_documents`). With a real checkpoint, `init_from` takes it
+`r1lab.tasks.corpus.pretrain_documents`). With a real checkpoint, `init_from` takes it
 as the base instead and nothing is trained.
 
 Reads top to bottom: config -> corpus and tokenizer -> model -> loop -> save.
@@ -37,7 +37,7 @@ from r1lab.stages.supervised import (
     open_checkpoint,
     train,
 )
-from r1lab.tasks.procedural import pretrain_documents
+from r1lab.tasks.corpus import pretrain_documents
 from r1lab.training import (
     DONE_FILE,
     autocast_for,

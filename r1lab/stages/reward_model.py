@@ -155,7 +155,7 @@ def procedural_pairs(cfg: Config) -> list[dict]:
     The rejected side is one of: a wrong final answer, a hedge between two answers, an
     unhelpful refusal, or a rambling summary that never commits.
     """
-    from r1lab.tasks.procedural import cold_start_examples
+    from r1lab.tasks.corpus import cold_start_examples
 
     rng = random.Random(cfg.seed)
     chosen = cold_start_examples(
