@@ -291,5 +291,35 @@ def test_grpo_stage_killed_on_two_ranks_resumes_on_one(tmp_path):
     assert all(r["loss"] is not None and r["kl"] is not None for r in losses)
 
 
+def _resume_on_two_worker(tmp: Path) -> None:
+    from r1lab.snapshot import TrainingSnapshot, restore_checkpoint
+    from r1lab.stages.supervised import _FiniteStep, sharded_train_step
+
+    model = micro_model(5).train()
+    distributed.shard_model(model)
+    optimizer = make_optimizer(model, 1e-3, 0.1)
+    info = restore_checkpoint(tmp / "run", TrainingSnapshot(model=model, optimizer=optimizer))
+    sharded_train_step(model, _FiniteStep(optimizer), sft_rows(seed=1), 2, 1.0, nullcontext())
+    after = {k: v.detach().clone() for k, v in distributed.full_state_dict(model).items()}
+    if distributed.is_main():
+        torch.save({"step": info["step"], "after": after}, tmp / "resumed.pt")
+
+
+def test_checkpoint_written_by_one_process_resumes_on_two_ranks(tmp_path):
+    from r1lab.snapshot import TrainingSnapshot, save_checkpoint
+    from r1lab.stages.lm_loss import train_step
+    from r1lab.stages.supervised import _FiniteStep
+
+    _, _, model, optimizer = sft_steps(sharded=False, steps=1)
+    snapshot = TrainingSnapshot(model=model, optimizer=optimizer)
+    save_checkpoint(tmp_path / "run", snapshot, model, None, 1, {}, {}, torch.float32)
+    assert not (tmp_path / "run" / "state" / "dcp").exists()
+    train_step(model, _FiniteStep(optimizer), sft_rows(seed=1), 2, 1.0, nullcontext())
+    spawn(_resume_on_two_worker, tmp_path)
+    got = torch.load(tmp_path / "resumed.pt")
+    assert got["step"] == 1
+    assert_same_weights(got["after"], model.state_dict())  # weights and AdamW moments
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
