@@ -12,6 +12,7 @@ import importlib
 import os
 import shutil
 import sys
+from contextlib import nullcontext
 
 # subcommand -> (module in r1lab.stages, preset section, one-line help)
 STAGES = {
@@ -168,7 +169,9 @@ def _run_stage(args) -> int:
     existed = bool(str(args.out).strip()) and os.path.exists(args.out)
     out = check_out_dir(args.out)
     try:
-        with run_dir_lock(out), use_loggers(cfg.loggers):
+        # under torchrun rank 0 holds the lock for all ranks (they write nothing else)
+        lock = run_dir_lock(out) if os.environ.get("RANK", "0") == "0" else nullcontext()
+        with lock, use_loggers(cfg.loggers):
             module.run(cfg, out, resume=args.resume)
     except BaseException:
         if not existed and [p.name for p in out.iterdir()] == [LOCK_FILE]:

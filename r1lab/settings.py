@@ -114,6 +114,7 @@ def resolved_config(cls: type[BaseModel], stage: str, preset: str | None, overri
 # mean the same in every stage that has them).
 FALLBACK: dict[str, str] = {
     "loggers": "mirror metrics.jsonl to: tensorboard, wandb (optional packages)",
+    "lora": "LoRA adapters {r, alpha, targets, dropout}; null trains every weight",
     "seed": "random seed (data order, sampling, initialisation)",
     "families": "procedural task families the built-in data draws from",
     "levels": "difficulty levels of the procedural tasks",

@@ -215,7 +215,9 @@ def _load_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch.d
 
 # ---- saving models ---------------------------------------------------------------------
 def _tensors_to_save(model: Transformer) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
+    from r1lab.model.lora import merged_state
+
+    state = merged_state(model, model.state_dict())  # LoRA adapters merged into their weights
     if model.config.tie_word_embeddings:
         head, embed = state.pop("lm_head.weight"), state["model.embed_tokens.weight"]
         if head.data_ptr() != embed.data_ptr():

@@ -26,6 +26,7 @@ from pydantic import Field, field_validator, model_validator
 from r1lab.config import resolve_device, resolve_dtype
 from r1lab.model.checkpoint import load_model, resolve_model_dir
 from r1lab.model.config import ModelConfig
+from r1lab.model.lora import LoraSettings, apply_lora, save_adapter
 from r1lab.model.tokenizer import check_template, load_tokenizer, render_messages, render_prompt
 from r1lab.stages.data import ProceduralConfig, load_source, mix_sources
 from r1lab.stages.packing import RowSampler, pack_rows, tokenize_examples
@@ -81,6 +82,9 @@ class Config(ProceduralConfig):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(default=1.0, ge=0)
     gradient_checkpointing: bool = False
+    # LoRA: {r, alpha, targets, dropout}; None trains every weight. model/ is saved merged,
+    # adapter/ holds the adapters in PEFT's format
+    lora: LoraSettings | None = None
 
     # logging, checkpoints, divergence (stop after this many NaN/inf steps in a row)
     max_nan_steps: int = Field(default=3, ge=1)
@@ -201,6 +205,10 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     # model (fp32 weights; bf16 autocast on GPU)
     model = load_model(source, dtype=torch.float32, device=device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.lora is not None:
+        adapted = apply_lora(model, cfg.lora)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        console.print(f"sft: LoRA r={cfg.lora.r} on {len(adapted)} layers, {trainable:,} trainable")
     steps_per_epoch = RowSampler(len(train_rows[0]), cfg.batch_size, cfg.seed).steps_per_epoch
     epochs_steps = cfg.epochs * steps_per_epoch
     total_steps = min(epochs_steps, cfg.max_steps) if cfg.max_steps else epochs_steps
@@ -223,6 +231,8 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         f"{stats['dropped']} dropped), {cfg.epochs} epochs",
     )
     numbers = train(job)
+    if cfg.lora is not None:
+        save_adapter(model, out / "adapter", base_model=cfg.model)
     if numbers["stopped_by"] == "max_steps" and total_steps == epochs_steps:
         numbers["stopped_by"] = "epochs"
     summary = {
