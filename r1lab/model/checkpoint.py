@@ -60,6 +60,8 @@ _DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
+
+
 # "org/name" as the Hub spells repository ids; anything else is treated as a local path.
 # ---- atomic writes ---------------------------------------------------------------------
 def _fsync(path: Path) -> None:
