@@ -169,7 +169,7 @@ def _run_stage(args) -> int:
     existed = bool(str(args.out).strip()) and os.path.exists(args.out)
     out = check_out_dir(args.out)
     try:
-        # under torchrun rank 0 holds the lock for all ranks (they write nothing else)
+        # under torchrun rank 0 holds the lock for all ranks
         lock = run_dir_lock(out) if os.environ.get("RANK", "0") == "0" else nullcontext()
         with lock, use_loggers(cfg.loggers):
             module.run(cfg, out, resume=args.resume)

@@ -517,7 +517,8 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             metrics.write(_clean(record))
             for s in sample_records(rollout, step, cfg.log_samples):
                 samples.write(_clean(s))
-            console.print(console_line(step, cfg.steps, record))
+            if main:
+                console.print(console_line(step, cfg.steps, record))
             advance(1)
             track_nan(rs, record, step, cfg, out)
             if stopped or step % cfg.save_every == 0 or step == cfg.steps:
