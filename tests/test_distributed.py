@@ -321,5 +321,31 @@ def test_checkpoint_written_by_one_process_resumes_on_two_ranks(tmp_path):
     assert_same_weights(got["after"], model.state_dict())  # weights and AdamW moments
 
 
+def test_cli_nproc_runs_grpo_under_torchrun(tmp_path):
+    """`r1lab grpo --nproc 2`: torchrun, gloo, one run dir written by rank 0, state/dcp."""
+    import json
+    import subprocess
+
+    import test_recipe_pins as pins
+    import yaml
+
+    pins.micro_model_dir(tmp_path / "base")
+    (tmp_path / "pinrewards.py").write_text(pins.REWARDS_MODULE)
+    cfg = pins.grpo_config(tmp_path / "base", "pinrewards:spread").model_dump(mode="json")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"grpo": cfg}))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "R1LAB_NO_PROGRESS": "1"}
+    env.update(OMP_NUM_THREADS="1", R1LAB_DIST_TIMEOUT_S="30")
+    cmd = [sys.executable, "-m", "r1lab.cli", "grpo", "--nproc", "2", "--preset", "p.yaml"]
+    done = subprocess.run(
+        [*cmd, "--out", "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / "run"
+    assert json.loads((run / "DONE").read_text())["steps"] == pins.STEPS
+    assert (run / "state" / "dcp").is_dir() and (run / "model" / "config.json").exists()
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]  # one writer
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
