@@ -252,8 +252,11 @@ def plain_model(config, state: dict[str, torch.Tensor], device, dtype=None):
     return model.eval()
 
 
-def refresh_plain(plain: torch.nn.Module, sharded: torch.nn.Module) -> None:
-    """Copy the sharded model's current weights into its plain copy (every rank)."""
+def refresh_plain(plain: torch.nn.Module | None, sharded: torch.nn.Module) -> None:
+    """Copy the sharded model's current weights into its plain copy (every rank; None: no
+    copy, nothing to do)."""
+    if plain is None:
+        return
     state = full_state_dict(sharded)
     with torch.no_grad():
         for name, p in plain.state_dict().items():

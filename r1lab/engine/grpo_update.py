@@ -213,14 +213,16 @@ def for_model(model, settings: UpdateSettings) -> UpdateSettings:
     return settings
 
 
-def rank_chunks(batch: TrainBatch, indices: list[int], size: int) -> list[list[int] | None]:
+def rank_chunks(
+    batch: TrainBatch, indices: list[int], size: int, split: bool = True
+) -> list[list[int] | None]:
     """This rank's micro-batches of a mini-batch every rank holds whole.
 
     One process: `micro_batches(indices)`. Under FSDP, rank r trains on its contiguous share
     of `indices`, and every rank runs the same number of forwards (FSDP gathers weights in
     each one), so a rank with fewer chunks gets `None` entries: forwards whose loss is 0.
     """
-    if not distributed.active():
+    if not (split and distributed.active()):
         return micro_batches(batch, indices, size)
     world = distributed.world_size()
 
@@ -303,7 +305,7 @@ def accumulate_gradients(
     scale = distributed.grad_scale() if distributed.is_sharded(policy) else 1.0
     sums: Counter = Counter()
     use_ref = ref_model is not None and settings.beta > 0
-    for chunk in rank_chunks(batch, indices, settings.micro_batch_size):
+    for chunk in rank_chunks(batch, indices, settings.micro_batch_size, split=scale != 1.0):
         if chunk is None:  # this rank's share ran out: a forward FSDP needs, adding nothing
             mb = micro_batch(batch, indices[:1], settings, policy.device)
             lp, _ = completion_logprobs(policy, mb, settings)

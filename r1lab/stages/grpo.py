@@ -389,8 +389,7 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
         cfg.reward_model_last_steps or cfg.steps
     )
     sampler = rs.sampler or rs.policy
-    if rs.sampler is not None:  # torchrun: the whole weights of the last update
-        distributed.refresh_plain(rs.sampler, rs.policy)
+    distributed.refresh_plain(rs.sampler, rs.policy)  # torchrun: the last update's weights
     rollout = collect_rollout(
         sampler,
         rs.tokenizer,
@@ -570,6 +569,7 @@ def evaluate_policy(rs: RunState, cfg: Config) -> dict[str, float]:
     """Held-out pass@1 etc. by the eval stage's own function and protocol (k samples, T=0.6)."""
     from r1lab.stages.evaluate import evaluate
 
+    distributed.refresh_plain(rs.sampler, rs.policy)  # torchrun: the last update's weights
     result = evaluate(  # torchrun: every rank evaluates its whole copy (no collectives)
         rs.sampler or rs.policy,
         rs.tokenizer,
