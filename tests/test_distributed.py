@@ -347,5 +347,27 @@ def test_cli_nproc_runs_grpo_under_torchrun(tmp_path):
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]  # one writer
 
 
+def _sft_stage_worker(tmp: Path) -> None:
+    import test_recipe_pins as pins
+
+    from r1lab.stages import sft
+
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    real = sft.mark_done
+    sft.mark_done = lambda *a, **k: real(*a, **k) if distributed.is_main() else None
+    sft.run(pins.sft_config(tmp / "base", tmp / "sft.jsonl"), tmp / "run")
+
+
+def test_sft_stage_on_two_ranks_logs_the_one_process_losses(tmp_path):
+    """The pinned one-process SFT losses (tests/test_recipe_pins.py), from 2 ranks."""
+    import test_recipe_pins as pins
+
+    pins.micro_model_dir(tmp_path / "base")
+    pins.write_jsonl(tmp_path / "sft.jsonl", pins.worked_examples(80))
+    spawn(_sft_stage_worker, tmp_path)
+    pins.assert_pinned(pins.logged(tmp_path / "run", "loss"), pins.SFT_LOSS, "sft loss, 2 ranks")
+    assert (tmp_path / "run" / "state" / "dcp").is_dir()
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

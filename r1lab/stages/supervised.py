@@ -213,6 +213,7 @@ def train(job: SupervisedJob) -> dict:
     cfg, out, model = job.cfg, job.out, job.model
     model.train()
     if distributed.active():  # torchrun: shard before the optimizer sees the parameters
+        distributed.check_agreement(cfg.fingerprint())
         distributed.shard_model(model)
     step_fn = sharded_train_step if distributed.is_sharded(model) else train_step
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
