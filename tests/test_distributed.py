@@ -47,7 +47,7 @@ def _entry(local_rank: int, fn, world: int, port: int, tmp: str, args: tuple) ->
     os.environ.setdefault(distributed.TIMEOUT_ENV, "20")
     torch.set_num_threads(1)
     try:
-        distributed.init("cpu")
+        distributed.init(args[0] if args and args[0] == "cuda" else "cpu")
         fn(Path(tmp), *args)
     except BaseException as err:  # the parent reads what went wrong
         Path(tmp, f"error{local_rank}.txt").write_text(
@@ -101,21 +101,22 @@ def rollout_batch(n: int = 10, seed: int = 0) -> TrainBatch:
 SETTINGS = dict(beta=0.04, mu=2, mini_batches=2, micro_batch_size=2, packed=False)
 
 
-def grpo_update(sharded: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+def grpo_update(sharded: bool, device: str = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
     """One GRPO step (2 epochs x 2 mini-batches, KL to a reference) on a fixed rollout."""
     torch.manual_seed(0)
-    policy, ref = micro_model(0), micro_model(1).eval()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    policy, ref = micro_model(0).to(device), micro_model(1).eval().to(device)
     if sharded:
         distributed.shard_model(policy)
     optimizer = make_optimizer(policy, 1e-3, weight_decay=0.1)
     settings = UpdateSettings(aggregation="token-mean", **SETTINGS)
     stats = update_on_rollout(policy, optimizer, rollout_batch(), settings, step=1, ref_model=ref)
-    weights = {k: v.detach().clone() for k, v in distributed.full_state_dict(policy).items()}
-    return stats, weights
+    state = distributed.full_state_dict(policy)
+    return stats, {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def _grpo_worker(tmp: Path) -> None:
-    stats, weights = grpo_update(sharded=True)
+def _grpo_worker(tmp: Path, device: str = "cpu") -> None:
+    stats, weights = grpo_update(sharded=True, device=distributed.local_device(device))
     if distributed.is_main():
         torch.save({"stats": stats, "weights": weights}, tmp / "grpo.pt")
 
@@ -367,6 +368,19 @@ def test_sft_stage_on_two_ranks_logs_the_one_process_losses(tmp_path):
     spawn(_sft_stage_worker, tmp_path)
     pins.assert_pinned(pins.logged(tmp_path / "run", "loss"), pins.SFT_LOSS, "sft loss, 2 ranks")
     assert (tmp_path / "run" / "state" / "dcp").is_dir()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_grpo_step_on_two_gpus_matches_one(tmp_path):
+    """The same check on NCCL: 2 GPUs against one, fp32 without TF32."""
+    spawn(_grpo_worker, tmp_path, "cuda")
+    got = torch.load(tmp_path / "grpo.pt")
+    stats, weights = grpo_update(sharded=False, device="cuda")
+    for key in ("loss", "kl", "entropy", "grad_norm", "train_tokens"):
+        assert abs(got["stats"][key] - stats[key]) <= 1e-4 * max(1.0, abs(stats[key])), key
+    for k in weights:
+        torch.testing.assert_close(got["weights"][k], weights[k], atol=1e-4, rtol=1e-4, msg=k)
 
 
 if __name__ == "__main__":  # pragma: no cover
