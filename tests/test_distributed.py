@@ -370,6 +370,22 @@ def test_sft_stage_on_two_ranks_logs_the_one_process_losses(tmp_path):
     assert (tmp_path / "run" / "state" / "dcp").is_dir()
 
 
+def _one_rank_dies_worker(tmp: Path) -> None:
+    if distributed.rank() == 1:
+        raise ValueError("rank 1 could not read its data")
+    distributed.all_reduce_sum(1.0)  # waits for rank 1, which is gone
+
+
+def test_a_failing_rank_ends_the_others_without_a_hang(tmp_path):
+    start = time.perf_counter()
+    spawn(_one_rank_dies_worker, tmp_path, check=False)
+    assert (
+        "rank 1 of 2: ValueError: rank 1 could not read its data"
+        in (tmp_path / "error1.txt").read_text()
+    )
+    assert time.perf_counter() - start < 30
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_grpo_step_on_two_gpus_matches_one(tmp_path):
