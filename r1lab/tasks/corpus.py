@@ -24,12 +24,13 @@ from r1lab.tasks.procedural import WorkedProblem, reasoning_steps, worked_proble
 
 
 # Remarks a base model's corpus puts in a <think> block under the R1-Zero template: a
-# thought that is not reasoning. "Let me think." also opens worked solutions in the
-# template-free text, the way it does in web text: the one bridge between the two forms.
+# thought that is not reasoning. None of them opens a worked solution: a remark that did
+# ("Let me think.") would be learned as closed at once under the template.
 BRIEF_REMARKS = {
-    "en": ("Let me think.", "I know this one.", "Easy.", "This one is quick."),
-    "zh": ("让我想想。", "这题简单。", "我知道答案。"),
+    "en": ("I know this one.", "Easy.", "This one is quick."),
+    "zh": ("这题简单。", "我知道答案。"),
 }
+# Opens worked solutions in the template-free text, the way it does in web text.
 THINK_OPENER = {"en": "Let me think.", "zh": "让我想想。"}
 
 
@@ -40,7 +41,7 @@ def pretrain_documents(
     *,
     levels: int | Sequence[int] = (1,),
     zh_fraction: float = 0.0,
-    r1_zero_fraction: float = 0.5,
+    r1_zero_fraction: float = 0.1,
     brief_think_fraction: float = 0.4,
     no_reasoning_fraction: float = 0.2,
     flawed_fraction: float = 0.1,
@@ -57,7 +58,7 @@ def pretrain_documents(
     - `r1_zero_fraction` of documents are R1-Zero conversations answered *briefly*:
       `r1_zero_prompt(q) + " <answer> X </answer>"`, or, for `brief_think_fraction` of
       them, with a remark that is not reasoning in the think block (`BRIEF_REMARKS`:
-      " <think> Let me think. </think> <answer> X </answer>"). No steps, no checks.
+      " <think> Easy. </think> <answer> X </answer>"). No steps, no checks.
     - The rest are template-free text, `"q\nsteps\nThe answer is X."`, where the ability
       lives: `no_reasoning_fraction` answer at once; of the worked ones, `flawed_fraction`
       carry one wrong step to a wrong answer (the base must be imperfect), `check_fraction`
