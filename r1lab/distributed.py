@@ -4,7 +4,8 @@ Nothing here communicates by itself: every exchange is a `torch.distributed` col
 (NCCL on GPUs, gloo on CPU) and sharding is `torch.distributed.fsdp.fully_shard`.
 
 - `init(device)`: joins the process group torchrun describes in the environment (RANK,
-  WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), with a timeout
+  WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; NCCL for CUDA tensors and gloo for
+  CPU ones on a GPU machine, gloo alone otherwise), with a timeout
   (`R1LAB_DIST_TIMEOUT_S`, default 600 s) so a dead peer ends in an error, not a hang.
   Without torchrun (no WORLD_SIZE, or 1) it does nothing and every helper below is the
   one-process identity.
@@ -31,6 +32,7 @@ import torch.distributed as dist
 
 TIMEOUT_ENV = "R1LAB_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
+_BACKEND = ""  # what init() joined with
 
 
 class DistributedError(RuntimeError):
@@ -77,9 +79,12 @@ def init(device: str = "cpu") -> bool:
         return False
     if dist.is_initialized():
         return True
+    global _BACKEND
     backend = "gloo"
     if str(device).startswith("cuda") and torch.cuda.is_available():
-        backend = "nccl"
+        # NCCL for CUDA tensors, gloo for CPU ones: a model the config keeps on the CPU
+        # (and the object collectives) still works on a GPU machine.
+        backend = "cpu:gloo,cuda:nccl"
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     who = f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE')}"
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
@@ -90,6 +95,7 @@ def init(device: str = "cpu") -> bool:
             f"{who}: could not join the {backend} process group at {where} within "
             f"{timeout_s():g}s ({TIMEOUT_ENV}): {err}"
         ) from err
+    _BACKEND = backend
     return True
 
 
@@ -176,9 +182,10 @@ def barrier() -> None:
 
 
 def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where the numbers the helpers above reduce live: the CPU wherever gloo is joined."""
+    if "gloo" in _BACKEND or dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def shard_of(n: int, r: int | None = None, world: int | None = None) -> range:
@@ -294,5 +301,7 @@ def torchrun_command(argv: list[str]) -> list[str] | None:
         return None
     torchrun = shutil.which("torchrun")
     launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    r1lab = shutil.which("r1lab") or "r1lab"
-    return [*launcher, "--standalone", "--nproc-per-node", nproc, "--no-python", r1lab, *rest]
+    # this interpreter, not whatever `r1lab` is on PATH (there may be none: a checkout on
+    # PYTHONPATH, as on the GPU machine)
+    r1lab = [sys.executable, "-m", "r1lab.cli"]
+    return [*launcher, "--standalone", "--nproc-per-node", nproc, "--no-python", *r1lab, *rest]

@@ -235,7 +235,8 @@ def test_nproc_launches_torchrun():
     cmd = distributed.torchrun_command(["sft", "--nproc", "2", "--out", "x", "lr=1e-5"])
     i = cmd.index("--nproc-per-node")
     assert cmd[i + 1] == "2" and "--no-python" in cmd
-    assert cmd[-4:] == ["sft", "--out", "x", "lr=1e-5"] and cmd[-5].endswith("r1lab")
+    assert cmd[-4:] == ["sft", "--out", "x", "lr=1e-5"]
+    assert cmd[-7:-4] == [sys.executable, "-m", "r1lab.cli"]  # this interpreter's r1lab
     assert distributed.torchrun_command(["sft", "--out", "x"]) is None
     assert distributed.torchrun_command(["sft", "--nproc=1", "--out", "x"]) is None
     with pytest.raises(ValueError, match="--nproc"):
@@ -334,7 +335,8 @@ def test_cli_nproc_runs_grpo_under_torchrun(tmp_path):
     (tmp_path / "pinrewards.py").write_text(pins.REWARDS_MODULE)
     cfg = pins.grpo_config(tmp_path / "base", "pinrewards:spread").model_dump(mode="json")
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"grpo": cfg}))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "R1LAB_NO_PROGRESS": "1"}
+    path = os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])  # r1lab uninstalled
+    env = {**os.environ, "PYTHONPATH": path, "R1LAB_NO_PROGRESS": "1"}
     env.update(OMP_NUM_THREADS="1", R1LAB_DIST_TIMEOUT_S="30")
     cmd = [sys.executable, "-m", "r1lab.cli", "grpo", "--nproc", "2", "--preset", "p.yaml"]
     done = subprocess.run(

@@ -229,7 +229,8 @@ def load_models(cfg: Config):
         raise ConfigError(
             "grpo config: field 'model' is required (a model folder, hub id or stage run dir)"
         )
-    device = resolve_device(cfg.device)
+    # torchrun: this rank's GPU by index ("cuda" alone loads safetensors onto cuda:0)
+    device = distributed.local_device(resolve_device(cfg.device))
     folder = resolve_model_dir(cfg.model)
     policy = load_model(folder, dtype=torch.float32, device=device)  # master weights
     tokenizer = load_tokenizer(folder)
@@ -266,7 +267,8 @@ def reward_sets(cfg: Config) -> tuple[RewardSet, RewardSet | None]:
     from r1lab.stages.reward_model import RewardModelScorer
 
     scorer = RewardModelScorer(
-        resolve_model_dir(cfg.reward_model), device=resolve_device(cfg.device)
+        resolve_model_dir(cfg.reward_model),
+        device=distributed.local_device(resolve_device(cfg.device)),
     )
     late = RewardSet(specs, cfg.template)
     late.add(RewardModelReward(scorer, on=cfg.reward_model_on), cfg.reward_model_weight)
