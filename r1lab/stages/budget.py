@@ -14,7 +14,10 @@ class Budget:
 
     Steps and wall-clock time are both budgets; whichever runs out first ends the run. The
     learning-rate schedule follows the same progress, so a run cut short by the clock on a
-    slow machine still finishes its cosine decay instead of stopping at a high rate.
+    slow machine still finishes its cosine decay instead of stopping at a high rate. The
+    price: with a clock budget the schedule, and so every number after the first step,
+    depends on the machine's speed (setup time included). A run that must reproduce
+    exactly across invocations sets `max_minutes` to null (the tiny preset does).
     """
 
     max_steps: int
