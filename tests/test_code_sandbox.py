@@ -143,3 +143,102 @@ def test_extract_code_real_shapes(text, code):
 
 def test_extract_code_after_prefilled_think():
     assert extract_code("reasoning</think>\n```python\ny = 2\n```", prefilled=True) == "y = 2"
+
+
+# ---- hostile candidates: each ends in a clear reason and leaves the machine as it was ----------
+@pytest.fixture
+def outside(tmp_path_factory):
+    """A file in a temporary directory outside any sandbox directory, with known content."""
+    path = tmp_path_factory.mktemp("outside") / "secret.txt"
+    path.write_text("the judge's secret\n")
+    return path
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="not root: the candidate keeps this user's uid, so only the cwd and Limits.hide are "
+    "out of its reach",
+)
+def test_reading_outside_its_directory_is_blocked(outside):
+    # a file of the judge's (in a private temp dir, as the run dir's files): unreadable
+    leak = f"def f(x):\n    return x + 1 + len(open({str(outside)!r}).read())\n"
+    result = run(leak)
+    assert not result.ok and result.reason.startswith("runtime error: PermissionError")
+    assert outside.read_text() == "the judge's secret\n"
+
+
+@pytest.mark.skipif(not ISOLATED, reason="no isolation tool (unshare) on this machine")
+def test_hidden_paths_are_empty_even_when_world_readable():
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="r1lab-outside-") as folder:
+        os.chmod(folder, 0o755)
+        secret = os.path.join(folder, "secret.txt")
+        with open(secret, "w") as f:
+            f.write("open to all\n")
+        code = f"import os\ndef f(x):\n    return x + 1 + len(os.listdir({folder!r}))\n"
+        assert not run(code).ok  # readable to anyone: seen
+        hidden = Limits(wall_s=3, cpu_s=2, memory_mb=512, max_procs=16, hide=(folder,))
+        assert run(code, hidden).ok  # under Limits.hide (the run dir): an empty directory
+        assert open(secret).read() == "open to all\n"
+
+
+def test_system_files_cannot_be_changed():
+    # /etc/hostname is world-readable, so the candidate may read it (every mount is
+    # read-only, nothing is secret there); writing it fails with a reason
+    before = open("/etc/hostname").read()
+    code = "def f(x):\n    open('/etc/hostname', 'a').write('pwned')\n    return x + 1\n"
+    result = run(code)
+    assert not result.ok and result.reason.startswith("runtime error: "), result.reason
+    assert "PermissionError" in result.reason or "Read-only" in result.reason
+    reads = "def f(x):\n    return x + 1 + 0 * len(open('/etc/hostname').read())\n"
+    assert run(reads).ok
+    assert open("/etc/hostname").read() == before
+
+
+def test_deleting_files_outside_its_directory_is_blocked(outside):
+    code = (
+        "import os, shutil\ndef f(x):\n"
+        f"    os.remove({str(outside)!r})\n"
+        f"    shutil.rmtree({str(outside.parent)!r})\n"
+        "    return x + 1\n"
+    )
+    result = run(code)
+    assert not result.ok and result.reason.startswith("runtime error"), result.reason
+    assert outside.read_text() == "the judge's secret\n"
+
+
+@pytest.mark.skipif(
+    not ISOLATED and os.geteuid() != 0,
+    reason="without namespaces or a uid of its own the candidate could kill this process",
+)
+def test_killing_the_parent_fails_the_candidate_and_the_judge_lives():
+    me = os.getpid()
+    code = f"import os, signal\ndef f(x):\n    os.kill({me}, signal.SIGKILL)\n    return x + 1\n"
+    result = run(code)  # the judge's pid is another namespace's (or another uid's)
+    assert (
+        not result.ok
+        and result.reason.startswith("runtime error: ProcessLookupError")
+        or (not ISOLATED and result.reason.startswith("runtime error: PermissionError"))
+    ), result.reason
+    # its own parent and process group: nothing outside the sandbox is reached
+    for kill in ("os.kill(os.getppid(), signal.SIGKILL)", "os.killpg(0, signal.SIGKILL)"):
+        run(f"import os, signal\ndef f(x):\n    {kill}\n    return 2\n")
+    assert os.getpid() == me  # still here
+    # and the next candidate is judged as usual
+    assert run("def f(x):\n    return x + 1\n").ok
+
+
+def test_printing_100_mb_ends_cleanly():
+    import resource
+
+    code = (
+        "import sys\ndef f(x):\n    chunk = 'x' * (1 << 20)\n    for _ in range(100):\n"
+        "        print(chunk)\n        sys.stdout.flush()\n    return 2\n"
+    )
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = run(code, Limits(wall_s=10, cpu_s=5, memory_mb=512, max_procs=16))
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert (result.passed, result.total) == (1, 2) and result.reason.startswith("wrong answer")
+    assert result.seconds < 10
+    assert rss_after - rss_before < 50 * 1024  # KiB: the output never reached the judge

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from r1lab.engine.generate import Completion, SamplingParams, sample
 from r1lab.model.tokenizer import render_prompt
 from r1lab.rewards import RewardResult, get_reward
+from r1lab.rewards.base import NO_REASON
 from r1lab.rewards.combine import CombinedRewards, combine_rewards
 from r1lab.tasks.base import Example, Task
 from r1lab.training import progress_bar
@@ -128,6 +129,8 @@ class ByTask:
         self.fn = fn
         self.__name__ = getattr(fn, "__name__", "accuracy")
         self._own: dict[str, Callable] = {}
+        # the last call's rows per task reward: name -> (rows, scores, reasons)
+        self.last: dict[str, tuple[list[int], list, list]] = {}
 
     def _reward_of(self, task: Any) -> str | None:
         return getattr(task, "reward", None) if not isinstance(task, str) else None
@@ -135,6 +138,7 @@ class ByTask:
     def __call__(self, prompts: list, completions: list[str], **columns: Any):
         tasks = columns.get("task")
         names = [self._reward_of(t) for t in tasks] if tasks is not None else []
+        self.last = {}
         if not any(names):
             return self.fn(prompts, completions, **columns)
         scores: list[float | None] = [None] * len(completions)
@@ -159,6 +163,8 @@ class ByTask:
             given = getattr(part, "reasons", None) or [None] * len(part)
             for j, i in enumerate(rows):
                 scores[i], reasons[i] = part[j], given[j]
+            if name is not None:
+                self.last[name] = (rows, list(part), list(given))
         return RewardResult(scores, reasons)
 
 
@@ -185,7 +191,30 @@ class RewardSet:
         self.items.append((fn, weight))
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: Any):
-        return combine_rewards(self.items, prompts, completions, **columns)
+        combined = combine_rewards(self.items, prompts, completions, **columns)
+        for fn, _ in self.items:
+            if isinstance(fn, ByTask):
+                for name, part in fn.last.items():
+                    if name not in combined.weights:
+                        _log_only(combined, name, part)
+        return combined
+
+
+def _log_only(combined: CombinedRewards, name: str, part: tuple[list[int], list, list]) -> None:
+    """A task's own reward (code) as a weight-0 column of its rows only, for the logs:
+    `rewards/code/mean` is the mean over the code rows; other rows are None (no reason), so
+    `rewards/code/none_frac` is the share of other tasks' rows plus the code rows not judged."""
+    rows, values, given = part
+    n = len(combined.total)
+    scores: list[float | None] = [None] * n
+    reasons: list[str | None] = [None] * n
+    for i, value, reason in zip(rows, values, given):
+        scores[i] = value
+        reasons[i] = reason or (NO_REASON if value is None else None)
+    combined.weights[name] = 0.0
+    combined.scores[name] = scores
+    combined.reasons[name] = reasons
+    combined.none_reasons[name] = Counter(reasons[i] for i in rows if scores[i] is None)
 
 
 def score_completions(
@@ -217,13 +246,20 @@ def join_scores(parts: Sequence[CombinedRewards]) -> CombinedRewards:
     """The scores of several batches (e.g. dynamic-sampling rounds) as one, in order."""
     if len(parts) == 1:
         return parts[0]
-    first = parts[0]
+    # a task's own reward's log-only column (code) may be in some parts only
+    weights = {k: w for p in parts for k, w in p.weights.items()}
+
+    def col(p: CombinedRewards, table: dict, k: str) -> list:
+        return table[k] if k in table else [None] * len(p.total)
+
     return CombinedRewards(
-        weights=dict(first.weights),
-        scores={k: [v for p in parts for v in p.scores[k]] for k in first.scores},
-        reasons={k: [v for p in parts for v in p.reasons[k]] for k in first.reasons},
+        weights=weights,
+        scores={k: [v for p in parts for v in col(p, p.scores, k)] for k in weights},
+        reasons={k: [v for p in parts for v in col(p, p.reasons, k)] for k in weights},
         total=[v for p in parts for v in p.total],
-        none_reasons={k: sum((p.none_reasons[k] for p in parts), Counter()) for k in first.weights},
+        none_reasons={
+            k: sum((p.none_reasons.get(k, Counter()) for p in parts), Counter()) for k in weights
+        },
     )
 
 
