@@ -1,8 +1,9 @@
 """The one writer and reader of a training stage's resumable checkpoint: `model/` + `state/`.
 
 A checkpoint of a stage run dir is two folders, each written under a temporary name and
-renamed into place (`r1lab.model.checkpoint.atomic_dir`), so a kill -9 never leaves half a
-folder under either name:
+swapped into place (`r1lab.model.checkpoint.atomic_dir`: one atomic exchange of the names),
+so a kill -9 never leaves half a folder, nor no folder, under either name (where the file
+system cannot exchange names, a documented aside copy stands in, and loaders find it):
 
 - `model/`: the Hugging Face folder users load (weights in the export dtype, tokenizer);
 - `state/`: everything a resume needs, weights included (fp32), with the optimizer and RNG.

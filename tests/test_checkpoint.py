@@ -256,9 +256,25 @@ def test_failed_save_keeps_previous_checkpoint(saved, random_model, monkeypatch)
     assert hidden_entries(folder) == []
 
 
+def test_failed_exchange_keeps_previous_checkpoint(saved, random_model, monkeypatch):
+    first, folder = saved
+
+    def exchange(a, b):
+        raise OSError(5, "Input/output error", str(b))
+
+    monkeypatch.setattr(ckpt, "_exchange", exchange)
+    with pytest.raises(OSError, match="Input/output"):
+        save_model(random_model(seed=1), folder)
+    monkeypatch.undo()
+    assert same_weights(first, load_model(folder))
+    assert hidden_entries(folder) == []
+
+
 def test_failed_rename_puts_previous_checkpoint_back(saved, random_model, monkeypatch):
+    """Where names cannot be exchanged: two renames, the first undone if the second fails."""
     first, folder = saved
     real_replace = os.replace
+    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
 
     def replace(src, dst):
         if ".tmp-" in str(src) and str(dst) == str(folder):
@@ -274,7 +290,7 @@ def test_failed_rename_puts_previous_checkpoint_back(saved, random_model, monkey
 
 
 KILL_SCRIPT = """
-import os, sys, torch
+import os, shutil, sys, torch
 from safetensors.torch import load_file
 import r1lab.model.checkpoint as ckpt
 from r1lab.model.config import ModelConfig
@@ -284,33 +300,61 @@ folder, point = sys.argv[1], sys.argv[2]
 model = Transformer(ModelConfig.from_file(os.path.join(folder, "config.json")))
 weights = load_file(os.path.join(folder, "model.safetensors"))
 model.load_state_dict({k: v + 1.0 for k, v in weights.items()})  # the "new" checkpoint
-real_replace, real_save = os.replace, ckpt.save_file
+real_replace, real_save, real_exchange = os.replace, ckpt.save_file, ckpt._exchange
+real_rmtree = shutil.rmtree
 renames = []
 
-def replace(src, dst):
+def replace(src, dst):  # the two-rename fallback
     renames.append(src)
-    if point == "after-aside" and len(renames) == 2:
+    if point == "fallback-after-aside" and len(renames) == 2:
         os._exit(17)
     real_replace(src, dst)
-    if point == "after-swap" and len(renames) == 2:
+    if point == "fallback-after-swap" and len(renames) == 2:
         os._exit(17)
+
+def exchange(a, b):
+    if point.startswith("fallback"):
+        return False
+    if point == "before-swap":
+        os._exit(17)
+    if not real_exchange(a, b):
+        os._exit(18)  # this file system cannot exchange names
+    if point == "after-swap":
+        os._exit(17)
+    return True
+
+def rmtree(path, *args, **kwargs):  # killed half way through deleting the old folder
+    if point == "during-cleanup" and os.path.isdir(path) and ".tmp-" in str(path):
+        os.remove(os.path.join(path, "model.safetensors"))
+        os._exit(17)
+    real_rmtree(path, *args, **kwargs)
 
 def save_file(*args, **kwargs):
     real_save(*args, **kwargs)
     os._exit(17)
 
-os.replace = replace
+os.replace, ckpt._exchange, shutil.rmtree = replace, exchange, rmtree
 if point == "during-write":
     ckpt.save_file = save_file
 ckpt.save_model(model, folder)
 """
 
 
-KILL_POINTS = {"during-write": "old", "after-aside": "old", "after-swap": "new"}
+# kill point -> the weights a load finds afterwards
+KILL_POINTS = {
+    "during-write": "old",
+    "before-swap": "old",
+    "after-swap": "new",
+    "during-cleanup": "new",
+    "fallback-after-aside": "old",  # no exchange: model/ missing, its aside copy is found
+    "fallback-after-swap": "new",
+}
 
 
 def test_killed_save_leaves_a_whole_checkpoint(tmp_path, random_model):
-    """A process killed (no cleanup at all) mid-replacement leaves a loadable checkpoint."""
+    """A process killed (no cleanup at all) at any point of replacing model/ leaves a whole
+    model under model/ (names exchanged in one step); only where the file system cannot
+    exchange names is there a moment without it, and loaders then find the aside copy."""
     first = random_model(tie_word_embeddings=False)
     runs = {}
     for point in KILL_POINTS:  # one child per kill point, run side by side
@@ -322,23 +366,32 @@ def test_killed_save_leaves_a_whole_checkpoint(tmp_path, random_model):
             stderr=subprocess.PIPE,
             text=True,
         )
+    no_exchange = []
     for point, survivor in KILL_POINTS.items():
         folder = tmp_path / point / "model"
         _, stderr = runs[point].communicate(timeout=120)
+        if runs[point].returncode == 18:
+            no_exchange.append(point)
+            continue
         assert runs[point].returncode == 17, stderr
-        assert folder.exists() == (point != "after-aside")
+        aside = point == "fallback-after-aside"
+        assert folder.exists() == (not aside), point
+        if not aside:  # what transformers or any reader of model/ sees: a whole folder
+            assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             loaded = load_model(folder)
-        assert any("interrupted" in str(w.message) for w in caught) == (point == "after-aside")
+        assert any("interrupted" in str(w.message) for w in caught) == aside, point
         shift = 0.0 if survivor == "old" else 1.0
         for name, tensor in first.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], tensor + shift), (point, name)
 
-        # The next save restores the aside copy first, then removes every leftover.
+        # The next save restores an aside copy first, then removes every leftover.
         save_model(first, folder)
         assert same_weights(first, load_model(folder))
         assert hidden_entries(folder) == []
+    if no_exchange:
+        pytest.skip(f"this file system cannot exchange names ({', '.join(no_exchange)})")
 
 
 def test_atomic_dir_discards_a_failed_block(tmp_path):

@@ -5,17 +5,21 @@ Model folders use the layout transformers reads and writes (`config.json`,
 so a folder saved here opens with `AutoModelForCausalLM.from_pretrained` and the reverse.
 Weights are read with safetensors only: nothing here unpickles a downloaded file.
 
-Crash safety. Every folder is written under a temporary sibling name and renamed into place.
-Replacing an existing folder takes two renames: the old folder is moved to an "aside" name,
-then the new one takes the final name, then the old one is deleted. A process killed at any
-moment therefore leaves one complete checkpoint under either the final name or the aside
-name. Readers (`load_model`, `load_training_state`, `resolve_dir`) fall back to the aside
-copy when the final name is missing, and the next write to that path puts it back first.
+Crash safety. Every folder is written under a temporary sibling name and moved into place
+only once complete. An existing folder is replaced by one atomic exchange of the two names
+(Linux `renameat2(RENAME_EXCHANGE)`), so the final name holds a whole folder, old or new,
+at every instant; the old one, now under the temporary name, is then deleted. Where the
+file system cannot exchange names, it takes two renames (the old folder to an "aside" name,
+then the new one to the final name): a kill between them leaves the aside copy, which
+readers (`load_model`, `load_training_state`, `resolve_dir`) use when the final name is
+missing and the next write to that path puts back first.
 Two processes writing the same path at the same time is not supported.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import glob
 import json
 import os
@@ -50,19 +54,11 @@ _TMP_TAG = ".tmp-"
 _ASIDE_TAG = ".old-"
 # Buffers some checkpoints carry that are recomputed from the config, never loaded.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
+_F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
+_DTYPES = {"float32": _F32, "fp32": _F32, "float": _F32, "bfloat16": _BF16, "bf16": _BF16}
+_DTYPES.update(float16=_F16, fp16=_F16, half=_F16)
 
 
-# "org/name" as the Hub spells repository ids; anything else is treated as a local path.
 # ---- atomic writes ---------------------------------------------------------------------
 def _fsync(path: Path) -> None:
     """Flush a file or a directory entry to disk (best effort: some platforms refuse dirs)."""
@@ -149,10 +145,30 @@ def _recover(path: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` in one atomic step; False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc without renameat2
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False  # this file system cannot exchange names: fall back to two renames
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _swap_in(new: Path, path: Path) -> None:
     if not path.exists():
         os.replace(new, path)
         _fsync(path.parent)
+        return
+    if _exchange(new, path):  # `path` is whole at every instant; `new` now holds the old
+        _fsync(path.parent)
+        shutil.rmtree(new, ignore_errors=True)
         return
     aside = _sibling(path, _ASIDE_TAG)
     os.replace(path, aside)
