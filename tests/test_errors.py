@@ -329,3 +329,98 @@ def test_row13_a_folder_with_a_users_files_is_not_deleted(tmp_path):
     (ours / "config.yaml").write_text("{}")
     remove_run_dir(ours)
     assert not ours.exists()
+
+
+# ---- row 6: model/ is whole at every instant of a save -----------------------------------
+def test_row6_model_folder_is_whole_at_every_instant_of_a_save(
+    saved_model, random_model, monkeypatch
+):
+    import r1lab.model.checkpoint as ckpt
+
+    real_exchange, seen = ckpt._exchange, []
+
+    def exchange(a, b):  # look at model/ just before and just after the swap
+        seen.append(ckpt.load_model(b).state_dict()["lm_head.weight"].clone())
+        swapped = real_exchange(a, b)
+        if swapped:
+            seen.append(ckpt.load_model(b).state_dict()["lm_head.weight"].clone())
+        return swapped
+
+    monkeypatch.setattr(ckpt, "_exchange", exchange)
+    old = ckpt.load_model(saved_model).state_dict()["lm_head.weight"].clone()
+    new_model = random_model(seed=1)
+    ckpt.save_model(new_model, saved_model)
+    if len(seen) == 1:
+        pytest.skip("this file system cannot exchange names (the aside copy stands in)")
+    assert torch.equal(seen[0], old)
+    assert torch.equal(seen[1], new_model.state_dict()["lm_head.weight"])
+    assert [p.name for p in saved_model.parent.iterdir() if p.name.startswith(".")] == []
+
+
+# ---- row 15: a reward that raises, rewards that judge nothing ------------------------------
+def test_row15_a_raising_reward_is_one_line_naming_it():
+    from r1lab.cli import error_line
+    from r1lab.rewards import RewardError, combine_rewards
+
+    def boom(prompts, completions, **columns):
+        return [1 / 0 for _ in completions]
+
+    with pytest.raises(RewardError) as caught:
+        combine_rewards([(boom, 1.0)], ["q"], ["a"])
+    line = error_line(caught.value)
+    assert line is not None and "\n" not in line
+    assert "reward boom raised ZeroDivisionError: division by zero" in line
+    assert isinstance(caught.value.__cause__, ZeroDivisionError)  # --debug shows the trace
+
+
+def test_row15_every_reward_none_is_one_line_naming_the_reward():
+    from r1lab.cli import error_line
+    from r1lab.rewards import RewardError, RewardResult, combine_rewards
+    from r1lab.stages.rollout import Rollout, check_judged
+
+    def never(prompts, completions, **columns):
+        return RewardResult([None] * len(completions), ["no reference"] * len(completions))
+
+    scores = combine_rewards([(never, 1.0)], ["q", "q"], ["a", "b"])
+    with pytest.raises(RewardError) as caught:
+        check_judged(Rollout([], [], scores, 1, 0.0, 0.0), step=3)
+    line = error_line(caught.value)
+    assert "step 3" in line and "reward never returned None for all 2" in line
+    assert "no reference" in line and "\n" not in line
+
+
+# ---- row 16: written decimals are compared exactly ------------------------------------------
+def test_row16_written_digits_are_never_rounded_away():
+    from r1lab.tasks.answers import judge_math
+
+    assert judge_math(".0000673", ".0000672").score == 0.0
+    assert judge_math("0.0000673", "6.72 \\times 10^{-5}").score == 0.0
+    assert judge_math("\\frac{673}{10000000}", ".0000672").score == 0.0
+    # math-verify's equivalences stay
+    assert judge_math("0.0000672", ".0000672").score == 1.0
+    assert judge_math("\\frac{672}{10000000}", ".0000672").score == 1.0
+    assert judge_math("27", "27.0").score == 1.0
+    assert judge_math("\\frac{1}{2}", "0.5").score == 1.0
+
+
+# ---- GRPO, eval and rejection: one divergence error, prompts beyond the context said -------
+def test_grpo_uses_the_shared_divergence_error():
+    from r1lab.stages import grpo
+
+    assert grpo.NonFiniteLossError is NonFiniteLossError
+
+
+def test_sampling_prompts_beyond_the_context_are_reported(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from r1lab.engine.generate import SamplingParams
+    from r1lab.stages import judging
+
+    monkeypatch.setattr(judging, "sample", lambda *args, **kwargs: [])
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=128))
+    tokenizer = lambda texts: {"input_ids": [[1] * len(t) for t in texts]}  # noqa: E731
+    params = SamplingParams(max_new_tokens=16)
+    judging.sample_completions(model, tokenizer, ["x" * 4000, "short"], params)  # eval, rejection
+    assert "1 of 2 prompts" in capsys.readouterr().err
+    judging.sample_completions(model, tokenizer, ["x" * 4000], params, warn_context=False)
+    assert capsys.readouterr().err == ""  # GRPO asks on its first step only

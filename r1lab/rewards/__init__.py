@@ -31,6 +31,7 @@ from r1lab.rewards.accuracy import AccuracyReward
 from r1lab.rewards.base import (
     REGISTERED,
     FunctionReward,
+    RewardError,
     RewardFunction,
     RewardResult,
     register_reward,
@@ -50,6 +51,7 @@ __all__ = [
     "FunctionReward",
     "LanguageConsistencyReward",
     "OverlongPenaltyReward",
+    "RewardError",
     "RewardFunction",
     "RewardModelReward",
     "RewardResult",

@@ -11,6 +11,11 @@ from r1lab.tags import THINK_OPEN
 NO_REASON = "not judged (no reason given)"
 
 
+class RewardError(ValueError, RuntimeError):
+    """A reward function failed (raised) or judged nothing: one line naming the reward and
+    what happened; the CLI prints it without a traceback (`--debug` shows it)."""
+
+
 class RewardResult(list):
     """Scores (`float`, or `None` = not judged) with one reason per score in `.reasons`.
 

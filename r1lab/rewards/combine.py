@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from r1lab.rewards.base import NO_REASON, finite_or_none
+from r1lab.rewards.base import NO_REASON, RewardError, finite_or_none
 
 
 @dataclass
@@ -71,7 +71,15 @@ def combine_rewards(
     for item in fns_with_weights:
         fn, weight = item if isinstance(item, tuple) else (item, 1.0)
         name = _name(fn, weights)
-        result = fn(prompts, completions, **columns)
+        try:
+            result = fn(prompts, completions, **columns)
+        except Exception as err:  # a user's (or built-in) reward failed: name it, in one line
+            what = str(err).strip().splitlines()
+            raise RewardError(
+                f"reward {name} raised {type(err).__name__}"
+                + (f": {what[0]}" if what else "")
+                + " (rerun with --debug for the traceback)"
+            ) from err
         if len(result) != len(completions):
             raise ValueError(f"reward {name} returned {len(result)} scores for {len(completions)}")
         given = getattr(result, "reasons", None)

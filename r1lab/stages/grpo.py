@@ -59,6 +59,7 @@ from r1lab.stages.rollout import (
 from r1lab.stages.task_spec import TaskSpec
 from r1lab.training import (
     MetricsLog,
+    NonFiniteLossError,
     console,
     is_done,
     lr_at,
@@ -215,10 +216,6 @@ RESUME_NEUTRAL = {
     "device",
     "rollout_batch_size",
 }
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many steps in a row produced a NaN or infinite loss or gradient."""
 
 
 # ---- load -------------------------------------------------------------------------------------
@@ -412,6 +409,7 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
         max_batch_size=cfg.rollout_batch_size or None,
         rank=distributed.rank(),
         world=distributed.world_size(),
+        warn_context=step == rs.start + 1,  # prompts beyond the context: said once
     )
     check_judged(rollout, step)
     record = rollout_metrics(rollout, cfg.dynamic_sampling)

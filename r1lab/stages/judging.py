@@ -63,6 +63,7 @@ def sample_completions(
     progress: bool = False,
     description: str = "sampling",
     prompt_ids: list[list[int]] | None = None,
+    warn_context: bool = True,
 ) -> list[Completion]:
     """`params.n` completions per prompt, grouped by prompt (`prompt_index` into `prompts`).
 
@@ -70,11 +71,17 @@ def sample_completions(
     `params.seed`); otherwise call b takes the next `questions_per_call` prompts with seed
     `params.seed + b`, so a run is reproducible for a given batch size. `max_batch_size`
     caps the rows `sample` decodes at once. `prompt_ids` spares tokenizing the prompts
-    again when the caller already has them.
+    again when the caller already has them. `warn_context`: say (once, on stderr) how many
+    prompts plus `max_new_tokens` exceed the model's context (`r1lab.api.warn_over_context`).
     """
     if not prompts:
         raise ValueError("no prompts to sample")
     ids = prompt_ids if prompt_ids is not None else tokenizer(list(prompts))["input_ids"]
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if warn_context and context:
+        from r1lab.api import warn_over_context
+
+        warn_over_context(ids, context, params.max_new_tokens)
     per_call = questions_per_call or len(ids)
     out: list[Completion] = []
     bar = progress_bar(description, total=len(prompts)) if progress else nullcontext(_no_advance)

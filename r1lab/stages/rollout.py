@@ -31,6 +31,7 @@ from r1lab import distributed
 from r1lab.engine.generate import Completion, SamplingParams
 from r1lab.engine.grpo_update import TrainBatch
 from r1lab.metrics import is_self_check
+from r1lab.rewards.base import RewardError
 from r1lab.rewards.combine import CombinedRewards
 from r1lab.rl import zero_variance_groups
 from r1lab.stages.judging import (
@@ -159,12 +160,19 @@ def sample_groups(
     template: str,
     params: SamplingParams,
     max_batch_size: int | None = None,
+    warn_context: bool = False,
 ) -> tuple[list[Group], list[Completion]]:
     """Render each question with the template and sample `params.n` completions of it."""
     prompts = render_prompts(template, [ex for _, ex in drawn], tokenizer)
     prompt_ids = tokenizer(prompts)["input_ids"]
     completions = sample_completions(
-        model, tokenizer, prompts, params, max_batch_size=max_batch_size, prompt_ids=prompt_ids
+        model,
+        tokenizer,
+        prompts,
+        params,
+        max_batch_size=max_batch_size,
+        prompt_ids=prompt_ids,
+        warn_context=warn_context,
     )
     g = params.n
     groups = [
@@ -212,13 +220,15 @@ def collect_rollout(
     max_batch_size: int | None = None,
     rank: int = 0,
     world: int = 1,
+    warn_context: bool = False,
 ) -> Rollout:
     """Sample and score `questions` groups for `step` (this rank's share of them).
 
     With `dynamic_sampling` (DAPO), groups whose rewards are all equal carry no gradient
     and are dropped; fresh questions are drawn and sampled, at most `max_resample` more
     rounds, until `questions` groups with a signal are found. The batch may end up
-    smaller than `questions` when the rounds run out.
+    smaller than `questions` when the rounds run out. `warn_context`: report prompts
+    beyond the model's context (GRPO asks on the first step of a process).
     """
     kept: list[Group] = []
     sampled: list[Group] = []
@@ -244,7 +254,7 @@ def collect_rollout(
         )
         t0 = time.perf_counter()
         groups, completions = sample_groups(
-            model, tokenizer, drawn, template, params, max_batch_size
+            model, tokenizer, drawn, template, params, max_batch_size, warn_context and not round_
         )
         t1 = time.perf_counter()
         scores.append(score_groups(groups, completions, rewards))
@@ -317,11 +327,13 @@ def check_judged(rollout: Rollout, step: int) -> None:
     """Stop on a step where nothing could be judged; say loudly when some of it was not."""
     reasons = {fn: c for fn, c in rollout.scores.none_reasons.items() if c}
     if all(r is None for r in rollout.scores.total):
+        n = len(rollout.scores.total)
+        silent = [fn for fn, v in rollout.scores.scores.items() if all(x is None for x in v)]
         detail = "; ".join(f"{fn}: {dict(c.most_common(3))}" for fn, c in reasons.items())
-        raise RuntimeError(
-            f"step {step}: no completion could be judged by the rewards (every total reward is "
-            f"None), so there is nothing to learn from. Reasons: {detail or 'none given'}. "
-            "Check the reward functions and the task's reference answers."
+        raise RewardError(
+            f"step {step}: no completion could be judged: reward "
+            f"{' and '.join(silent) or '?'} returned None for all {n} completions (reasons: "
+            f"{detail or 'none given'}); check that reward function and the task's answers"
         )
     for fn, counter in reasons.items():
         top = ", ".join(f"{why!r} x{n}" for why, n in counter.most_common(3))

@@ -26,6 +26,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
+from fractions import Fraction
 
 from r1lab.tags import THINK_OPEN
 
@@ -328,6 +329,23 @@ def _prediction_for_parsing(predicted: str) -> str:
     return f"${s}$"
 
 
+_RATIONAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_DECIMALS = re.compile(r"\d*\.(\d+)")
+
+
+def _as_rational(text: str) -> Fraction | None:
+    """The exact value of a plain written decimal ("0.0000672", "-3", "27.0"), else None
+    (fractions and everything else are left to math-verify)."""
+    s = normalize_answer(text)
+    return Fraction(s) if _RATIONAL.fullmatch(s) else None
+
+
+def _written_decimals(text: str) -> int:
+    """The most digits written after a decimal point in `text`: math-verify's float rounding
+    must keep them all, or ".0000673" rounds to ".0000672"'s value."""
+    return max((len(m.group(1)) for m in _DECIMALS.finditer(text)), default=0)
+
+
 def judge_math(predicted: str, reference: str, fast_path: bool = True) -> Verdict:
     """Mathematical equivalence of a final answer and a reference, with math-verify.
 
@@ -335,7 +353,10 @@ def judge_math(predicted: str, reference: str, fast_path: bool = True) -> Verdic
     `normalize_answer` settles most cases without sympy (`fast_path`). math-verify
     exceptions and timeouts give `Verdict(None, reason)`: the checker failed, not the
     model. A prediction that math-verify cannot read at all, or longer than
-    `MAX_ANSWER_CHARS`, is a wrong answer.
+    `MAX_ANSWER_CHARS`, is a wrong answer. Two plain written decimals (or integers) are
+    compared exactly as rationals; otherwise math-verify rounds floats to no fewer
+    digits than either side writes out (never fewer than its default 6), so a written
+    digit is never rounded away.
     """
     from math_verify import verify
     from math_verify.errors import TimeoutException
@@ -346,6 +367,10 @@ def judge_math(predicted: str, reference: str, fast_path: bool = True) -> Verdic
         return Verdict(0.0, f"answer longer than {MAX_ANSWER_CHARS} characters")
     if fast_path and normalize_answer(predicted) == normalize_answer(reference):
         return Verdict(1.0)
+    exact = _as_rational(predicted), _as_rational(reference)
+    if None not in exact:  # two written numbers: compared exactly, no rounding
+        return Verdict(1.0 if exact[0] == exact[1] else 0.0)
+    rounding = max(6, _written_decimals(predicted), _written_decimals(reference))
     try:
         gold = _parse_reference(reference)
         if not gold:
@@ -362,7 +387,14 @@ def judge_math(predicted: str, reference: str, fast_path: bool = True) -> Verdic
     for g in gold:
         for p in pred:
             try:
-                if verify(g, p, timeout_seconds=_timeout_s(), raise_on_error=True):
+                if verify(
+                    g,
+                    p,
+                    float_rounding=rounding,
+                    numeric_precision=max(15, rounding + 5),
+                    timeout_seconds=_timeout_s(),
+                    raise_on_error=True,
+                ):
                     return Verdict(1.0)
             except TimeoutException:
                 failure = "math-verify timeout while comparing"
