@@ -151,17 +151,22 @@ def not_lower(name: str, reference: Figure, other: Figure, slack: float) -> Crit
 
 
 # ---- the four findings --------------------------------------------------------------------------
-def _needs(sets: dict[str, dict | None]) -> str | None:
-    missing = [stage for stage, result in sets.items() if not result]
-    return f"no evaluation of {', '.join(missing)}" if missing else None
+def _compared(finding: Finding, run_dir: Path, before: str, after: str):
+    """The per-set results of two stages, or None (with `finding.missing` saying which)."""
+    results = {stage: eval_sets(run_dir, stage) for stage in (before, after)}
+    missing = [stage for stage, result in results.items() if not result]
+    if missing:
+        finding.missing = f"no evaluation of {', '.join(missing)}"
+        return None
+    return results[before], results[after]
 
 
 def r1_zero_discovers(run_dir: Path) -> Finding:
     finding = Finding("R1-Zero discovers reasoning (base -> r1-zero, held-out sets pooled)")
-    base, zero = eval_sets(run_dir, "base"), eval_sets(run_dir, "r1-zero")
-    finding.missing = _needs({"base": base, "r1-zero": zero})
-    if finding.missing:
+    pair = _compared(finding, run_dir, "base", "r1-zero")
+    if pair is None:
         return finding
+    base, zero = pair
     b, z = list(base.values()), [zero[name] for name in base if name in zero]
     figs = {key: (pooled(b, key), pooled(z, key)) for key in
             ("format_rate", "pass@1", "mean_length", "self_check_rate")}  # fmt: skip
@@ -182,10 +187,10 @@ def r1_zero_discovers(run_dir: Path) -> Finding:
 
 def readability(run_dir: Path) -> Finding:
     finding = Finding("Readability: reasoning RL ends R1-Zero's language mixing (Chinese sets)")
-    zero, rl = eval_sets(run_dir, "r1-zero"), eval_sets(run_dir, "reasoning-rl")
-    finding.missing = _needs({"r1-zero": zero, "reasoning-rl": rl})
-    if finding.missing:
+    pair = _compared(finding, run_dir, "r1-zero", "reasoning-rl")
+    if pair is None:
         return finding
+    zero, rl = pair
     names = [n for n, r in zero.items() if set_language(r) == "cjk" and n in rl]
     if not names:
         finding.missing = "no Chinese held-out set"
@@ -205,10 +210,10 @@ def readability(run_dir: Path) -> Finding:
 
 def r1_beats_r1_zero(run_dir: Path) -> Finding:
     finding = Finding("R1 beats R1-Zero (general-rl vs r1-zero, held-out sets pooled)")
-    zero, final = eval_sets(run_dir, "r1-zero"), eval_sets(run_dir, "general-rl")
-    finding.missing = _needs({"r1-zero": zero, "general-rl": final})
-    if finding.missing:
+    pair = _compared(finding, run_dir, "r1-zero", "general-rl")
+    if pair is None:
         return finding
+    zero, final = pair
     names = [n for n in zero if n in final]
     finding.criteria = [
         rises(
@@ -222,10 +227,10 @@ def r1_beats_r1_zero(run_dir: Path) -> Finding:
 
 def distillation_wins(run_dir: Path) -> Finding:
     finding = Finding("Distillation beats RL on the small model (distill vs student-rl, each set)")
-    rl, distilled = eval_sets(run_dir, "student-rl"), eval_sets(run_dir, "distill")
-    finding.missing = _needs({"student-rl": rl, "distill": distilled})
-    if finding.missing:
+    pair = _compared(finding, run_dir, "student-rl", "distill")
+    if pair is None:
         return finding
+    rl, distilled = pair
     finding.criteria = [
         rises(
             f"{name}: pass@1 from student-rl to distill",

@@ -70,24 +70,17 @@ def stage_config(stage: Stage, run_dir: Path, preset: dict, overrides: dict, che
         wiring["model"] = str(run_dir / stage.model_from)
     if stage.data_from:
         own = section.get("data", [])
-        if check_only:
-            wiring["data"] = list(own) + [
-                str(run_dir / d / "samples.jsonl") for d in stage.data_from
-            ]
-            return build_config(
-                module.Config,
-                section,
-                wiring,
-                overrides.get(stage.name, {}),
-                source=f"pipeline stage {stage.name!r}",
-            )
-        files = [_upstream_sample_file(run_dir / d) for d in stage.data_from]
-        for path in files:
-            if not Path(path).read_text().strip():
+        if check_only:  # upstream stages have not run yet: their sample files stand in by name
+            files = [str(run_dir / d / "samples.jsonl") for d in stage.data_from]
+        else:
+            files = [_upstream_sample_file(run_dir / d) for d in stage.data_from]
+            empty = [p for p in files if not Path(p).read_text().strip()]
+            for path in empty:
                 console.print(
                     f"[yellow]{stage.name}: {path} holds no samples; training on the other sources"
                 )
-        wiring["data"] = list(own) + [p for p in files if Path(p).read_text().strip()]
+            files = [p for p in files if p not in empty]
+        wiring["data"] = list(own) + files
     if stage.reward_model_from:
         wiring["reward_model"] = str(run_dir / stage.reward_model_from)
     return build_config(
