@@ -24,33 +24,20 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from r1lab import training
 from r1lab.config import resolve_device, resolve_dtype, write_config
 from r1lab.model.checkpoint import resolve_model_dir
 from r1lab.model.config import SIZES, ModelConfig, config_for_size
 from r1lab.model.tokenizer import R1_ZERO_TEMPLATE, load_tokenizer, train_tokenizer
 from r1lab.model.transformer import Transformer
+from r1lab.stages import supervised
 from r1lab.stages.data import ProceduralConfig
 from r1lab.stages.packing import encode_prompts_batched, pack_rows
-from r1lab.stages.supervised import (
-    SUPERVISED_RESUME_NEUTRAL,
-    SupervisedJob,
-    open_checkpoint,
-    train,
-)
 from r1lab.tasks.corpus import pretrain_documents
-from r1lab.training import (
-    DONE_FILE,
-    autocast_for,
-    console,
-    is_done,
-    mark_done,
-    set_cpu_threads,
-    set_seed,
-)
 
 STAGE = "pretrain"
 # Settings that may change between an interrupted run and its resume (r1lab.rundir).
-RESUME_NEUTRAL = SUPERVISED_RESUME_NEUTRAL
+RESUME_NEUTRAL = supervised.SUPERVISED_RESUME_NEUTRAL
 R1_ZERO_HEAD, R1_ZERO_TAIL = R1_ZERO_TEMPLATE.split("{prompt}")
 CORPUS_OPTIONS = (
     "r1_zero_fraction",
@@ -248,10 +235,10 @@ def take_base(cfg: Config, out: Path) -> dict:
         "source": str(folder),
         "parameters": model_cfg.num_parameters(),
     }
-    console.print(
+    training.console.print(
         f"pretrain: base model {cfg.init_from} -> {target} ({summary['parameters']:,} parameters)"
     )
-    mark_done(out, cfg.fingerprint(), **summary)
+    training.mark_done(out, cfg.fingerprint(), **summary)
     return summary
 
 
@@ -259,18 +246,18 @@ def take_base(cfg: Config, out: Path) -> dict:
 def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     """Train (or take) the base model into `out_dir/model`; returns the stage summary."""
     out = Path(out_dir)
-    if resume and is_done(out, cfg.fingerprint()):
-        console.print(f"pretrain: {out} is done; reusing it")
-        return json.loads((out / DONE_FILE).read_text())
+    if resume and training.is_done(out, cfg.fingerprint()):
+        training.console.print(f"pretrain: {out} is done; reusing it")
+        return json.loads((out / training.DONE_FILE).read_text())
     if cfg.init_from:
         return take_base(cfg, out)
 
     started = time.perf_counter()
-    set_cpu_threads()
-    set_seed(cfg.seed)
+    training.set_cpu_threads()
+    training.set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    record = open_checkpoint(STAGE, cfg, out, resume, RESUME_NEUTRAL)
+    record = supervised.open_checkpoint(STAGE, cfg, out, resume, RESUME_NEUTRAL)
 
     # corpus and tokenizer (a resumed run keeps the tokenizer it saved)
     docs = build_corpus(cfg)
@@ -282,7 +269,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
 
     model = build_model(cfg, tokenizer).to(device)
     n_params = model.num_parameters()
-    job = SupervisedJob(
+    job = supervised.SupervisedJob(
         stage=STAGE,
         cfg=cfg,
         out=out,
@@ -293,12 +280,12 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         total_steps=cfg.max_steps,
         record=record,
         device=device,
-        autocast=autocast_for(device, dtype),
+        autocast=training.autocast_for(device, dtype),
         started=started,
         describe=f"{n_params:,} parameters ({cfg.size}), vocabulary {len(tokenizer)}, "
         f"{len(docs):,} documents",
     )
-    numbers = train(job)
+    numbers = supervised.train(job)
     summary = {
         "stage": STAGE,
         "model": str(out / "model"),
@@ -308,10 +295,10 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     }
     stop = numbers["stopped_by"]
     why = "time budget (max_minutes)" if stop == "max_minutes" else "max_steps"
-    console.print(
+    training.console.print(
         f"pretrain: stopped at step {summary['steps']} by {why}; val loss "
         f"{summary['initial_val_loss']:.3f} -> {summary['val_loss']:.3f}, "
         f"{summary['tokens_per_s']:.0f} tok/s, {summary['train_minutes']:.1f} min of training"
     )
-    mark_done(out, cfg.fingerprint(), **summary)
+    training.mark_done(out, cfg.fingerprint(), **summary)
     return summary

@@ -23,25 +23,13 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from r1lab import training
 from r1lab.config import resolve_device, write_config
 from r1lab.model.checkpoint import atomic_write_text, load_model, resolve_model_dir, save_model
 from r1lab.model.tokenizer import load_tokenizer
 from r1lab.rewards.reward_model import text_to_judge
 from r1lab.rows import DataError, read_hub_rows, read_rows
 from r1lab.stages.data import ProceduralConfig
-from r1lab.training import (
-    MetricsLog,
-    clip_grad,
-    console,
-    is_done,
-    lr_at,
-    make_optimizer,
-    mark_done,
-    progress_bar,
-    set_cpu_threads,
-    set_lr,
-    set_seed,
-)
 
 HEAD_FILE = "reward_head.safetensors"
 PAIR_SIDES = ("chosen", "rejected")
@@ -212,7 +200,7 @@ def load_pairs(cfg: Config) -> list[dict]:
         if chosen is not None and rejected is not None:
             judged.append({"prompt": pair["prompt"], "chosen": chosen, "rejected": rejected})
     if len(judged) < len(pairs):
-        console.print(
+        training.console.print(
             f"reward-model: left out {len(pairs) - len(judged)} pairs with no {cfg.judge} to judge"
         )
     if not judged:
@@ -253,13 +241,13 @@ def _pair_margin(rm, tokenizer, batch, cfg: Config, device) -> torch.Tensor:
 # ---- the stage ---------------------------------------------------------------------------------
 def run(cfg: Config, out_dir, resume: bool = True) -> dict:
     out = Path(out_dir)
-    if resume and is_done(out, cfg.fingerprint()):
-        console.print(f"[green]reward-model: {out} is already done")
+    if resume and training.is_done(out, cfg.fingerprint()):
+        training.console.print(f"[green]reward-model: {out} is already done")
         return json.loads((out / "DONE").read_text())
     if not cfg.model:
         raise ValueError("reward-model: field 'model' is required (the decoder to start from)")
-    set_seed(cfg.seed)
-    set_cpu_threads()
+    training.set_seed(cfg.seed)
+    training.set_cpu_threads()
     device = resolve_device(cfg.device)
 
     pairs = load_pairs(cfg)
@@ -270,10 +258,10 @@ def run(cfg: Config, out_dir, resume: bool = True) -> dict:
     folder = resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(folder)
     rm = RewardModel(load_model(folder, device=device)).to(device)
-    optimizer = make_optimizer(rm, cfg.lr, cfg.weight_decay)
+    optimizer = training.make_optimizer(rm, cfg.lr, cfg.weight_decay)
     out.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl")
+    log = training.MetricsLog(out / "metrics.jsonl")
 
     accuracy_before = pair_accuracy(rm, tokenizer, heldout, cfg, device)
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
@@ -281,18 +269,18 @@ def run(cfg: Config, out_dir, resume: bool = True) -> dict:
     started = time.time()
     step = 0
     rm.train()
-    with progress_bar("reward-model", total) as advance:
+    with training.progress_bar("reward-model", total) as advance:
         for epoch in range(cfg.epochs):
             random.Random(cfg.seed + epoch).shuffle(train)
             for start in range(0, len(train), cfg.batch_size):
-                set_lr(optimizer, lr_at(step, total, cfg.lr, cfg.warmup_steps))
+                training.set_lr(optimizer, training.lr_at(step, total, cfg.lr, cfg.warmup_steps))
                 margin = _pair_margin(
                     rm, tokenizer, train[start : start + cfg.batch_size], cfg, device
                 )
                 loss = -torch.nn.functional.logsigmoid(margin).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = clip_grad(rm, cfg.grad_clip)
+                grad_norm = training.clip_grad(rm, cfg.grad_clip)
                 optimizer.step()
                 step += 1
                 record = {
@@ -319,9 +307,9 @@ def run(cfg: Config, out_dir, resume: bool = True) -> dict:
         "judge": cfg.judge,
     }
     atomic_write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
-    console.print(
+    training.console.print(
         f"reward-model: held-out pair accuracy {accuracy_before:.3f} -> {accuracy:.3f} "
         f"({len(heldout)} pairs)"
     )
-    mark_done(out, cfg.fingerprint(), **summary)
+    training.mark_done(out, cfg.fingerprint(), **summary)
     return summary

@@ -28,14 +28,9 @@ from r1lab.model.checkpoint import load_model, resolve_model_dir
 from r1lab.model.config import ModelConfig
 from r1lab.model.lora import LoraSettings, apply_lora, save_adapter
 from r1lab.model.tokenizer import check_template, load_tokenizer, render_messages, render_prompt
+from r1lab.stages import supervised
 from r1lab.stages.data import ProceduralConfig, load_source, mix_sources
 from r1lab.stages.packing import RowSampler, pack_rows, tokenize_examples
-from r1lab.stages.supervised import (
-    SUPERVISED_RESUME_NEUTRAL,
-    SupervisedJob,
-    open_checkpoint,
-    train,
-)
 from r1lab.training import (
     DONE_FILE,
     autocast_for,
@@ -47,7 +42,7 @@ from r1lab.training import (
 )
 
 STAGE = "sft"
-RESUME_NEUTRAL = SUPERVISED_RESUME_NEUTRAL  # may change on a resume (r1lab.rundir)
+RESUME_NEUTRAL = supervised.SUPERVISED_RESUME_NEUTRAL  # may change on a resume (r1lab.rundir)
 
 
 class Config(ProceduralConfig):
@@ -191,7 +186,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    record = open_checkpoint(STAGE, cfg, out, resume, RESUME_NEUTRAL)
+    record = supervised.open_checkpoint(STAGE, cfg, out, resume, RESUME_NEUTRAL)
 
     # data first: a bad source fails before anything is written
     source = resolve_model_dir(cfg.model)
@@ -212,7 +207,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     steps_per_epoch = RowSampler(len(train_rows[0]), cfg.batch_size, cfg.seed).steps_per_epoch
     epochs_steps = cfg.epochs * steps_per_epoch
     total_steps = min(epochs_steps, cfg.max_steps) if cfg.max_steps else epochs_steps
-    job = SupervisedJob(
+    job = supervised.SupervisedJob(
         stage=STAGE,
         cfg=cfg,
         out=out,
@@ -230,7 +225,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         f"{stats['examples']} examples ({stats['truncated']} cut at {cfg.seq_len} tokens, "
         f"{stats['dropped']} dropped), {cfg.epochs} epochs",
     )
-    numbers = train(job)
+    numbers = supervised.train(job)
     if cfg.lora is not None:
         save_adapter(model, out / "adapter", base_model=cfg.model)
     if numbers["stopped_by"] == "max_steps" and total_steps == epochs_steps:

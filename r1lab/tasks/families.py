@@ -203,7 +203,8 @@ class Family:
         return rng.randrange(n_ops.count), rng.choice((-10, -1, 1, 10))
 
     def meta(self, problem: Problem) -> dict:
-        return {}
+        """What the example keeps of the problem for checking (by default, all of its data)."""
+        return dict(problem.data)
 
     def verify(self, predicted: str, reference: str, meta: dict | None = None) -> bool:
         got, want = _number(predicted), _number(reference)
@@ -336,9 +337,6 @@ class Arithmetic(Family):
         text = _say(lang, f"Wait, let me verify: {eq}. ", f"等等，验算一下：{eq}。")
         return text + _verdict(lang, got, a), got == a
 
-    def meta(self, problem):
-        return dict(problem.data)
-
 
 class LinearEquation(Family):
     name = "linear_equation"
@@ -403,9 +401,6 @@ class LinearEquation(Family):
         lhs, eq2 = pad.calc(ax, "+" if b >= 0 else "-", abs(b))
         text = _say(lang, f"Wait, let me verify: {eq1}, {eq2}. ", f"等等，代入验算：{eq1}，{eq2}。")
         return text + _verdict(lang, lhs, c), lhs == c
-
-    def meta(self, problem):
-        return dict(problem.data)
 
 
 class Countdown(Family):

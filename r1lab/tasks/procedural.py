@@ -227,25 +227,12 @@ class ProceduralTask(Task):
 register_task("procedural")(ProceduralTask)
 
 
-@register_task("arithmetic")
-class ArithmeticTask(ProceduralTask):
-    name = "arithmetic"
-    families = ("arithmetic",)
+def _family_task(family: str) -> type[ProceduralTask]:
+    """The task of one procedural family, registered under the family's own name."""
+    title = "".join(part.title() for part in family.split("_"))
+    cls = type(f"{title}Task", (ProceduralTask,), {"name": family, "families": (family,)})
+    return register_task(family)(cls)
 
 
-@register_task("chain_sum")
-class ChainSumTask(ProceduralTask):
-    name = "chain_sum"
-    families = ("chain_sum",)
-
-
-@register_task("linear_equation")
-class LinearEquationTask(ProceduralTask):
-    name = "linear_equation"
-    families = ("linear_equation",)
-
-
-@register_task("countdown")
-class CountdownTask(ProceduralTask):
-    name = "countdown"
-    families = ("countdown",)
+for _family in FAMILY_NAMES:
+    _family_task(_family)
