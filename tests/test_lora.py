@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from r1lab.model.checkpoint import load_model, save_model
-from r1lab.model.lora import LoraSettings, apply_lora, lora_modules, save_adapter
+from r1lab.model.lora import LoraSettings, apply_lora, lora_modules, write_adapter
 from r1lab.training import make_optimizer
 
 
@@ -59,7 +59,7 @@ def test_the_saved_model_is_base_plus_scaled_ba(random_model, tmp_path):
 def test_adapters_are_saved_in_peft_layout(random_model, tmp_path):
     model = random_model()
     apply_lora(model, LoraSettings(r=4, alpha=16, targets=["q_proj", "v_proj"]))
-    folder = save_adapter(model, tmp_path / "adapter", base_model="org/base")
+    folder = write_adapter(model, tmp_path / "adapter", base_model="org/base")
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 16
     assert config["target_modules"] == ["q_proj", "v_proj"]

@@ -7,7 +7,7 @@ up_proj, down_proj) becomes a `LoraLinear`: the same frozen `weight` (and bias),
 
 Saving: a model folder holds the merged weights `W + (alpha / r) B A` under the usual
 names (`save_model` merges, so the folder is a plain Hugging Face checkpoint), and
-`save_adapter` writes the adapters alone in PEFT's layout (adapter_config.json and
+`write_adapter` writes the adapters alone in PEFT's layout (adapter_config.json and
 adapter_model.safetensors with `base_model.model.<module>.lora_A.weight` keys).
 """
 
@@ -106,15 +106,17 @@ def merged_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
     return state
 
 
-def save_adapter(model: nn.Module, folder: str | Path, base_model: str = "") -> Path:
-    """The adapters alone, as PEFT saves them (`PeftModel.from_pretrained` reads them)."""
-    from safetensors.torch import save_file
+def write_adapter(model: nn.Module, folder: str | Path, base_model: str = "") -> Path:
+    """The adapters alone, as PEFT saves them (`PeftModel.from_pretrained` reads them).
 
-    from r1lab.model.checkpoint import atomic_dir
+    Writes into `folder` as it is; a caller that needs the folder whole or absent wraps
+    this in `checkpoint.atomic_dir` (this module stays below the checkpoint module).
+    """
+    from safetensors.torch import save_file
 
     adapted = lora_modules(model)
     if not adapted:
-        raise ValueError("save_adapter: the model has no LoRA adapters")
+        raise ValueError("write_adapter: the model has no LoRA adapters")
     settings: LoraSettings = model.lora_settings
     tensors = {}
     for name, module in adapted.items():
@@ -136,7 +138,8 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str = "") -> 
         "use_rslora": False,
         "modules_to_save": None,
     }
-    with atomic_dir(folder) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return Path(folder)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder

@@ -24,9 +24,9 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from r1lab.config import resolve_device, resolve_dtype
-from r1lab.model.checkpoint import load_model, resolve_model_dir
+from r1lab.model.checkpoint import atomic_dir, load_model, resolve_model_dir
 from r1lab.model.config import ModelConfig
-from r1lab.model.lora import LoraSettings, apply_lora, save_adapter
+from r1lab.model.lora import LoraSettings, apply_lora, write_adapter
 from r1lab.model.tokenizer import check_template, load_tokenizer, render_messages, render_prompt
 from r1lab.stages import supervised
 from r1lab.stages.data import ProceduralConfig, load_source, mix_sources
@@ -227,7 +227,8 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     )
     numbers = supervised.train(job)
     if cfg.lora is not None:
-        save_adapter(model, out / "adapter", base_model=cfg.model)
+        with atomic_dir(out / "adapter") as folder:
+            write_adapter(model, folder, base_model=cfg.model)
     if numbers["stopped_by"] == "max_steps" and total_steps == epochs_steps:
         numbers["stopped_by"] = "epochs"
     summary = {
