@@ -133,7 +133,21 @@ def test_readability_needs_mixing_first_and_no_accuracy_cost(tmp_path):
     path.write_text((tmp_path / "y" / "eval" / "reasoning-rl" / "eval.json").read_text())
     finding = findings.readability(tmp_path)
     assert finding.verdict == "does not hold"
-    assert [c.holds for c in finding.criteria] == [True, True, False]
+    assert [c.holds for c in finding.criteria] == [True, True, True, False]
+
+
+def test_readability_needs_r1_zero_to_reason_first(tmp_path):
+    """Brief answers in English to Chinese questions are not language mixing in reasoning."""
+    _paper_like_run(tmp_path)
+    path = tmp_path / "eval" / "r1-zero" / "eval.json"
+    path.write_text(
+        json.dumps(
+            {"sets": {"en": _set(EN, 0.1, length=13), "zh": _set(ZH, 0.1, lang=0.7, length=13)}}
+        )
+    )
+    finding = findings.readability(tmp_path)
+    assert finding.verdict == "does not hold"
+    assert [c.holds for c in finding.criteria][:2] == [False, True]
 
 
 def test_a_missing_stage_is_not_checked_rather_than_failed(tmp_path):
