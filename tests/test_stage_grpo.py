@@ -8,15 +8,12 @@ import textwrap
 
 import pytest
 import torch
+from conftest import save_random_micro_model
 
 from r1lab.config import ConfigError, build_config
 from r1lab.engine import grpo_update
-from r1lab.model.checkpoint import load_model, save_model
-from r1lab.model.config import config_for_size
-from r1lab.model.tokenizer import train_tokenizer
-from r1lab.model.transformer import Transformer
+from r1lab.model.checkpoint import load_model
 from r1lab.stages import grpo
-from r1lab.tasks.corpus import pretrain_documents
 from r1lab.training import read_jsonl
 
 # Every per-step metric name DESIGN.md promises.
@@ -53,18 +50,7 @@ def never(prompts, completions, **columns):
 @pytest.fixture(scope="module")
 def micro_dir(tmp_path_factory):
     """A random micro model with a small BPE tokenizer, saved as a model folder."""
-    folder = tmp_path_factory.mktemp("micro") / "model"
-    tokenizer = train_tokenizer(pretrain_documents("chain_sum", n=400, seed=0), vocab_size=512)
-    cfg = config_for_size(
-        "micro",
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    save_model(Transformer(cfg), folder, tokenizer=tokenizer)
-    return folder
+    return save_random_micro_model(tmp_path_factory.mktemp("micro") / "model")
 
 
 @pytest.fixture
