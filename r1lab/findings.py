@@ -30,6 +30,7 @@ from pathlib import Path
 from r1lab.rewards.language import detect_language
 
 SIGNIFICANCE = 2.0  # a difference counts beyond this many standard errors
+LENGTH_GROWTH = 1.5  # how much longer answers must grow for a model to count as reasoning
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def r1_zero_discovers(run_dir: Path) -> Finding:
         at_least("r1-zero format rate", fz, 0.9),
         Criterion("base pass@1 between 15% and 60%", pb.show(), 0.15 <= pb.value <= 0.60),
         rises("pass@1", pb, pz, by=0.15),
-        grows("mean response length", *figs["mean_length"], 1.5),
+        grows("mean response length", *figs["mean_length"], LENGTH_GROWTH),
         rises("self-check rate", *figs["self_check_rate"]),
     ]
     return finding
@@ -204,12 +205,17 @@ def readability(run_dir: Path) -> Finding:
     # Mixing languages is a property of reasoning: R1-Zero must reason on these questions
     # (its answers grown as finding 1 asks) before its language consistency means anything.
     base = eval_sets(run_dir, "base") or {}
-    lb = pooled([base[n] for n in names if n in base], "mean_length") if base else None
+    lb = pooled([base[n] for n in names if n in base], "mean_length")
     if lb is None:
         finding.missing = "no evaluation of base (to tell whether r1-zero reasons)"
         return finding
     finding.criteria = [
-        grows("r1-zero reasons: mean length over the base's", lb, pooled(z, "mean_length"), 1.5),
+        grows(
+            "r1-zero reasons: mean length over the base's",
+            lb,
+            pooled(z, "mean_length"),
+            LENGTH_GROWTH,
+        ),  # fmt: skip
         below("r1-zero language consistency", lz, 0.9),
         at_least("reasoning-rl language consistency", lr, 0.98),
         not_lower("reasoning-rl pass@1 vs r1-zero", pooled(z, "pass@1"), pooled(r, "pass@1"), 0.02),
