@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,10 +127,7 @@ def _exit(
     seen: set,
     key: tuple[str, str],
     kept_here: int,
-    *,
-    drop_truncated: bool,
-    deduplicate: bool,
-    max_per_question: int,
+    cfg: Config,
 ) -> str | None:
     """Where `sample` leaves the funnel (a FUNNEL name), or None when it is kept."""
     if not sample.judged:
@@ -139,13 +136,13 @@ def _exit(
         return "no_answer"
     if not sample.correct:
         return "wrong"
-    if drop_truncated and sample.finish_reason == "length":
+    if cfg.drop_truncated and sample.finish_reason == "length":
         return "truncated"
     if readability:
         return readability[0]
-    if deduplicate and key in seen:
+    if cfg.deduplicate and key in seen:
         return "duplicate"
-    if kept_here >= max_per_question:
+    if kept_here >= cfg.max_per_question:
         return "over_cap"
     return None
 
@@ -154,20 +151,18 @@ def select_samples(
     examples: Sequence[Example],
     prompts: Sequence[str],
     rows: Sequence[Sequence[SampleResult]],
+    cfg: Config,
     *,
-    template: str = "r1-chat",
-    filters: Iterable[str] = FILTERS,
-    drop_truncated: bool = True,
-    deduplicate: bool = True,
-    max_per_question: int = 2,
-    max_paragraph_chars: int = DEFAULT_MAX_PARAGRAPH_CHARS,
-    min_language_consistency: float = DEFAULT_MIN_LANGUAGE_CONSISTENCY,
     provenance: dict | None = None,
     label: str = "",
 ) -> Selection:
-    """Run every sample through the funnel (see the module docstring); pure, no I/O."""
-    filters = check_filter_names(filters)
-    structure = template if template in STRUCTURES else "r1-chat"
+    """Run every sample through the funnel (see the module docstring); pure, no I/O.
+
+    The funnel's settings (template, filters, drop_truncated, deduplicate, max_per_question
+    and the readability thresholds) are read from `cfg`, the one place that defaults them.
+    """
+    filters = check_filter_names(cfg.filters)  # again: a model_copy skips the validators
+    structure = cfg.template if cfg.template in STRUCTURES else "r1-chat"
     out = Selection()
     seen: set[tuple[str, str]] = set()
     for ex, prompt, row in zip(examples, prompts, rows):
@@ -178,8 +173,8 @@ def select_samples(
                 sample.completion,
                 language_consistency=sample.language_consistency,
                 filters=filters,
-                max_paragraph_chars=max_paragraph_chars,
-                min_language_consistency=min_language_consistency,
+                max_paragraph_chars=cfg.max_paragraph_chars,
+                min_language_consistency=cfg.min_language_consistency,
                 structure=structure,
                 prefilled=prefills_think(prompt),
             )
@@ -187,16 +182,7 @@ def select_samples(
                 out.counts["correct"] += 1
                 out.flagged.update(problems)
             key = (normalized_text(ex.question), normalized_text(sample.completion))
-            reason = _exit(
-                sample,
-                problems,
-                seen,
-                key,
-                kept_here,
-                drop_truncated=drop_truncated,
-                deduplicate=deduplicate,
-                max_per_question=max_per_question,
-            )
+            reason = _exit(sample, problems, seen, key, kept_here, cfg)
             record = {
                 "prompt": prompt,
                 "response": sample.completion,
@@ -317,20 +303,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             description=f"rejection {spec.title}",
         )
         rows = judge_samples(task, examples, prompts, completions, cfg.template)
-        sel = select_samples(
-            examples,
-            prompts,
-            rows,
-            template=cfg.template,
-            filters=cfg.filters,
-            drop_truncated=cfg.drop_truncated,
-            deduplicate=cfg.deduplicate,
-            max_per_question=cfg.max_per_question,
-            max_paragraph_chars=cfg.max_paragraph_chars,
-            min_language_consistency=cfg.min_language_consistency,
-            provenance=provenance,
-            label=spec.title,
-        )
+        sel = select_samples(examples, prompts, rows, cfg, provenance=provenance, label=spec.title)
         sets[spec.title] = _counts_summary(sel, len(examples))
         kept += sel.kept
         rejected += sel.rejected
