@@ -17,6 +17,9 @@ batch (tokens x 150k x 4 bytes) dwarf the model. Here:
   a custom autograd function that keeps only each chunk's log-sum-exp and recomputes the
   chunk's logits in the backward, so no (tokens x vocab) tensor outlives a chunk;
 - each decoder layer can be checkpointed (recomputed in the backward) to bound memory;
+- LoRA layers (`r1lab.model.lora`) add their low-rank update `(alpha / r) B A dropout(h)`
+  beside the frozen weight's matmul, as their module does, so gradients reach the adapters
+  only and no merged weight is formed;
 - `r1lab.engine.grpo_update` runs the policy, old-policy and reference passes of GRPO
   through `packed_logprobs`, so all three are batched the same way.
 
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from r1lab.engine.lm_head import chunked_logprobs, report_decline
+from r1lab.model.lora import LoraLinear
 
 ATTENTION_BACKENDS = ("auto", "varlen", "sdpa")
 
@@ -285,12 +289,16 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-def _make_layer_fn(cfg, attn_options: dict | None):
+def _make_layer_fn(cfg, attn_options: dict | None, lora: tuple[float, float] | None = None):
     """A decoder layer as a function of tensors only (the layer's weights are arguments).
 
     Taking no module keeps one compiled graph valid for every layer. q/k/v and gate/up
     are each one matmul over the concatenated weights (their gradients split back to the
     separate parameters through the concatenation); the math is the model's.
+
+    `lora` = (scale, dropout): the function takes 14 more arguments, (A, B) of q, k, v, o,
+    gate, up and down (`_layer_adapters`; None where a projection has none), and adds
+    scale * B A dropout(input) to each adapted projection's output, as `LoraLinear` does.
     """
     eps, heads, kv, hd = (
         cfg.rms_norm_eps,
@@ -299,13 +307,24 @@ def _make_layer_fn(cfg, attn_options: dict | None):
         cfg.head_dim,
     )
     qk_norm, has_bias = cfg.qk_norm, cfg.attention_bias
+    scale, p_drop = lora or (0.0, 0.0)
 
-    def layer(x, cos, sin, cu, max_len, ln1, wq, wk, wv, bq, bk, bv, qn, kn, wo, ln2, wg, wu, wd):
+    def plus(y, h, a, b):
+        """y plus the projection's low-rank update (y itself without an adapter)."""
+        if a is None:
+            return y
+        h = F.dropout(h, p_drop, training=True) if p_drop else h
+        return y + F.linear(F.linear(h, a), b) * scale
+
+    def layer(x, cos, sin, cu, max_len, ln1, wq, wk, wv, bq, bk, bv, qn, kn, wo, ln2, wg, wu, wd,
+              *ad):  # fmt: skip
+        ad = ad or (None,) * 14
         t = x.shape[0]
         h = _rms(x, ln1, eps)
         bias = torch.cat((bq, bk, bv)) if has_bias else None
         qkv = F.linear(h, torch.cat((wq, wk, wv)), bias)
         q, k, v = qkv.split((heads * hd, kv * hd, kv * hd), dim=-1)
+        q, k, v = plus(q, h, *ad[0:2]), plus(k, h, *ad[2:4]), plus(v, h, *ad[4:6])
         q, k, v = q.reshape(t, heads, hd), k.reshape(t, kv, hd), v.reshape(t, kv, hd)
         if qk_norm:
             q, k = _rms(q, qn, eps), _rms(k, kn, eps)
@@ -314,9 +333,12 @@ def _make_layer_fn(cfg, attn_options: dict | None):
             o = _padded_attention(q, k, v, cu, max_len)
         else:
             o = _varlen_call(q, k, v, cu, max_len, attn_options).reshape(t, -1)
-        x = x + F.linear(o, wo)
-        gate, up = F.linear(_rms(x, ln2, eps), torch.cat((wg, wu))).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, wd)
+        x = x + plus(F.linear(o, wo), o, *ad[6:8])
+        h = _rms(x, ln2, eps)
+        gate, up = F.linear(h, torch.cat((wg, wu))).chunk(2, dim=-1)
+        gate, up = plus(gate, h, *ad[8:10]), plus(up, h, *ad[10:12])
+        act = F.silu(gate) * up
+        return x + plus(F.linear(act, wd), act, *ad[12:14])
 
     return layer
 
@@ -335,6 +357,40 @@ def _layer_weights(layer) -> tuple:
     )  # fmt: skip
 
 
+def _projections(layer) -> tuple:
+    a, m = layer.self_attn, layer.mlp
+    return (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+
+
+def _layer_adapters(layer) -> tuple:
+    """(A, B) of each projection (q, k, v, o, gate, up, down), None for one without an active
+    LoRA adapter: the 14 trailing arguments of a LoRA layer function."""
+    out: list = []
+    for proj in _projections(layer):
+        on = isinstance(proj, LoraLinear) and proj.active
+        out += [proj.lora_A, proj.lora_B] if on else [None, None]
+    return tuple(out)
+
+
+def _lora_spec(model) -> tuple[float, float] | None:
+    """(scale, dropout) of the model's active LoRA adapters, or None when it runs none.
+
+    Dropout applies in training mode, as the modules' own; every adapter of a model
+    shares its settings (`apply_lora` gives them one).
+    """
+    specs = {
+        (m.scale, float(getattr(m.dropout, "p", 0.0)))
+        for m in model.modules()
+        if isinstance(m, LoraLinear) and m.active
+    }
+    if not specs:
+        return None
+    if len(specs) > 1:
+        raise ValueError(f"packed forward: LoRA layers with different (scale, dropout): {specs}")
+    scale, p = specs.pop()
+    return scale, (p if model.training else 0.0)
+
+
 _COMPILED: dict[tuple, object] = {}
 # Inductor options tried in turn. Its memory-coalescing tiling analysis fails an assertion
 # on this layer with dynamic shapes at the 1.5B width (torch 2.11: InductorError in
@@ -349,7 +405,9 @@ def _layer_error(outs, truth) -> float:
     return max((y - y_t).norm() / y_t.norm(), (g - g_t).norm() / g_t.norm()).item()
 
 
-def _compiled_layer_fn(model, attn_options: dict | None, sample_batch: PackedBatch):
+def _compiled_layer_fn(
+    model, attn_options: dict | None, sample_batch: PackedBatch, lora: tuple | None = None
+):
     """The layer function through torch.compile, or None where compiling fails or disagrees.
 
     Fusing the elementwise work (norms, RoPE, SiLU, casts) cuts the kernel launches and
@@ -358,13 +416,18 @@ def _compiled_layer_fn(model, attn_options: dict | None, sample_batch: PackedBat
     eager one (same dtype, same autocast) are both held to the layer in fp32, and the
     compiled one is kept when it is no further from it than rounding allows (a fixed
     bound between two bf16 layers would depend on the width: at the 1.5B shape a correct
-    compiled layer can differ from the eager bf16 one by more than at 0.5B).
+    compiled layer can differ from the eager bf16 one by more than at 0.5B). With LoRA
+    (`lora`, no dropout) the check's B matrices are random, so the update is exercised.
     """
-    key = (id(model.config), repr(attn_options), torch.is_autocast_enabled(model.device.type))
+    autocast_on = torch.is_autocast_enabled(model.device.type)
+    key = (id(model.config), repr(attn_options), autocast_on, lora)
     if key in _COMPILED:
         return _COMPILED[key]
     _COMPILED[key] = None
-    eager = _make_layer_fn(model.config, attn_options)
+    if lora is not None and lora[1]:
+        report_decline("compiled decoder layer", "LoRA dropout in training mode; eager layers")
+        return None
+    eager = _make_layer_fn(model.config, attn_options, lora)
     try:
         layer = model.model.layers[0]
         n = min(48, sample_batch.num_tokens)
@@ -375,6 +438,12 @@ def _compiled_layer_fn(model, attn_options: dict | None, sample_batch: PackedBat
         gen = torch.Generator().manual_seed(0)
         x0 = torch.randn(n, model.config.hidden_size, generator=gen).to(model.device, model.dtype)
         weights = _layer_weights(layer)
+        if lora is not None:  # B starts at zero: random ones, so the update counts
+            ab = _layer_adapters(layer)
+            bs = [
+                None if t is None else torch.randn(t.shape, generator=gen).to(t) for t in ab[1::2]
+            ]
+            weights += tuple(t for pair in zip(ab[0::2], bs) for t in pair)
 
         def run(fn, x_in, ws, cast: bool = True):
             # the check differentiates, also when asked for from a no-grad pass (the reference)
@@ -390,13 +459,15 @@ def _compiled_layer_fn(model, attn_options: dict | None, sample_batch: PackedBat
             return y.detach().float(), gx.float()
 
         fp32 = tuple(w.float() if w is not None else None for w in weights)
-        truth = run(_make_layer_fn(model.config, None), x0.float(), fp32, cast=False)
+        truth = run(_make_layer_fn(model.config, None, lora), x0.float(), fp32, cast=False)
         err_e = _layer_error(run(eager, x0, weights), truth)
         failures = []
         for options in COMPILE_OPTIONS:
             try:
                 compiled = torch.compile(
-                    _make_layer_fn(model.config, attn_options), dynamic=True, options=options
+                    _make_layer_fn(model.config, attn_options, lora),
+                    dynamic=True,
+                    options=options,
                 )
                 err_c = _layer_error(run(compiled, x0, weights), truth)
                 break
@@ -440,12 +511,14 @@ def packed_hidden_states(
             report_decline(
                 "compiled decoder layer", f"device is {model.device.type}", expected=True
             )
-    layer_fn = _compiled_layer_fn(model, options, batch) if compile else None
-    layer_fn = layer_fn or _make_layer_fn(model.config, options)
+    lora = _lora_spec(model)
+    layer_fn = _compiled_layer_fn(model, options, batch, lora) if compile else None
+    layer_fn = layer_fn or _make_layer_fn(model.config, options, lora)
     cu, max_len = batch.cu_seqlens, batch.max_seqlen
     x = model.model.embed_tokens(batch.input_ids)
     for layer in model.model.layers:
         args = (x, cos, sin, cu, max_len, *_layer_weights(layer))
+        args += _layer_adapters(layer) if lora is not None else ()
         if checkpoint and grad:
             x = _checkpoint(layer_fn, *args, use_reentrant=False)
         else:

@@ -188,7 +188,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
     Saves only the inputs and each row's log-sum-exp; the backward recomputes a chunk's
     logits, turns them in place into (onehot - softmax) * grad / T, and multiplies back
-    into the gradients of h and W. Peak extra memory is one chunk's logits, not the
+    into the gradients of h and W (W's only when it needs one: a frozen head, as under
+    LoRA, costs neither the (V, d) fp32 accumulator nor its matmuls). Peak extra memory is one chunk's logits, not the
     batch's; on CUDA each chunk's softmax work is one Triton pass over its logits.
     """
 
@@ -217,17 +218,20 @@ class _ChunkedLogprobs(torch.autograd.Function):
         cd, temp, chunk = ctx.compute_dtype, ctx.temperature, ctx.chunk_size
         h, w = hidden.to(cd), weight.to(cd)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
         grad_out = grad_out.float().contiguous()
         for s in range(0, h.shape[0], chunk):
             e = s + chunk
             d = _chunk_grad_logits(h[s:e], w, targets[s:e], lse[s:e], grad_out[s:e], temp)
             if grad_h is not None:
                 torch.mm(d, w, out=grad_h[s:e])
-            _accumulate(grad_w, d.t(), h[s:e])
+            if grad_w is not None:
+                _accumulate(grad_w, d.t(), h[s:e])
             del d
         grad_h = grad_h.to(hidden.dtype) if grad_h is not None else None
-        grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None, None, None
 
 

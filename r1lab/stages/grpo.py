@@ -41,6 +41,7 @@ from r1lab.model.checkpoint import atomic_write_text, load_model
 from r1lab.model.tokenizer import load_tokenizer
 from r1lab.rundir import check_resumable
 from r1lab.snapshot import TrainingSnapshot, restore_checkpoint, save_checkpoint, saved_state
+from r1lab.stages import grpo_lora
 from r1lab.stages.grpo_state import RunState
 from r1lab.stages.judging import RewardSet, RewardSpec
 from r1lab.stages.rollout import (
@@ -133,6 +134,7 @@ class Config(StageConfig):
     aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = (
         "seq-mean-token-mean"
     )
+    lora: grpo_lora.LoraSettings | None = None
     norm_length: float | None = Field(None, gt=0)
     adv_scale: Literal["group", "batch", "none"] = "group"
     adv_baseline: Literal["mean", "loo"] = "mean"
@@ -209,13 +211,8 @@ class Config(StageConfig):
 
 # Settings that do not change what a run computes: a run may resume under new values.
 RESUME_NEUTRAL = {
-    "max_minutes",
-    "save_every",
-    "log_samples",
-    "max_nan_steps",
-    "device",
-    "rollout_batch_size",
-}
+    "max_minutes", "save_every", "log_samples", "max_nan_steps", "device", "rollout_batch_size"
+}  # fmt: skip
 
 
 # ---- load -------------------------------------------------------------------------------------
@@ -228,6 +225,8 @@ def load_models(cfg: Config):
         )
     # torchrun: this rank's GPU by index ("cuda" alone loads safetensors onto cuda:0)
     device = distributed.local_device(resolve_device(cfg.device))
+    if cfg.lora is not None:  # frozen base, adapters; reference and sampler share the base
+        return grpo_lora.load_models(cfg, device)
     folder = resolve_model_dir(cfg.model)
     policy = load_model(folder, dtype=torch.float32, device=device)  # master weights
     tokenizer = load_tokenizer(folder)
@@ -320,7 +319,7 @@ def start_run(cfg: Config, out: Path, resume: bool) -> RunState:
         tokenizer,
         ref_model,
         optimizer,
-        TrainingSnapshot(policy=policy, optimizer=optimizer, ref=None),  # ref: once refreshed
+        TrainingSnapshot(policy=grpo_lora.trained_part(policy), optimizer=optimizer, ref=None),
         mixture,
         rewards,
         late_rewards,
@@ -388,7 +387,7 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
         cfg.reward_model_last_steps or cfg.steps
     )
     sampler = rs.sampler or rs.policy
-    distributed.refresh_plain(rs.sampler, rs.policy)  # torchrun: the last update's weights
+    grpo_lora.refresh_sampler(rs.sampler, rs.policy)  # LoRA merged, or torchrun's whole copy
     rollout = collect_rollout(
         sampler,
         rs.tokenizer,
@@ -523,6 +522,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             if stopped or step % cfg.save_every == 0 or step == cfg.steps:
                 extra = {"config": cfg.model_dump(mode="json"), **rs.extra()}
                 dtype = compute_dtype(cfg, rs.policy)
+                grpo_lora.save_adapter(rs.policy, out, cfg.model)  # LoRA: adapter/, PEFT layout
                 save_checkpoint(out, rs.snapshot, rs.policy, rs.tokenizer, step, step, extra, dtype)
             if stopped:
                 console.print(f"[yellow]grpo: {stopped}; stopping")
@@ -569,7 +569,7 @@ def evaluate_policy(rs: RunState, cfg: Config) -> dict[str, float]:
     """Held-out pass@1 etc. by the eval stage's own function and protocol (k samples, T=0.6)."""
     from r1lab.stages.evaluate import evaluate
 
-    distributed.refresh_plain(rs.sampler, rs.policy)  # torchrun: the last update's weights
+    grpo_lora.refresh_sampler(rs.sampler, rs.policy)  # LoRA merged, or torchrun's whole copy
     result = evaluate(  # torchrun: every rank evaluates its whole copy (no collectives)
         rs.sampler or rs.policy,
         rs.tokenizer,
