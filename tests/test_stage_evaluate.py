@@ -11,6 +11,7 @@ import r1lab.stages.evaluate as ev
 import r1lab.stages.judging as judging
 from r1lab.config import ConfigError, build_config
 from r1lab.engine.generate import Completion
+from r1lab.engine.sampling import sample_key
 from r1lab.tasks.base import Example, Task
 
 MAX_NEW = 16
@@ -69,8 +70,8 @@ def scripted(monkeypatch):
     """Replace the sampler with SCRIPT; records the calls it gets."""
     calls = []
 
-    def fake_sample(model, prompt_ids, params, tokenizer=None, max_batch_size=None):
-        calls.append({"questions": [p[0] - 1 for p in prompt_ids], "params": params})
+    def fake_sample(model, prompt_ids, params, tokenizer=None, max_batch_size=None, keys=None):
+        calls.append({"questions": [p[0] - 1 for p in prompt_ids], "params": params, "keys": keys})
         out = []
         for j, ids in enumerate(prompt_ids):
             for text, length, reason in SCRIPT[ids[0] - 1][: params.n]:
@@ -127,7 +128,9 @@ def test_batches_hold_whole_questions_and_use_the_protocol(scripted):
     assert [c["questions"] for c in scripted] == [[0, 1], [2]]  # 8 // 4 = 2 questions a batch
     params = scripted[0]["params"]
     assert (params.n, params.temperature, params.top_p) == (4, 0.6, 0.95)
-    assert [c["params"].seed for c in scripted] == [0, 1]
+    # question q is drawn with the key (seed, q), whatever batch it is in
+    keys = [sample_key(0, q) for q in range(3)]
+    assert [c["keys"] for c in scripted] == [keys[:2], keys[2:]]
 
 
 def test_greedy_is_one_sample_at_temperature_zero(scripted):

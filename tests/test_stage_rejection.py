@@ -159,7 +159,7 @@ def scripted(monkeypatch):
     """Sampler replaced by a script keyed by question number; no model is loaded."""
     script: dict = {}
 
-    def fake_sample(model, prompt_ids, params, tokenizer=None, max_batch_size=None):
+    def fake_sample(model, prompt_ids, params, tokenizer=None, max_batch_size=None, keys=None):
         out = []
         for j, ids in enumerate(prompt_ids):
             for text, reason in script[ids[0] - 1][: params.n]:
