@@ -127,6 +127,16 @@ def is_done(stage_dir: str | Path, fingerprint: str | None = None) -> bool:
     return fingerprint is None or json.loads(marker.read_text()).get("fingerprint") == fingerprint
 
 
+def finished_summary(stage_dir: str | Path, fingerprint: str, name: str) -> dict | None:
+    """The JSON summary `name` that a run finished with these settings left in `stage_dir`,
+    read back; None when the run has to be made (not done, done with other settings, or
+    without that file)."""
+    path = Path(stage_dir) / name
+    if is_done(stage_dir, fingerprint) and path.is_file():
+        return json.loads(path.read_text())
+    return None
+
+
 def mark_done(stage_dir: str | Path, fingerprint: str, **info) -> None:
     record = {"fingerprint": fingerprint, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
     atomic_write_text(Path(stage_dir) / DONE_FILE, json.dumps(record, indent=2))

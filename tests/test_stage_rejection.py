@@ -167,7 +167,7 @@ def scripted(monkeypatch):
         return out
 
     monkeypatch.setattr(judging, "sample", fake_sample)
-    monkeypatch.setattr(rej, "load_model_and_tokenizer", lambda *a: (None, FakeTokenizer()))
+    monkeypatch.setattr(judging, "load_model_and_tokenizer", lambda *a: (None, FakeTokenizer()))
     return script
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from r1lab.config import StageConfig, config_dict, write_config
+from r1lab.config import StageConfig, config_dict
 from r1lab.engine.generate import SamplingParams
 from r1lab.metrics import (
     is_self_check,
@@ -46,14 +46,14 @@ from r1lab.model.tokenizer import PromptTemplate, check_template, resolve_templa
 from r1lab.stages.judging import (
     SampleResult,
     describe_model,
-    judge_samples,
     load_model_and_tokenizer,
     render_prompts,
-    sample_completions,
+    sample_and_judge,
+    start_sampling_run,
 )
 from r1lab.stages.task_spec import TaskSpec, load_task_examples, parse_task_spec
 from r1lab.tasks import Example, Task, get_task
-from r1lab.training import console, is_done, mark_done, set_cpu_threads, set_seed
+from r1lab.training import console, finished_summary, mark_done
 
 BREAKDOWN_KEYS = ("subject", "level", "language", "family")
 # Re-exported: the eval stage's public names for its task specs and judged samples.
@@ -320,29 +320,28 @@ def evaluate_with_records(
         n=k,
         seed=seed,
     )
-    prompts = render_prompts(spec, examples, tokenizer)
     started = time.perf_counter()
-    # all k samples of a question in one sample call: batch b draws with seed + b
-    completions = sample_completions(
+    judged = sample_and_judge(
         model,
         tokenizer,
-        prompts,
+        task,
+        examples,
+        spec,
         params,
+        structure=style,
         max_batch_size=max_batch_size,
-        questions_per_call=max(1, max_batch_size // k),
         progress=progress,
         description=f"eval {task.name}",
     )
-    sampled = time.perf_counter()
-    rows = judge_samples(task, examples, prompts, completions, style)
+    rows = judged.rows
     result = summarize(task, examples, rows, template=style, settings=settings, n_shown=n_shown)
-    done = time.perf_counter()
-    tokens = sum(len(c.token_ids) for c in completions)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(c.token_ids) for c in judged.completions)
     result["timing"] = {
-        "seconds": round(done - started, 3),
-        "sampling_seconds": round(sampled - started, 3),
-        "judging_seconds": round(done - sampled, 3),
-        "tokens_per_s": round(tokens / max(sampled - started, 1e-9), 1),
+        "seconds": round(seconds, 3),
+        "sampling_seconds": round(judged.sample_s, 3),
+        "judging_seconds": round(seconds - judged.sample_s, 3),
+        "tokens_per_s": round(tokens / max(judged.sample_s, 1e-9), 1),
     }
     return result, rows
 
@@ -466,18 +465,12 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     A finished evaluation with the same settings (DONE with this config's fingerprint) is
     read back instead of recomputed when `resume` is on.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = cfg.fingerprint()
-    if resume and is_done(out, fingerprint) and (out / "eval.json").is_file():
-        report = json.loads((out / "eval.json").read_text())
-        print_table(report)
-        return report
-
-    write_config(cfg, out / "config.yaml")
-    set_cpu_threads()
-    set_seed(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
+    out, fingerprint = Path(out_dir), cfg.fingerprint()
+    finished = finished_summary(out, fingerprint, "eval.json") if resume else None
+    if finished is not None:
+        print_table(finished)
+        return finished
+    model, tokenizer = start_sampling_run(cfg, out)
     sets: dict[str, dict] = {}
     records = {}
     for spec in cfg.tasks:

@@ -14,6 +14,7 @@ They do it here, so a question is asked and judged the same way wherever it is a
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -23,13 +24,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from r1lab.config import write_config
 from r1lab.engine.generate import Completion, SamplingParams, sample
-from r1lab.model.tokenizer import render_prompt
+from r1lab.model.tokenizer import PromptTemplate, render_prompt
 from r1lab.rewards import RewardResult, get_reward
 from r1lab.rewards.base import NO_REASON
 from r1lab.rewards.combine import CombinedRewards, combine_rewards
 from r1lab.tasks.base import Example, Task
-from r1lab.training import progress_bar
+from r1lab.training import progress_bar, set_cpu_threads, set_seed
 
 TEMPLATE_NAMES = ("r1-zero", "r1-chat", "plain")
 
@@ -44,7 +46,9 @@ TEMPLATE_OPTIONS: dict[str, Callable[[str], dict]] = {
 
 
 # ---- sampling -----------------------------------------------------------------------------------
-def render_prompts(template: str, questions: Sequence[Example | str], tokenizer) -> list[str]:
+def render_prompts(
+    template: str | PromptTemplate, questions: Sequence[Example | str], tokenizer
+) -> list[str]:
     """Each question (an Example or its text) rendered with the prompt template."""
     return [
         render_prompt(template, q if isinstance(q, str) else q.question, tokenizer)
@@ -100,6 +104,25 @@ def sample_completions(
 
 def _no_advance(n: int = 1, info: str = "") -> None:
     return None
+
+
+def sample_questions(
+    model,
+    tokenizer,
+    template: str | PromptTemplate,
+    questions: Sequence[Example | str],
+    params: SamplingParams,
+    **options: Any,
+) -> tuple[list[str], list[list[int]], list[Completion]]:
+    """Ask each question: render it with `template`, tokenize it and sample `params.n`
+    completions of it. Returns (the prompts, their token ids, the completions grouped by
+    prompt); `options` are `sample_completions`'s."""
+    prompts = render_prompts(template, questions, tokenizer)
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    completions = sample_completions(
+        model, tokenizer, prompts, params, prompt_ids=prompt_ids, **options
+    )
+    return prompts, prompt_ids, completions
 
 
 # ---- rewards ------------------------------------------------------------------------------------
@@ -344,6 +367,52 @@ def judge_samples(
     return rows
 
 
+@dataclass
+class JudgedSet:
+    """A held-out or training set asked, sampled and judged (the eval and rejection input)."""
+
+    prompts: list[str]  # one per question, as the model was given it
+    completions: list[Completion]  # grouped by question
+    rows: list[list[SampleResult]]  # the judged samples, one list per question
+    sample_s: float  # seconds spent rendering and sampling (judging excluded)
+
+
+def sample_and_judge(
+    model,
+    tokenizer,
+    task: Task,
+    examples: Sequence[Example],
+    template: str | PromptTemplate,
+    params: SamplingParams,
+    *,
+    structure: str,
+    max_batch_size: int,
+    progress: bool,
+    description: str,
+) -> JudgedSet:
+    """`params.n` completions of each question, judged with the template's `structure`.
+
+    A `sample` call takes as many whole questions as fit in `max_batch_size` rows; how a
+    question's draws are seeded is `sample_completions`'s rule. The eval and rejection
+    stages both sample through here, so they ask, batch and judge a set alike.
+    """
+    started = time.perf_counter()
+    prompts, _, completions = sample_questions(
+        model,
+        tokenizer,
+        template,
+        examples,
+        params,
+        max_batch_size=max_batch_size,
+        questions_per_call=max(1, max_batch_size // params.n),
+        progress=progress,
+        description=description,
+    )
+    sample_s = time.perf_counter() - started
+    rows = judge_samples(task, examples, prompts, completions, structure)
+    return JudgedSet(prompts, completions, rows, sample_s)
+
+
 # ---- the model that samples ---------------------------------------------------------------------
 def load_model_and_tokenizer(model_path: str, device: str, dtype: str):
     """The model (on the resolved device and dtype) and its tokenizer, which must exist."""
@@ -355,6 +424,16 @@ def load_model_and_tokenizer(model_path: str, device: str, dtype: str):
     if tokenizer is None:
         raise FileNotFoundError(f"{model_path}: no tokenizer next to the model")
     return model, tokenizer
+
+
+def start_sampling_run(cfg, out: Path):
+    """Begin an eval or rejection run in `out`: its config.yaml, the CPU threads and seed,
+    and the model that samples with its tokenizer, which are returned."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out / "config.yaml")
+    set_cpu_threads()
+    set_seed(cfg.seed)
+    return load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
 
 
 def describe_model(path: str | Path) -> dict:

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from r1lab.config import StageConfig, config_dict, write_config
+from r1lab.config import StageConfig, config_dict
 from r1lab.engine.generate import SamplingParams
 from r1lab.rewards.base import prefills_think
 from r1lab.rewards.format import STRUCTURES
@@ -40,10 +40,8 @@ from r1lab.stages.judging import (
     TEMPLATE_NAMES,
     SampleResult,
     describe_model,
-    judge_samples,
-    load_model_and_tokenizer,
-    render_prompts,
-    sample_completions,
+    sample_and_judge,
+    start_sampling_run,
 )
 from r1lab.stages.readability import (
     DEFAULT_MAX_PARAGRAPH_CHARS,
@@ -55,7 +53,7 @@ from r1lab.stages.readability import (
 )
 from r1lab.stages.task_spec import load_task_examples, parse_task_spec
 from r1lab.tasks.base import Example
-from r1lab.training import console, is_done, mark_done, set_cpu_threads, set_seed
+from r1lab.training import console, finished_summary, mark_done
 
 DATA_FILE = "data.jsonl"
 REJECTED_FILE = "rejected.jsonl"
@@ -267,18 +265,12 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     """Sample, judge, filter and write the SFT data; returns the summary (rejection.json)."""
     from r1lab.model.checkpoint import atomic_write_text
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = cfg.fingerprint()
-    if resume and is_done(out, fingerprint) and (out / SUMMARY_FILE).is_file():
-        summary = json.loads((out / SUMMARY_FILE).read_text())
-        print_summary(summary)
-        return summary
-
-    write_config(cfg, out / "config.yaml")
-    set_cpu_threads()
-    set_seed(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
+    out, fingerprint = Path(out_dir), cfg.fingerprint()
+    finished = finished_summary(out, fingerprint, SUMMARY_FILE) if resume else None
+    if finished is not None:
+        print_summary(finished)
+        return finished
+    model, tokenizer = start_sampling_run(cfg, out)
     provenance = provenance_of(cfg)
     params = SamplingParams(
         temperature=cfg.temperature,
@@ -291,19 +283,21 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     total = Selection()
     for spec in cfg.tasks:
         spec, task, examples = load_task_examples(spec, cfg.n, cfg.split, cfg.seed)
-        prompts = render_prompts(cfg.template, examples, tokenizer)
-        completions = sample_completions(
+        judged = sample_and_judge(
             model,
             tokenizer,
-            prompts,
+            task,
+            examples,
+            cfg.template,
             params,
+            structure=cfg.template,
             max_batch_size=cfg.max_batch_size,
-            questions_per_call=max(1, cfg.max_batch_size // params.n),
             progress=True,
             description=f"rejection {spec.title}",
         )
-        rows = judge_samples(task, examples, prompts, completions, cfg.template)
-        sel = select_samples(examples, prompts, rows, cfg, provenance=provenance, label=spec.title)
+        sel = select_samples(
+            examples, judged.prompts, judged.rows, cfg, provenance=provenance, label=spec.title
+        )
         sets[spec.title] = _counts_summary(sel, len(examples))
         kept += sel.kept
         rejected += sel.rejected

@@ -37,8 +37,7 @@ from r1lab.rl import zero_variance_groups
 from r1lab.stages.judging import (
     RewardSet,
     join_scores,
-    render_prompts,
-    sample_completions,
+    sample_questions,
     score_completions,
 )
 from r1lab.tasks.base import Example, Task
@@ -163,15 +162,13 @@ def sample_groups(
     warn_context: bool = False,
 ) -> tuple[list[Group], list[Completion]]:
     """Render each question with the template and sample `params.n` completions of it."""
-    prompts = render_prompts(template, [ex for _, ex in drawn], tokenizer)
-    prompt_ids = tokenizer(prompts)["input_ids"]
-    completions = sample_completions(
+    prompts, prompt_ids, completions = sample_questions(
         model,
         tokenizer,
-        prompts,
+        template,
+        [ex for _, ex in drawn],
         params,
         max_batch_size=max_batch_size,
-        prompt_ids=prompt_ids,
         warn_context=warn_context,
     )
     g = params.n
