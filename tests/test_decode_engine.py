@@ -12,6 +12,7 @@ import torch
 from r1lab.engine import fallbacks, fast_generate
 from r1lab.engine.decode_ops import TorchOps
 from r1lab.engine.generate import SamplingParams, sample_without_cache
+from r1lab.engine.sampling import sample_key
 from r1lab.model.config import ModelConfig
 from r1lab.model.transformer import Transformer
 
@@ -63,6 +64,23 @@ def test_engine_torch_ops_greedy_equal_reference(model):
         assert b.token_ids == a.token_ids
         assert b.finish_reason == a.finish_reason
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_engine_torch_ops_sample_the_reference_tokens(model):
+    """Sampled rows too: the engine draws each row's token at the same uniform (its key,
+    its position) by the same inverse CDF as the reference, so the tokens are equal, in
+    any chunking of the batch."""
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, max_new_tokens=12, n=3)
+    keys = [sample_key("engine", q) for q in range(len(PROMPTS))]
+    slow = sample_without_cache(model, PROMPTS, params, keys=keys)
+    assert len({tuple(c.token_ids) for c in slow}) > len(PROMPTS)
+    for rows in (None, 6):
+        fast = fast_generate.fast_sample(
+            model, PROMPTS, params, max_batch_size=rows, keys=keys, **CPU_ENGINE
+        )
+        assert [c.token_ids for c in fast] == [c.token_ids for c in slow]
+        for a, b in zip(slow, fast):
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> set[int]:

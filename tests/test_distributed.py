@@ -293,6 +293,81 @@ def test_grpo_stage_killed_on_two_ranks_resumes_on_one(tmp_path):
     assert all(r["loss"] is not None and r["kl"] is not None for r in losses)
 
 
+def sampling_grpo_config(tmp: Path):
+    """The pinned GRPO run with more questions than ranks, nucleus sampling at T=1."""
+    import test_recipe_pins as pins
+
+    cfg = pins.grpo_config(tmp / "base", "pinrewards:spread")
+    return cfg.model_copy(update={"steps": 3, "questions_per_step": 4, "top_p": 0.9})
+
+
+def record_completions(grpo_module, seen: list) -> None:
+    """Make the grpo stage note every question and its sampled tokens, step by step."""
+    real = grpo_module.collect_rollout
+
+    def collect(*args, **kwargs):
+        rollout = real(*args, **kwargs)
+        seen.append(
+            [
+                (kwargs["step"], g.example.question, [c.token_ids for c in g.completions])
+                for g in rollout.sampled
+            ]
+        )
+        return rollout
+
+    grpo_module.collect_rollout = collect
+
+
+def _grpo_samples_worker(tmp: Path) -> None:
+    from r1lab.stages import grpo
+
+    sys.path.insert(0, str(tmp))
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    seen: list = []
+    record_completions(grpo, seen)
+    grpo.run(sampling_grpo_config(tmp), tmp / "run2")
+    torch.save(seen, tmp / f"samples{distributed.rank()}.pt")
+
+
+def test_grpo_stage_on_two_ranks_samples_what_one_process_samples(tmp_path, monkeypatch):
+    """Each question is sampled with its (seed, step, round, question) key, so the 2 ranks
+    draw exactly the one-process completions, step after step, and the losses and final
+    weights follow (fp32, to 1e-5)."""
+    import json
+
+    import test_recipe_pins as pins
+
+    from r1lab.model.checkpoint import load_model
+    from r1lab.stages import grpo
+
+    pins.micro_model_dir(tmp_path / "base")
+    (tmp_path / "pinrewards.py").write_text(pins.REWARDS_MODULE)
+    spawn(_grpo_samples_worker, tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    seen: list = []
+    monkeypatch.setattr(grpo, "collect_rollout", grpo.collect_rollout)  # restored afterwards
+    record_completions(grpo, seen)
+    grpo.run(sampling_grpo_config(tmp_path), tmp_path / "run1")
+    ranks = [torch.load(tmp_path / f"samples{r}.pt") for r in range(WORLD)]
+    assert len(seen) == 3 and all(len(r) == 3 for r in ranks)
+    for step, one in enumerate(seen):
+        assert ranks[0][step] + ranks[1][step] == one  # rank order = one process's order
+        assert len(ranks[0][step]) == len(ranks[1][step]) == 2
+
+    def logged(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines if '"loss"' in x]
+
+    for a, b in zip(logged("run1"), logged("run2"), strict=True):
+        assert b["reward"] == a["reward"]  # the same completions, the same scores
+        for key in ("loss", "kl", "grad_norm", "entropy"):
+            assert abs(b[key] - a[key]) <= TOL * max(1.0, abs(a[key])), key
+    one = load_model(tmp_path / "run1" / "model", dtype=torch.float32).state_dict()
+    two = load_model(tmp_path / "run2" / "model", dtype=torch.float32).state_dict()
+    assert_same_weights(two, one)
+
+
 def _resume_on_two_worker(tmp: Path) -> None:
     from r1lab.snapshot import TrainingSnapshot, restore_checkpoint
     from r1lab.stages.supervised import _FiniteStep, sharded_train_step

@@ -5,6 +5,7 @@ import torch
 
 from r1lab.engine.generate import SamplingParams, sample, sample_without_cache
 from r1lab.engine.logprobs import token_logprobs
+from r1lab.engine.sampling import _mix32, draw_tokens, sample_key, uniforms
 from r1lab.model.config import ModelConfig
 from r1lab.model.transformer import Transformer
 
@@ -93,3 +94,85 @@ def test_bad_sampling_params_name_the_field(field, value):
 def test_empty_prompt_is_an_error(model):
     with pytest.raises(ValueError, match="prompt"):
         sample(model, [[]], SamplingParams())
+
+
+# ---- counter-based draws: a row's tokens depend on its key, not on its batch ---------------
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.9, top_k=30, max_new_tokens=12, n=3)
+
+
+def _tokens(completions) -> list[list[int]]:
+    return [c.token_ids for c in completions]
+
+
+def test_samples_do_not_depend_on_the_batch(model):
+    """The same questions sampled in one batch, in two batches, in another order, in
+    chunks, and one at a time through the no-cache reference give the same completions."""
+    keys = [sample_key(7, "step", 3, q) for q in range(len(PROMPTS))]
+    whole = sample(model, PROMPTS, SAMPLED, keys=keys)
+    assert len({tuple(t) for t in _tokens(whole)}) > len(PROMPTS)  # the samples differ
+    split = sample(model, PROMPTS[:1], SAMPLED, keys=keys[:1]) + sample(
+        model, PROMPTS[1:], SAMPLED, keys=keys[1:]
+    )
+    assert _tokens(split) == _tokens(whole)
+    order = [2, 0, 3, 1]
+    shuffled = sample(model, [PROMPTS[i] for i in order], SAMPLED, keys=[keys[i] for i in order])
+    by_prompt = {order[c.prompt_index]: [] for c in shuffled}
+    for c in shuffled:
+        by_prompt[order[c.prompt_index]].append(c.token_ids)
+    assert [t for i in range(len(PROMPTS)) for t in by_prompt[i]] == _tokens(whole)
+    chunked = sample(model, PROMPTS, SAMPLED, max_batch_size=3, keys=keys)
+    assert _tokens(chunked) == _tokens(whole)
+    reference = sample_without_cache(model, PROMPTS, SAMPLED, keys=keys)
+    assert _tokens(reference) == _tokens(whole)
+    for a, b in zip(reference, whole):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_default_keys_are_seed_and_prompt_index(model):
+    params = SamplingParams(**{**vars(SAMPLED), "seed": 5})
+    keys = [sample_key(5, i) for i in range(len(PROMPTS))]
+    assert _tokens(sample(model, PROMPTS, params)) == _tokens(
+        sample(model, PROMPTS, SAMPLED, keys=keys)
+    )
+    other = SamplingParams(**{**vars(SAMPLED), "seed": 6})
+    assert _tokens(sample(model, PROMPTS, other)) != _tokens(sample(model, PROMPTS, params))
+    with pytest.raises(ValueError, match="keys"):
+        sample(model, PROMPTS, params, keys=keys[:2])
+
+
+def test_uniforms_are_a_32_bit_hash_and_uniform():
+    """The int64 tensor hash equals the 32-bit one written with Python integers (no int64
+    overflow on the way), and its uniforms are flat over rows and over positions."""
+    mask = 0xFFFFFFFF
+
+    def lowbias32(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & mask
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & mask
+        return x ^ (x >> 16)
+
+    xs = [0, 1, mask, 0x80000000] + torch.randint(0, 2**32, (2000,)).tolist()
+    assert _mix32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
+    keys = torch.tensor([sample_key(1, i) for i in range(50_000)])
+    over_rows = uniforms(keys, 9)
+    over_positions = uniforms(keys[:1], torch.arange(50_000))
+    for u in (over_rows, over_positions):
+        assert u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
+        counts = torch.histc(u, bins=50, min=0, max=1)
+        chi2 = ((counts - 1000) ** 2 / 1000).sum().item()
+        assert chi2 < 100, chi2  # 49 degrees of freedom: p < 1e-4 above this
+    assert torch.equal(uniforms(keys, 9), uniforms(keys, torch.tensor([9])))
+
+
+def test_inverse_cdf_draw_follows_the_filtered_distribution():
+    torch.manual_seed(0)
+    scores = torch.randn(1, 40) * 2
+    scores[0, 5] = float("-inf")
+    u = uniforms(torch.tensor([sample_key("draw")]), torch.arange(20_000))
+    tokens = draw_tokens(scores.expand(len(u), -1), u)
+    empirical = torch.bincount(tokens, minlength=40).float() / len(tokens)
+    assert empirical[5] == 0
+    assert 0.5 * (empirical - scores.softmax(-1)[0]).abs().sum() < 0.02
+    assert draw_tokens(scores, torch.tensor([1 - 2**-24])).item() == 39  # the last kept token
+    assert draw_tokens(scores, torch.tensor([0.0])).item() == 0

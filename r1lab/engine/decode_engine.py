@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from r1lab.engine.decode_ops import HAS_TRITON, MAX_STOP_IDS, TorchOps, TritonOps
 from r1lab.engine.fallbacks import declined
-from r1lab.engine.sampling import SamplingParams, filter_logits
+from r1lab.engine.sampling import SamplingParams, filter_logits, uniforms
 from r1lab.model.transformer import (
     apply_rope,
     padded_causal_mask,
@@ -126,7 +126,8 @@ class DecodeEngine:
         self.positions = torch.zeros(rows, device=dev, dtype=torch.long)
         self.slot = torch.zeros(1, device=dev, dtype=torch.long)
         self.step = torch.zeros(1, device=dev, dtype=torch.long)
-        self.seed = torch.zeros(1, device=dev, dtype=torch.long)
+        self.row_keys = torch.zeros(rows, device=dev, dtype=torch.long)  # sampling.row_keys
+        self.uniform = torch.zeros(rows, device=dev, dtype=torch.float32)  # this step's draws
         self.temperature = torch.ones(1, device=dev, dtype=torch.float32)
         self.finished = torch.zeros(rows, device=dev, dtype=torch.bool)
         self.lengths = torch.zeros(rows, device=dev, dtype=torch.long)
@@ -135,7 +136,6 @@ class DecodeEngine:
         self.sampled_lp = torch.zeros(rows, device=dev, dtype=torch.float32)
         self.out_tokens = torch.zeros(rows, max_len, device=dev, dtype=torch.long)
         self.out_logprobs = torch.zeros(rows, max_len, device=dev, dtype=torch.float32)
-        self.torch_generator = torch.Generator(device=dev)
         # activations of one step
         self.x = empty(rows, self.hidden)
         self.h = empty(rows, self.hidden)
@@ -239,6 +239,8 @@ class DecodeEngine:
             # the multiplication back.
             scaled = logits.float() / self.temperature
             filtered = filter_logits(scaled, mode.top_k, mode.top_p) * self.temperature
+        if not mode.greedy:  # the row's uniform for this position: sampling.uniforms
+            self.uniform.copy_(uniforms(self.row_keys, self.step))
         ops.sample(self, logits, filtered, mode.greedy)
         ops.record_and_embed(self)  # then the forward of the new token
         for i in range(self.n_layers):
@@ -280,9 +282,15 @@ class DecodeEngine:
     # ---- a whole call ----------------------------------------------------------------------
     @torch.no_grad()
     def generate(
-        self, ids: torch.Tensor, mask: torch.Tensor, params: SamplingParams, stop_ids: set[int]
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        params: SamplingParams,
+        stop_ids: set[int],
+        keys: list[int],
     ) -> tuple[list[list[int]], list[list[float]]]:
-        """Token ids and log-probs of every row (n per prompt, grouped), stop token included."""
+        """Token ids and log-probs of every row (n per prompt, grouped), stop token included.
+        `keys`: each row's sampling key (`sampling.row_keys`)."""
         max_new = params.max_new_tokens
         greedy = params.temperature == 0
         mode = _Mode(greedy, 0 if greedy else params.top_k, 1.0 if greedy else params.top_p)
@@ -290,9 +298,8 @@ class DecodeEngine:
         if stop_ids:
             self.stop_ids[: len(stop_ids)] = torch.tensor(sorted(stop_ids), device=self.device)
         self.temperature.fill_(1.0 if greedy else params.temperature)
-        seed = params.seed if params.seed is not None else int(torch.randint(2**31, (1,)))
-        self.seed.fill_(seed)
-        self.torch_generator.manual_seed(seed)
+        self.row_keys.zero_()
+        self.row_keys[: len(keys)] = torch.tensor(keys, dtype=torch.long, device=self.device)
         graph = self._graph(mode) if self.use_graphs else None
         timer = _Timer(self.device)
         self.prefill(ids, mask, params.n)

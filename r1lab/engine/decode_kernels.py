@@ -275,8 +275,7 @@ if HAS_TRITON:
         V,
         CHUNK,
         temp_ptr,
-        seed_ptr,
-        step_ptr,
+        u_ptr,
         stats_ptr,
         idx_ptr,
         tok_ptr,
@@ -290,8 +289,9 @@ if HAS_TRITON:
         inverting the CDF of softmax(score): one uniform per row picks the slice from the
         slices' sums, then a prefix sum over that slice alone finds the token. So only the
         stats pass reads the whole vocabulary, and no per-column random numbers are needed.
-        The uniform comes from a counter-based generator keyed by the call's seed and the
-        step, so a replayed graph draws fresh numbers every step."""
+        The uniform is the row's for this step (`sampling.uniforms`, computed in the graph
+        before the launch from the row's key and the step), so a row draws the same
+        numbers whatever rows share its batch, and a replayed graph draws fresh ones."""
         row = tl.program_id(0).to(tl.int64)
         inv_t = 1.0 / tl.load(temp_ptr)
         sp = tl.arange(0, SPLITS)
@@ -308,8 +308,7 @@ if HAS_TRITON:
             ftop = tl.max(fm, 0)
             w = fs * tl.exp(fm - ftop)
             cum = tl.cumsum(w, 0)
-            seed = tl.load(seed_ptr) + tl.load(step_ptr) * 1000003
-            target = tl.rand(seed, row.to(tl.int32)) * tl.sum(w, 0)
+            target = tl.load(u_ptr + row) * tl.sum(w, 0)
             last = tl.max(tl.where(w > 0, sp, 0), 0)
             k = tl.minimum(tl.min(tl.where(cum > target, sp, SPLITS), 0), last)
             rest = target - tl.sum(tl.where(sp < k, w, 0.0), 0)

@@ -25,6 +25,8 @@ from r1lab.engine.sampling import (
     SamplingParams,
     StopChecker,
     left_pad,
+    prompt_keys,
+    row_keys,
     stop_token_ids,
 )
 
@@ -115,9 +117,11 @@ def fast_sample(
     params: SamplingParams | None = None,
     tokenizer=None,
     max_batch_size: int | None = None,
+    keys=None,
     **engine_kwargs,
 ) -> list[Completion]:
-    """`sample()` on the engine: same arguments, same results (up to floating-point rounding).
+    """`sample()` on the engine: same arguments, same results (up to floating-point rounding:
+    the same keys give the same uniforms, and both invert the CDF in token-id order).
 
     Stop strings are honoured after decoding: a row that produced one is cut at the first
     token where its text contains it, exactly where the reference sampler would have
@@ -127,6 +131,7 @@ def fast_sample(
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("sample() needs at least one prompt, and every prompt needs a token")
     per_chunk = len(prompt_ids) if not max_batch_size else max(1, max_batch_size // params.n)
+    rkeys = row_keys(prompt_keys(params, len(prompt_ids), keys), params.n)
     stop_ids = stop_token_ids(model, tokenizer, params)
     checker = StopChecker(stop_ids, params.stop_strings, tokenizer)
     width = max(len(p) for p in prompt_ids)
@@ -137,7 +142,8 @@ def fast_sample(
     for start in range(0, len(prompt_ids), per_chunk):
         chunk = prompt_ids[start : start + per_chunk]
         ids, mask = left_pad(chunk, engine.pad_id, model.device)
-        tokens, logprobs = engine.generate(ids, mask, params, stop_ids)
+        chunk_keys = rkeys[start * params.n : (start + len(chunk)) * params.n]
+        tokens, logprobs = engine.generate(ids, mask, params, stop_ids, chunk_keys)
         _LAST_STATS.clear()
         _LAST_STATS.update(engine.last_stats)
         for row, (t, lp) in enumerate(zip(tokens, logprobs)):

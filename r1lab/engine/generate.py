@@ -9,6 +9,8 @@ for every token: it is slow and kept as the reference the fast path is tested ag
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from r1lab.engine import fast_generate
@@ -16,9 +18,12 @@ from r1lab.engine.sampling import (
     Completion,
     SamplingParams,
     StopChecker,
-    filter_logits,
     left_pad,
+    pick_tokens,
+    prompt_keys,
+    row_keys,
     stop_token_ids,
+    uniforms,
 )
 
 __all__ = [
@@ -29,29 +34,6 @@ __all__ = [
 ]
 
 
-def _pick_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token and its log-prob for each row of `logits` (rows, vocab)."""
-    logits = logits.float()
-    if params.temperature == 0:
-        tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0]
-    logits = logits / params.temperature
-    logprobs = torch.log_softmax(logits, -1)
-    filtered = filter_logits(logits, params.top_k, params.top_p)
-    tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator)[:, 0]
-    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
-
-
-def _make_generator(params: SamplingParams, device) -> torch.Generator | None:
-    if params.seed is None:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(params.seed)
-    return gen
-
-
 @torch.no_grad()
 def sample(
     model,
@@ -59,20 +41,26 @@ def sample(
     params: SamplingParams | None = None,
     tokenizer=None,
     max_batch_size: int | None = None,
+    keys: Sequence[int] | None = None,
 ) -> list[Completion]:
     """Sample `params.n` completions for every prompt; results are grouped by prompt.
 
     `max_batch_size` bounds how many sequences decode together (memory); prompts are
-    processed in chunks of `max_batch_size // n`. On CUDA the call goes to the engine in
-    `fast_generate` (R1LAB_FAST_SAMPLER=0 keeps it here).
+    processed in chunks of `max_batch_size // n`. `keys` (one per prompt, see
+    `sampling.sample_key`) name what is drawn: a prompt's completions depend on its key
+    and the model only, not on the other prompts of the call. Without them the keys are
+    (params.seed, prompt index). On CUDA the call goes to the engine in `fast_generate`
+    (R1LAB_FAST_SAMPLER=0 keeps it here).
     """
     params = params or SamplingParams()
     if model.device.type == "cuda" and fast_generate.applicable(model, params, tokenizer):
-        return fast_generate.fast_sample(model, prompt_ids, params, tokenizer, max_batch_size)
+        return fast_generate.fast_sample(
+            model, prompt_ids, params, tokenizer, max_batch_size, keys=keys
+        )
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("sample() needs at least one prompt, and every prompt needs a token")
     per_chunk = len(prompt_ids) if not max_batch_size else max(1, max_batch_size // params.n)
-    generator = _make_generator(params, model.device)
+    rkeys = row_keys(prompt_keys(params, len(prompt_ids), keys), params.n)
     checker = StopChecker(stop_token_ids(model, tokenizer, params), params.stop_strings, tokenizer)
     was_training = model.training
     model.eval()
@@ -80,13 +68,14 @@ def sample(
     try:
         for start in range(0, len(prompt_ids), per_chunk):
             chunk = prompt_ids[start : start + per_chunk]
-            out.extend(_sample_chunk(model, chunk, start, params, checker, generator))
+            chunk_keys = rkeys[start * params.n : (start + len(chunk)) * params.n]
+            out.extend(_sample_chunk(model, chunk, start, params, checker, chunk_keys))
     finally:
         model.train(was_training)
     return out
 
 
-def _sample_chunk(model, prompts, offset, params, checker, generator) -> list[Completion]:
+def _sample_chunk(model, prompts, offset, params, checker, keys) -> list[Completion]:
     pad_id = model.config.pad_token_id or 0
     ids, mask = left_pad(prompts, pad_id, model.device)
     rows = len(prompts) * params.n
@@ -94,13 +83,14 @@ def _sample_chunk(model, prompts, offset, params, checker, generator) -> list[Co
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]
     cache.repeat_interleave(params.n)
     logits = logits.repeat_interleave(params.n, dim=0)
+    keys = torch.tensor(keys, dtype=torch.long, device=model.device)  # of the batch's rows
 
     tokens_out: list[list[int]] = [[] for _ in range(rows)]
     logprobs_out: list[list[float]] = [[] for _ in range(rows)]
     active = list(range(rows))  # original row of each batch row
     running = [True] * rows  # per batch row: still generating
     for step in range(params.max_new_tokens):
-        tokens, lps = _pick_tokens(logits, params, generator)
+        tokens, lps = pick_tokens(logits, params, uniforms(keys, step))
         tokens_list, lps_list = tokens.tolist(), lps.tolist()
         for j, row in enumerate(active):
             if running[j]:
@@ -116,7 +106,7 @@ def _sample_chunk(model, prompts, offset, params, checker, generator) -> list[Co
         if live <= 0.75 * len(active):
             keep = torch.tensor(running, device=model.device)
             cache.select(keep.nonzero()[:, 0])
-            tokens = tokens[keep]
+            tokens, keys = tokens[keep], keys[keep]
             active = [row for row, on in zip(active, running) if on]
             running = [True] * len(active)
         logits = model(tokens[:, None], cache=cache)[:, -1]
@@ -129,19 +119,24 @@ def _sample_chunk(model, prompts, offset, params, checker, generator) -> list[Co
 
 @torch.no_grad()
 def sample_without_cache(
-    model, prompt_ids: list[list[int]], params: SamplingParams, tokenizer=None
+    model,
+    prompt_ids: list[list[int]],
+    params: SamplingParams,
+    tokenizer=None,
+    keys: Sequence[int] | None = None,
 ) -> list[Completion]:
     """The slow reference: one sequence at a time, the full forward recomputed per token."""
-    generator = _make_generator(params, model.device)
+    rkeys = row_keys(prompt_keys(params, len(prompt_ids), keys), params.n)
     checker = StopChecker(stop_token_ids(model, tokenizer, params), params.stop_strings, tokenizer)
     out = []
     for index, prompt in enumerate(prompt_ids):
-        for _ in range(params.n):
+        for j in range(params.n):
+            key = torch.tensor([rkeys[index * params.n + j]], device=model.device)
             seq = list(prompt)
             ids, lps = [], []
-            for _step in range(params.max_new_tokens):
+            for step in range(params.max_new_tokens):
                 logits = model(torch.tensor([seq], device=model.device))[:, -1]
-                token, lp = _pick_tokens(logits, params, generator)
+                token, lp = pick_tokens(logits, params, uniforms(key, step))
                 ids.append(int(token))
                 lps.append(float(lp))
                 seq.append(int(token))

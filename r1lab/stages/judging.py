@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from r1lab.config import write_config
 from r1lab.engine.generate import Completion, SamplingParams, sample
+from r1lab.engine.sampling import prompt_keys
 from r1lab.model.tokenizer import PromptTemplate, render_prompt
 from r1lab.rewards import RewardResult, get_reward
 from r1lab.rewards.base import NO_REASON
@@ -68,15 +69,17 @@ def sample_completions(
     description: str = "sampling",
     prompt_ids: list[list[int]] | None = None,
     warn_context: bool = True,
+    keys: Sequence[int] | None = None,
 ) -> list[Completion]:
     """`params.n` completions per prompt, grouped by prompt (`prompt_index` into `prompts`).
 
-    `questions_per_call=None` samples every prompt in one `sample` call (seed
-    `params.seed`); otherwise call b takes the next `questions_per_call` prompts with seed
-    `params.seed + b`, so a run is reproducible for a given batch size. `max_batch_size`
-    caps the rows `sample` decodes at once. `prompt_ids` spares tokenizing the prompts
-    again when the caller already has them. `warn_context`: say (once, on stderr) how many
-    prompts plus `max_new_tokens` exceed the model's context (`r1lab.api.warn_over_context`).
+    A prompt's completions are drawn with its key (`keys`, one per prompt; by default
+    (`params.seed`, its index in `prompts`): `r1lab.engine.sampling`), so they do not
+    depend on `questions_per_call` (prompts per `sample` call, for the progress bar),
+    `max_batch_size` (rows `sample` decodes at once) or which other prompts are sampled
+    with them. `prompt_ids` spares tokenizing the prompts again when the caller already
+    has them. `warn_context`: say (once, on stderr) how many prompts plus
+    `max_new_tokens` exceed the model's context (`r1lab.api.warn_over_context`).
     """
     if not prompts:
         raise ValueError("no prompts to sample")
@@ -86,15 +89,15 @@ def sample_completions(
         from r1lab.api import warn_over_context
 
         warn_over_context(ids, context, params.max_new_tokens)
+    keys = prompt_keys(params, len(ids), keys)
     per_call = questions_per_call or len(ids)
     out: list[Completion] = []
     bar = progress_bar(description, total=len(prompts)) if progress else nullcontext(_no_advance)
     with bar as advance:
-        for b, start in enumerate(range(0, len(ids), per_call)):
-            seed = None if params.seed is None else params.seed + b
-            call_params = SamplingParams(**{**asdict(params), "seed": seed})
+        for start in range(0, len(ids), per_call):
+            end = start + per_call
             for c in sample(
-                model, ids[start : start + per_call], call_params, tokenizer, max_batch_size
+                model, ids[start:end], params, tokenizer, max_batch_size, keys=keys[start:end]
             ):
                 c.prompt_index += start
                 out.append(c)

@@ -8,10 +8,11 @@ what the uninterrupted run would have.
 Under torchrun (docs/distributed.md) rank r of W draws the same questions as one process
 and keeps its contiguous share (a group never straddles ranks), samples and scores them
 where it is, and `gather_batch` hands every rank the whole step's sequences for the
-update. Sampling draws from one generator per call, seeded by (seed, step, round) on rank
-0 and by (seed, step, round, rank) elsewhere, so rank 0's completions of its questions
-are not those one process draws for them: the one-process equivalence holds for the
-update on a given rollout (tests/test_distributed.py), not for the sampled tokens.
+update. Each question's completions are drawn with its own key, (seed, step, round, the
+question's index in the step's draw) (`r1lab.engine.sampling`), so a question gets the
+same completions on any number of ranks and in any batch: N ranks sample exactly what
+one process samples (tests/test_distributed.py), except in dynamic sampling's refill
+rounds, which draw other questions on N ranks.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from r1lab import distributed
 from r1lab.engine.generate import Completion, SamplingParams
 from r1lab.engine.grpo_update import TrainBatch
+from r1lab.engine.sampling import sample_key
 from r1lab.metrics import is_self_check
 from r1lab.rewards.base import RewardError
 from r1lab.rewards.combine import CombinedRewards
@@ -160,8 +162,10 @@ def sample_groups(
     params: SamplingParams,
     max_batch_size: int | None = None,
     warn_context: bool = False,
+    keys: list[int] | None = None,
 ) -> tuple[list[Group], list[Completion]]:
-    """Render each question with the template and sample `params.n` completions of it."""
+    """Render each question with the template and sample `params.n` completions of it
+    (drawn with the question's key in `keys`: `r1lab.engine.sampling`)."""
     prompts, prompt_ids, completions = sample_questions(
         model,
         tokenizer,
@@ -170,6 +174,7 @@ def sample_groups(
         params,
         max_batch_size=max_batch_size,
         warn_context=warn_context,
+        keys=keys,
     )
     g = params.n
     groups = [
@@ -239,19 +244,28 @@ def collect_rollout(
         if need <= 0:
             break
         rounds += 1
+        first = 0  # index of this rank's first question in the round's draw
         if world == 1:
             drawn = mixture.draw(need, step, round_)
         elif round_ == 0:  # the one-process questions, cut by rank
             drawn = mixture.draw(questions, step, round_)[share.start : share.stop]
+            first = share.start
         else:  # refills: disjoint per rank
-            drawn = mixture.draw(need * world, step, round_)[rank * need : (rank + 1) * need]
-        who = ("rank", rank) if rank else ()
-        params = SamplingParams(
-            n=group_size, seed=derive_seed(seed, "sample", step, round_, *who), **sampling
-        )
+            first = rank * need
+            drawn = mixture.draw(need * world, step, round_)[first : first + need]
+        # a question's samples depend on (seed, step, round, index) only, not on the rank
+        keys = [sample_key(seed, "grpo", step, round_, first + i) for i in range(len(drawn))]
+        params = SamplingParams(n=group_size, **sampling)
         t0 = time.perf_counter()
         groups, completions = sample_groups(
-            model, tokenizer, drawn, template, params, max_batch_size, warn_context and not round_
+            model,
+            tokenizer,
+            drawn,
+            template,
+            params,
+            max_batch_size,
+            warn_context and not round_,
+            keys=keys,
         )
         t1 = time.perf_counter()
         scores.append(score_groups(groups, completions, rewards))
