@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from fractions import Fraction
 
@@ -183,6 +184,15 @@ def test_config_errors_name_the_field():
         )
     cfg = build_config(ev.Config, {"model": "m", "greedy": True, "k": 8})
     assert cfg.k == 1
+
+
+def test_the_config_sets_every_evaluate_option_by_name():
+    # `r1lab eval` passes its fields to evaluate by name; all but the progress bar are settable
+    cfg = build_config(ev.Config, {"model": "m", "k": 2, "n_shown": 1, "instruction": "x"})
+    options = inspect.signature(ev.evaluate_with_records).parameters.values()
+    expected = {o.name for o in options if o.kind is o.KEYWORD_ONLY} - {"progress"}
+    assert set(cfg.protocol()) == expected
+    assert cfg.protocol() | {"k": 2, "n_shown": 1, "instruction": "x"} == cfg.protocol()
 
 
 def test_task_spec_options_reach_the_task():

@@ -18,6 +18,7 @@ sampler, when a row finishes.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections import Counter, defaultdict
@@ -120,6 +121,14 @@ class Config(StageConfig):
         if self.greedy and self.k != 1:
             object.__setattr__(self, "k", 1)
         return self
+
+    def protocol(self) -> dict[str, Any]:
+        """`evaluate`'s options as this config sets them. Its fields carry the names of
+        `evaluate_with_records`' keyword options (template ... n_shown), so an option is
+        passed by name and a new one needs only a field of its name here."""
+        options = inspect.signature(evaluate_with_records).parameters.values()
+        names = [o.name for o in options if o.kind is o.KEYWORD_ONLY]
+        return {name: getattr(self, name) for name in names if name in type(self).model_fields}
 
 
 # --- sampling and judging -----------------------------------------------------------------
@@ -475,23 +484,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     records = {}
     for spec in cfg.tasks:
         spec, task, examples = load_task_examples(spec, cfg.n, cfg.split, cfg.seed)
-        result, rows = evaluate_with_records(
-            model,
-            tokenizer,
-            examples,
-            task,
-            template=cfg.template,
-            system_prompt=cfg.system_prompt,
-            instruction=cfg.instruction,
-            k=cfg.k,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            greedy=cfg.greedy,
-            seed=cfg.seed,
-            max_batch_size=cfg.max_batch_size,
-            n_shown=cfg.n_shown,
-        )
+        result, rows = evaluate_with_records(model, tokenizer, examples, task, **cfg.protocol())
         sets[spec.title] = result
         template = prompt_template(cfg.template, cfg.system_prompt, cfg.instruction)[0]
         records[spec.title] = (examples, rows, render_prompts(template, examples, tokenizer))
