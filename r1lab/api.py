@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from r1lab.engine.generate import Completion, SamplingParams, sample
 from r1lab.model.checkpoint import load_model, save_model
@@ -45,6 +47,18 @@ def generate(model, tokenizer, prompts: str | list[str], **sampling) -> list[Com
     ids = encode_prompts(tokenizer, prompts)
     warn_over_context(ids, model.config.max_position_embeddings, params.max_new_tokens)
     return sample(model, ids, params, tokenizer, max_batch_size)
+
+
+def sampling_options(settings: Any) -> dict[str, Any]:
+    """How `settings` (a stage config, `r1lab generate`'s flags) says to sample: its values
+    under SamplingParams' field names (temperature, top_p, max_new_tokens, seed, ...), as
+    keyword options for SamplingParams or `generate`. `n` is left out: a stage config's `n`
+    counts questions, not completions per prompt, so the caller gives it."""
+    return {
+        f.name: getattr(settings, f.name)
+        for f in fields(SamplingParams)
+        if f.name != "n" and hasattr(settings, f.name)
+    }
 
 
 def warn_over_context(prompt_ids: list[list[int]], context: int, max_new_tokens: int = 0) -> int:

@@ -197,6 +197,7 @@ def _config(args) -> int:
 
 def _generate(args) -> int:
     import r1lab
+    from r1lab.api import sampling_options
     from r1lab.config import resolve_device
     from r1lab.model.tokenizer import render_prompt
 
@@ -208,17 +209,8 @@ def _generate(args) -> int:
     if args.show_prompt:
         for i, p in enumerate(prompts):
             print(f"--- prompt {i} as sent\n{p}")
-    outs = r1lab.generate(
-        model,
-        tokenizer,
-        prompts,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_new_tokens=args.max_new_tokens,
-        n=args.n,
-        seed=args.seed,
-    )
+    # the sampling flags are named after SamplingParams' fields
+    outs = r1lab.generate(model, tokenizer, prompts, n=args.n, **sampling_options(args))
     for c in outs:
         print(f"--- prompt {c.prompt_index} ({c.finish_reason}, {len(c.token_ids)} tokens)")
         print(c.text)

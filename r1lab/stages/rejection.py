@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from r1lab.api import sampling_options
 from r1lab.config import StageConfig, config_dict
 from r1lab.engine.generate import SamplingParams
 from r1lab.rewards.base import prefills_think
@@ -272,13 +273,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         return finished
     model, tokenizer = start_sampling_run(cfg, out)
     provenance = provenance_of(cfg)
-    params = SamplingParams(
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens,
-        n=cfg.samples_per_question,
-        seed=cfg.seed,
-    )
+    params = SamplingParams(n=cfg.samples_per_question, **sampling_options(cfg))
     kept, rejected, sets = [], [], {}
     total = Selection()
     for spec in cfg.tasks:
