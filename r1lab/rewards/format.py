@@ -15,15 +15,39 @@ and must not open it again.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from r1lab.rewards.base import RewardFunction, RewardResult, prefills_think, register_reward
 from r1lab.tags import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 
-STRUCTURES = ("r1-zero", "r1-chat")
 
-_R1_ZERO = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
-_R1_CHAT = re.compile(r"\s*<think>(.*?)</think>(.*)", re.DOTALL)
+@dataclass(frozen=True)
+class _Shape:
+    """A structure: its tags (each exactly once) and its whole-text pattern, whose groups
+    are the reasoning and the part after it; with what to say when either is off."""
+
+    tags: tuple[str, ...]
+    pattern: re.Pattern
+    mismatch: str  # the text is not in the pattern
+    empty_tail: str  # the part after the reasoning is blank
+
+
+_SHAPES = {
+    "r1-zero": _Shape(
+        (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE),
+        re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL),
+        "not <think>...</think> <answer>...</answer> with nothing around",
+        "empty answer",
+    ),
+    "r1-chat": _Shape(
+        (THINK_OPEN, THINK_CLOSE),
+        re.compile(r"\s*<think>(.*?)</think>(.*)", re.DOTALL),
+        "text before <think>",
+        "no summary after </think>",
+    ),
+}
+STRUCTURES = tuple(_SHAPES)
 
 
 def check_format(
@@ -31,29 +55,18 @@ def check_format(
 ) -> str | None:
     """None when `completion` has the structure, else what is wrong with it."""
     text = THINK_OPEN + completion if prefilled else completion
-    tags = (THINK_OPEN, THINK_CLOSE) + (
-        (ANSWER_OPEN, ANSWER_CLOSE) if structure == "r1-zero" else ()
-    )
-    for tag in tags:
+    shape = _SHAPES.get(structure, _SHAPES["r1-chat"])  # any other name: the chat structure
+    for tag in shape.tags:
         count = text.count(tag)
         if count != 1:
             return f"{count} {tag} tags" if count else f"no {tag}"
-    if structure == "r1-zero":
-        m = _R1_ZERO.fullmatch(text)
-        if m is None:
-            return "not <think>...</think> <answer>...</answer> with nothing around"
-        if not m.group(1).strip():
-            return "empty reasoning"
-        if not m.group(2).strip():
-            return "empty answer"
-        return None
-    m = _R1_CHAT.fullmatch(text)
+    m = shape.pattern.fullmatch(text)
     if m is None:
-        return "text before <think>"
+        return shape.mismatch
     if not m.group(1).strip():
         return "empty reasoning"
     if not m.group(2).strip():
-        return "no summary after </think>"
+        return shape.empty_tail
     return None
 
 
