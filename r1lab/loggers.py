@@ -14,6 +14,7 @@ stage of a run (`r1lab run` included) with `R1LAB_LOGGERS=tensorboard,wandb`.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from pathlib import Path
@@ -37,16 +38,22 @@ def numbers(record: dict) -> dict[str, float]:
     return out
 
 
+def _import_for(logger: str, module: str):
+    """`module`, which `logger` needs; missing, a LoggerError that says how to install it
+    (each logger's package and r1lab extra are named after the logger)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise LoggerError(
+            f"logger '{logger}' needs the {logger} package: pip install 'r1lab[{logger}]' "
+            "(or drop it from loggers)"
+        ) from err
+
+
 class TensorBoardLogger:
     def __init__(self, run_dir: Path, config: dict | None = None):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            raise LoggerError(
-                "logger 'tensorboard' needs the tensorboard package: "
-                "pip install 'r1lab[tensorboard]' (or drop it from loggers)"
-            ) from err
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        tensorboard = _import_for("tensorboard", "torch.utils.tensorboard")
+        self.writer = tensorboard.SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def log(self, record: dict) -> None:
         step = int(record.get("step", 0))
@@ -60,13 +67,7 @@ class TensorBoardLogger:
 
 class WandbLogger:
     def __init__(self, run_dir: Path, config: dict | None = None):
-        try:
-            import wandb
-        except ImportError as err:
-            raise LoggerError(
-                "logger 'wandb' needs the wandb package: pip install 'r1lab[wandb]' "
-                "(or drop it from loggers)"
-            ) from err
+        wandb = _import_for("wandb", "wandb")
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "r1lab"),
             name=run_dir.name,
