@@ -150,53 +150,29 @@ class ModelConfig:
 
 
 # Named shapes for models trained from scratch. The vocabulary comes from the tokenizer.
-SIZES: dict[str, dict] = {
+# One row per size, one column per ModelConfig field in SIZE_FIELDS.
+SIZE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
+_SIZE_ROWS = {
+    #               hidden   MLP  layers heads kv  context
     # A few thousand parameters: unit tests and the CI micro pipeline.
-    "micro": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    ),
+    "micro":        (32,     64,  2,     4,    2,  256),
     # ~0.8M parameters: learns 2-digit arithmetic in minutes on a 2-core CPU.
-    "tiny": dict(
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    ),
+    "tiny":         (128,   384,  4,     4,    2,  256),
     # ~0.3M parameters: the smaller student of the tiny distillation run.
-    "tiny-student": dict(
-        hidden_size=96,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    ),
+    "tiny-student": (96,    256,  2,     4,    2,  256),
     # ~10M parameters: a few minutes on one GPU.
-    "small": dict(
-        hidden_size=384,
-        intermediate_size=1024,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    ),
+    "small":        (384,  1024,  6,     6,    2, 1024),
     # ~110M parameters (+ embeddings): a one-GPU speedrun size.
-    "base": dict(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-    ),
-}
+    "base":         (768,  2048, 12,    12,    4, 2048),
+}  # fmt: skip
+SIZES: dict[str, dict] = {name: dict(zip(SIZE_FIELDS, row)) for name, row in _SIZE_ROWS.items()}
 
 
 def config_for_size(size: str, vocab_size: int, **overrides) -> ModelConfig:
