@@ -336,12 +336,7 @@ class Transformer(nn.Module):
             cache.length += input_ids.shape[1]
         return self.model.norm(x)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Logits (batch, seq, vocab)."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+    def forward(self, *inputs, **named_inputs) -> torch.Tensor:
+        """Logits (batch, seq, vocab): the LM head on `hidden_states`, whose arguments these
+        are (input_ids, attention_mask, position_ids, cache), so the two cannot drift."""
+        return self.lm_head(self.hidden_states(*inputs, **named_inputs))
