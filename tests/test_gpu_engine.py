@@ -107,6 +107,20 @@ def test_greedy_equals_reference_fp32(device, monkeypatch):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-3
 
 
+def test_sampled_tokens_equal_reference_fp32(device, monkeypatch):
+    """fp32 engine at T=0.8 with top-p: the kernels hash the same uniform from (row key,
+    position) and invert the same CDF as the reference sampler, so the tokens are equal."""
+    model = make_model(device)
+    prompts = random_prompts(5, 512)
+    params = SamplingParams(temperature=0.8, top_p=0.95, max_new_tokens=24, n=3, seed=5)
+    ref = reference_sample(monkeypatch, model, prompts, params)
+    fast = fast_generate.fast_sample(
+        model, prompts, params, max_batch_size=9, dtype=torch.float32, **engine_options(device)
+    )
+    assert len({tuple(c.token_ids) for c in ref}) > len(prompts)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in ref]
+
+
 def test_dispatch_and_bf16_logprobs(device):
     """bf16 through `sample()`: greedy up to bf16 near-ties, log-probs within bf16 tolerance."""
     cuda_only()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from r1lab.engine.decode_ops import HAS_TRITON, MAX_STOP_IDS, TorchOps, TritonOps
 from r1lab.engine.fallbacks import declined
-from r1lab.engine.sampling import SamplingParams, filter_logits, uniforms
+from r1lab.engine.sampling import SamplingParams, filter_logits
 from r1lab.model.transformer import (
     apply_rope,
     padded_causal_mask,
@@ -127,7 +127,6 @@ class DecodeEngine:
         self.slot = torch.zeros(1, device=dev, dtype=torch.long)
         self.step = torch.zeros(1, device=dev, dtype=torch.long)
         self.row_keys = torch.zeros(rows, device=dev, dtype=torch.long)  # sampling.row_keys
-        self.uniform = torch.zeros(rows, device=dev, dtype=torch.float32)  # this step's draws
         self.temperature = torch.ones(1, device=dev, dtype=torch.float32)
         self.finished = torch.zeros(rows, device=dev, dtype=torch.bool)
         self.lengths = torch.zeros(rows, device=dev, dtype=torch.long)
@@ -239,8 +238,6 @@ class DecodeEngine:
             # the multiplication back.
             scaled = logits.float() / self.temperature
             filtered = filter_logits(scaled, mode.top_k, mode.top_p) * self.temperature
-        if not mode.greedy:  # the row's uniform for this position: sampling.uniforms
-            self.uniform.copy_(uniforms(self.row_keys, self.step))
         ops.sample(self, logits, filtered, mode.greedy)
         ops.record_and_embed(self)  # then the forward of the new token
         for i in range(self.n_layers):

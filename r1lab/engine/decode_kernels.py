@@ -269,13 +269,37 @@ if HAS_TRITON:
         tl.store(idx_ptr + row * SPLITS + split, tl.min(tl.where(best == b, best_idx, V), 0))
 
     @triton.jit
+    def _mul32(x, c):
+        """(x * c) mod 2^32 in int64 without overflow, as `sampling._mul32`."""
+        high = (((x >> 16) * c) & 0xFFFF) << 16
+        return (high + (x & 0xFFFF) * c) & 0xFFFFFFFF
+
+    @triton.jit
+    def _mix32(x):
+        """`sampling._mix32`: the lowbias32 hash on an int64 holding 32 bits."""
+        x = x ^ (x >> 16)
+        x = _mul32(x, 0x7FEB352D)
+        x = x ^ (x >> 15)
+        x = _mul32(x, 0x846CA68B)
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _uniform(key, position):
+        """`sampling.uniforms` for one row: the same 24 bits, the same fp32 value."""
+        h = _mix32((position & 0xFFFFFFFF) ^ 0x9E3779B9)
+        h = _mix32(h ^ (key & 0xFFFFFFFF))
+        h = _mix32(h ^ (key >> 32))
+        return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+    @triton.jit
     def sample_pick_kernel(
         logits_ptr,
         filt_ptr,
         V,
         CHUNK,
         temp_ptr,
-        u_ptr,
+        keys_ptr,
+        step_ptr,
         stats_ptr,
         idx_ptr,
         tok_ptr,
@@ -289,9 +313,9 @@ if HAS_TRITON:
         inverting the CDF of softmax(score): one uniform per row picks the slice from the
         slices' sums, then a prefix sum over that slice alone finds the token. So only the
         stats pass reads the whole vocabulary, and no per-column random numbers are needed.
-        The uniform is the row's for this step (`sampling.uniforms`, computed in the graph
-        before the launch from the row's key and the step), so a row draws the same
-        numbers whatever rows share its batch, and a replayed graph draws fresh ones."""
+        The uniform is `sampling.uniforms` of the row's key and the step, computed here, so
+        a row draws the same numbers whatever rows share its batch (and as the torch ops
+        and the reference sampler do), and a replayed graph draws fresh ones."""
         row = tl.program_id(0).to(tl.int64)
         inv_t = 1.0 / tl.load(temp_ptr)
         sp = tl.arange(0, SPLITS)
@@ -308,7 +332,8 @@ if HAS_TRITON:
             ftop = tl.max(fm, 0)
             w = fs * tl.exp(fm - ftop)
             cum = tl.cumsum(w, 0)
-            target = tl.load(u_ptr + row) * tl.sum(w, 0)
+            u = _uniform(tl.load(keys_ptr + row), tl.load(step_ptr))
+            target = u * tl.sum(w, 0)
             last = tl.max(tl.where(w > 0, sp, 0), 0)
             k = tl.minimum(tl.min(tl.where(cum > target, sp, SPLITS), 0), last)
             rest = target - tl.sum(tl.where(sp < k, w, 0.0), 0)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from r1lab.engine import decode_kernels as kernels
 from r1lab.engine.decode_kernels import HAS_TRITON, triton
-from r1lab.engine.sampling import draw_tokens
+from r1lab.engine.sampling import draw_tokens, uniforms
 from r1lab.model.transformer import apply_rope, rms_norm, swiglu
 
 MAX_STOP_IDS = 16  # stop tokens held in a fixed-size device buffer
@@ -100,7 +100,7 @@ class TritonOps:
             SPLITS=splits, FILTERED=filtered is not None, BLOCK=block,
         )  # fmt: skip
         kernels.sample_pick_kernel[(rows,)](
-            logits, filt, vocab, chunk, e.temperature, e.uniform, e.sample_stats,
+            logits, filt, vocab, chunk, e.temperature, e.row_keys, e.step, e.sample_stats,
             e.sample_index, e.sampled, e.sampled_lp, SPLITS=splits, GREEDY=greedy,
             FILTERED=filtered is not None, BLOCK=block,
         )  # fmt: skip
@@ -157,6 +157,6 @@ class TorchOps:
         x = logits.float() / e.temperature
         lse = torch.logsumexp(x, -1)
         score = x if filtered is None else filtered.float() / e.temperature
-        tok = score.argmax(-1) if greedy else draw_tokens(score, e.uniform)
+        tok = score.argmax(-1) if greedy else draw_tokens(score, uniforms(e.row_keys, e.step))
         e.sampled.copy_(tok)
         e.sampled_lp.copy_(x.gather(-1, tok[:, None])[:, 0] - lse)
