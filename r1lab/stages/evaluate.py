@@ -52,7 +52,7 @@ from r1lab.stages.judging import (
     sample_and_judge,
     start_sampling_run,
 )
-from r1lab.stages.task_spec import TaskSpec, load_task_examples, parse_task_spec
+from r1lab.stages.task_spec import TaskList, TaskSpec, load_task_examples, parse_task_spec
 from r1lab.tasks import Example, Task, get_task
 from r1lab.training import console, finished_summary, mark_done
 
@@ -85,7 +85,7 @@ class Config(StageConfig):
     """
 
     model: str  # model folder, hub id, or a stage run dir (its model/ is used)
-    tasks: list[str | dict[str, Any]] = Field(default_factory=lambda: [{"name": "chain_sum"}])
+    tasks: TaskList = Field(default_factory=lambda: [{"name": "chain_sum"}])
     n: int | None = 200  # questions per task when its spec has no "n" (None = all)
     split: str = "test"
     template: str = "r1-zero"  # r1-zero | r1-chat | plain | chat | r1-distill | a .yaml file
@@ -106,9 +106,8 @@ class Config(StageConfig):
 
     @field_validator("tasks")
     @classmethod
-    def _known_tasks(cls, value: list) -> list:
-        if not value:
-            raise ValueError("at least one task is needed")
+    def _unique_labels(cls, value: list) -> list:
+        # results are keyed by the set's label; TaskList has checked each spec already
         labels = [parse_task_spec(spec).title for spec in value]
         repeated = sorted({lbl for lbl in labels if labels.count(lbl) > 1})
         if repeated:

@@ -28,7 +28,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field, field_validator
 
@@ -52,7 +51,7 @@ from r1lab.stages.readability import (
     normalized_text,
     readability_problems,
 )
-from r1lab.stages.task_spec import load_task_examples, parse_task_spec
+from r1lab.stages.task_spec import TaskList, load_task_examples
 from r1lab.tasks.base import Example
 from r1lab.training import console, finished_summary, mark_done
 
@@ -67,7 +66,7 @@ class Config(StageConfig):
     """Settings of one rejection-sampling run; defaults are the tiny CPU settings."""
 
     model: str  # model folder, hub id or stage run dir (the RL checkpoint, or a teacher)
-    tasks: list[str | dict[str, Any]] = Field(default_factory=lambda: [{"name": "chain_sum"}])
+    tasks: TaskList = Field(default_factory=lambda: [{"name": "chain_sum"}])
     n: int | None = 200  # questions per task when its spec has no "n" (None = all)
     split: str = "train"  # training questions: the held-out ones stay unseen
     samples_per_question: int = Field(default=8, ge=1)
@@ -98,15 +97,6 @@ class Config(StageConfig):
     @classmethod
     def _known_filters(cls, value: list[str]) -> list[str]:
         return check_filter_names(value)
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, value: list) -> list:
-        if not value:
-            raise ValueError("at least one task is needed")
-        for spec in value:
-            parse_task_spec(spec)
-        return value
 
 
 @dataclass

@@ -13,9 +13,16 @@ rejection stages (the held-out set's size, split, seed and name in reports).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    model_serializer,
+    model_validator,
+)
 
 from r1lab.config import ConfigError
 from r1lab.tasks import Example, Task, get_task, task_names
@@ -98,6 +105,20 @@ def parse_task_spec(spec: str | dict | TaskSpec) -> TaskSpec:
             )
             raise ValueError(f"task spec {spec!r}: {detail}") from None
         raise
+
+
+def check_task_list(specs: list) -> list:
+    """At least one spec, each naming a known task (ValueError otherwise); returned as
+    written, so config.yaml and the fingerprint show the specs the way the user gave them."""
+    if not specs:
+        raise ValueError("at least one task is needed")
+    for spec in specs:
+        parse_task_spec(spec)
+    return specs
+
+
+# The eval and rejection stages' `tasks` setting: task names or spec mappings, as written.
+TaskList = Annotated[list[str | dict[str, Any]], AfterValidator(check_task_list)]
 
 
 def load_task_examples(
