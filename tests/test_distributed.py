@@ -425,26 +425,74 @@ def test_cli_nproc_runs_grpo_under_torchrun(tmp_path):
     assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]  # one writer
 
 
+def note_mark_done(module, tmp: Path) -> None:
+    """Leave `marked<rank>` in tmp when this rank writes a DONE (only rank 0 may)."""
+    real = module.mark_done
+
+    def mark(*args, **kwargs):
+        Path(tmp, f"marked{distributed.rank()}").touch()
+        return real(*args, **kwargs)
+
+    module.mark_done = mark
+
+
 def _sft_stage_worker(tmp: Path) -> None:
     import test_recipe_pins as pins
 
     from r1lab.stages import sft
 
     os.environ["R1LAB_NO_PROGRESS"] = "1"
-    real = sft.mark_done
-    sft.mark_done = lambda *a, **k: real(*a, **k) if distributed.is_main() else None
+    note_mark_done(sft, tmp)
     sft.run(pins.sft_config(tmp / "base", tmp / "sft.jsonl"), tmp / "run")
 
 
 def test_sft_stage_on_two_ranks_logs_the_one_process_losses(tmp_path):
-    """The pinned one-process SFT losses (tests/test_recipe_pins.py), from 2 ranks."""
+    """The pinned one-process SFT losses (tests/test_recipe_pins.py), from 2 ranks; rank 0
+    alone writes DONE."""
     import test_recipe_pins as pins
 
     pins.micro_model_dir(tmp_path / "base")
     pins.write_jsonl(tmp_path / "sft.jsonl", pins.worked_examples(80))
     spawn(_sft_stage_worker, tmp_path)
     pins.assert_pinned(pins.logged(tmp_path / "run", "loss"), pins.SFT_LOSS, "sft loss, 2 ranks")
-    assert (tmp_path / "run" / "state" / "dcp").is_dir()
+    assert (tmp_path / "run" / "state" / "dcp").is_dir() and (tmp_path / "run" / "DONE").exists()
+    assert sorted(p.name for p in tmp_path.glob("marked*")) == ["marked0"]
+
+
+def _pretrain_stage_worker(tmp: Path) -> None:
+    import test_recipe_pins as pins
+
+    from r1lab import training
+    from r1lab.stages import pretrain
+
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    note_mark_done(training, tmp)
+    if distributed.rank() == 1:  # a rank that trained its own tokenizer would fail here
+        pretrain.train_tokenizer = None
+    pretrain.run(pins.pretrain_config(), tmp / "run2")
+
+
+def test_pretrain_stage_on_two_ranks_matches_one_process(tmp_path, monkeypatch):
+    """pretrain on 2 ranks: rank 0 trains the tokenizer and hands it over, rank 0 alone
+    writes DONE, and the losses and final weights are the one-process ones."""
+    import test_recipe_pins as pins
+
+    from r1lab.model.checkpoint import load_model
+    from r1lab.stages import pretrain
+
+    spawn(_pretrain_stage_worker, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("marked*")) == ["marked0"]
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    pretrain.run(pins.pretrain_config(), tmp_path / "run1")
+    one, two = pins.logged(tmp_path / "run1", "loss"), pins.logged(tmp_path / "run2", "loss")
+    assert len(one) == pins.STEPS
+    pins.assert_pinned(two, one, "pretrain loss, 2 ranks")
+    for name in ("tokenizer.json", "config.json"):
+        assert (tmp_path / "run2" / "model" / name).read_text() == (
+            tmp_path / "run1" / "model" / name
+        ).read_text()
+    weights = [load_model(tmp_path / r / "model").state_dict() for r in ("run1", "run2")]
+    assert_same_weights(weights[1], weights[0])
 
 
 def _one_rank_dies_worker(tmp: Path) -> None:

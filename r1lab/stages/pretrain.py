@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from r1lab import training
+from r1lab import distributed, training
 from r1lab.config import resolve_device, resolve_dtype, write_config
 from r1lab.model.checkpoint import resolve_model_dir
 from r1lab.model.config import SIZES, ModelConfig, config_for_size
@@ -214,20 +214,11 @@ def take_base(cfg: Config, out: Path) -> dict:
     folder = resolve_model_dir(cfg.init_from).resolve()
     model_cfg = ModelConfig.from_file(folder / "config.json")
     load_tokenizer(folder)  # fail here, not three stages later, if it has none
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out / "config.yaml")
     target = out / "model"
-    if target.is_symlink() or target.is_file():
-        target.unlink()
-    elif target.exists():
-        shutil.rmtree(target)
-    tmp = out / f".model.link-{os.getpid()}"
-    try:
-        tmp.symlink_to(folder, target_is_directory=True)
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        shutil.copytree(folder, target)
+    if distributed.is_main():  # torchrun: rank 0 writes the run dir
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, out / "config.yaml")
+        _link(folder, target)
     summary = {
         "stage": STAGE,
         "init_from": cfg.init_from,
@@ -238,8 +229,25 @@ def take_base(cfg: Config, out: Path) -> dict:
     training.console.print(
         f"pretrain: base model {cfg.init_from} -> {target} ({summary['parameters']:,} parameters)"
     )
-    training.mark_done(out, cfg.fingerprint(), **summary)
+    if distributed.is_main():
+        training.mark_done(out, cfg.fingerprint(), **summary)
+    distributed.barrier()  # no rank moves on before DONE is there
     return summary
+
+
+def _link(folder: Path, target: Path) -> None:
+    """`target` becomes a link to `folder` (a copy where links are not allowed)."""
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
+    tmp = target.parent / f".model.link-{os.getpid()}"
+    try:
+        tmp.symlink_to(folder, target_is_directory=True)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        shutil.copytree(folder, target)
 
 
 # ---- the stage ---------------------------------------------------------------------------------
@@ -255,16 +263,20 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     started = time.perf_counter()
     training.set_cpu_threads()
     training.set_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))  # torchrun: this rank's GPU
     dtype = resolve_dtype(cfg.dtype, device)
     record = supervised.open_checkpoint(STAGE, cfg, out, resume, RESUME_NEUTRAL)
 
-    # corpus and tokenizer (a resumed run keeps the tokenizer it saved)
+    # corpus and tokenizer (a resumed run keeps the tokenizer it saved; under torchrun
+    # rank 0 trains it and the other ranks receive it, so every rank has the same one)
     docs = build_corpus(cfg)
     if record is not None:
         tokenizer = load_tokenizer(out / "model")
     else:
-        tokenizer = train_tokenizer(docs[: cfg.tokenizer_documents], cfg.vocab_size)
+        trained = None
+        if distributed.is_main():
+            trained = train_tokenizer(docs[: cfg.tokenizer_documents], cfg.vocab_size)
+        tokenizer = distributed.all_gather_objects(trained)[0]
     train_rows, val_rows = encode_corpus(docs, tokenizer, cfg, tokenizer.pad_token_id)
 
     model = build_model(cfg, tokenizer).to(device)
@@ -300,5 +312,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         f"{summary['initial_val_loss']:.3f} -> {summary['val_loss']:.3f}, "
         f"{summary['tokens_per_s']:.0f} tok/s, {summary['train_minutes']:.1f} min of training"
     )
-    training.mark_done(out, cfg.fingerprint(), **summary)
+    if distributed.is_main():  # torchrun: rank 0 writes the run dir
+        training.mark_done(out, cfg.fingerprint(), **summary)
+    distributed.barrier()
     return summary

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from r1lab.config import resolve_device, resolve_dtype
+from r1lab import distributed
+from r1lab.config import ConfigError, resolve_device, resolve_dtype
 from r1lab.model.checkpoint import atomic_dir, load_model, resolve_model_dir
 from r1lab.model.config import ModelConfig
 from r1lab.model.lora import LoraSettings, apply_lora, write_adapter
@@ -184,8 +185,14 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     started = time.perf_counter()
     set_cpu_threads()
     set_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    # torchrun: this rank's GPU by index ("cuda" alone loads safetensors onto cuda:0)
+    device = distributed.local_device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.lora is not None and distributed.active():
+        raise ConfigError(
+            "sft config: field 'lora': LoRA runs in one process only for now (the FSDP "
+            "path shards full weights); drop --nproc, or train every weight"
+        )
     record = supervised.open_checkpoint(STAGE, cfg, out, resume, RESUME_NEUTRAL)
 
     # data first: a bad source fails before anything is written
@@ -246,5 +253,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         f"sft: {summary['steps']} steps ({summary['stopped_by']}); val loss {before}{after}, "
         f"{summary['tokens_per_s']:.0f} tok/s, {summary['train_minutes']:.1f} min of training"
     )
-    mark_done(out, cfg.fingerprint(), **summary)
+    if distributed.is_main():  # torchrun: rank 0 writes the run dir
+        mark_done(out, cfg.fingerprint(), **summary)
+    distributed.barrier()  # no rank moves on before DONE is there
     return summary
