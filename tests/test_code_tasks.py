@@ -98,7 +98,7 @@ def test_eval_scores_code_with_pass_at_k(humaneval, monkeypatch):
         2: [fenced("def nope():\n    pass"), fenced("def f(:")],
     }
 
-    def fake_sample(model, prompt_ids, params, tokenizer=None, max_batch_size=None):
+    def fake_sample(model, prompt_ids, params, tokenizer=None, max_batch_size=None, keys=None):
         return [
             Completion(j, [5] * 4, [0.0] * 4, "stop", text)
             for j, ids in enumerate(prompt_ids)
