@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from r1lab import distributed
 from r1lab.config import StageConfig, config_dict
 from r1lab.engine.generate import SamplingParams
 from r1lab.metrics import (
@@ -498,12 +499,14 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         "config": config_dict(cfg),
         "sets": sets,
     }
-    _write_samples(out / "samples.jsonl", records)
-    _write_json(out / "eval.json", report)
-    from r1lab.model.checkpoint import atomic_write_text
+    if distributed.is_main():  # torchrun: every rank has the results, rank 0 writes them
+        from r1lab.model.checkpoint import atomic_write_text
 
-    atomic_write_text(out / "eval.md", markdown_table(report))
-    print_table(report)
-    headline = {f"{label}/pass@1": round(res["pass@1"], 4) for label, res in sets.items()}
-    mark_done(out, fingerprint, **headline)
+        _write_samples(out / "samples.jsonl", records)
+        _write_json(out / "eval.json", report)
+        atomic_write_text(out / "eval.md", markdown_table(report))
+        print_table(report)
+        headline = {f"{label}/pass@1": round(res["pass@1"], 4) for label, res in sets.items()}
+        mark_done(out, fingerprint, **headline)
+    distributed.barrier()
     return report

@@ -570,7 +570,7 @@ def evaluate_policy(rs: RunState, cfg: Config) -> dict[str, float]:
     from r1lab.stages.evaluate import evaluate
 
     grpo_lora.refresh_sampler(rs.sampler, rs.policy)  # LoRA merged, or torchrun's whole copy
-    result = evaluate(  # torchrun: every rank evaluates its whole copy (no collectives)
+    result = evaluate(  # torchrun: each rank samples its share of the questions
         rs.sampler or rs.policy,
         rs.tokenizer,
         rs.eval_examples,

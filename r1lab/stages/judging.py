@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from r1lab import distributed
 from r1lab.config import write_config
 from r1lab.engine.generate import Completion, SamplingParams, sample
 from r1lab.engine.sampling import prompt_keys
@@ -398,22 +399,51 @@ def sample_and_judge(
     A `sample` call takes as many whole questions as fit in `max_batch_size` rows; how a
     question's draws are seeded is `sample_completions`'s rule. The eval and rejection
     stages both sample through here, so they ask, batch and judge a set alike.
+
+    Under torchrun each rank samples and judges its contiguous share of the questions,
+    question i still drawn with the key (seed, i), and every rank gets the whole set back
+    in question order: the one-process result, whatever the number of ranks.
     """
     started = time.perf_counter()
-    prompts, _, completions = sample_questions(
-        model,
-        tokenizer,
-        template,
-        examples,
-        params,
-        max_batch_size=max_batch_size,
-        questions_per_call=max(1, max_batch_size // params.n),
-        progress=progress,
-        description=description,
-    )
+    keys = prompt_keys(params, len(examples))
+    if params.seed is None and distributed.active():
+        keys = distributed.all_gather_objects(keys)[0]  # rank 0's random draw for all
+    share = distributed.shard_of(len(examples))
+    mine = list(examples[share.start : share.stop])
+    prompts, completions, rows = [], [], []
+    if mine:
+        prompts, _, completions = sample_questions(
+            model,
+            tokenizer,
+            template,
+            mine,
+            params,
+            max_batch_size=max_batch_size,
+            questions_per_call=max(1, max_batch_size // params.n),
+            progress=progress,
+            description=description,
+            keys=keys[share.start : share.stop],
+        )
     sample_s = time.perf_counter() - started
-    rows = judge_samples(task, examples, prompts, completions, structure)
-    return JudgedSet(prompts, completions, rows, sample_s)
+    if mine:
+        rows = judge_samples(task, mine, prompts, completions, structure)
+    return gather_judged(JudgedSet(prompts, completions, rows, sample_s))
+
+
+def gather_judged(part: JudgedSet) -> JudgedSet:
+    """Every rank's share of a set, joined in rank order (= question order); the sampling
+    time is the slowest rank's. One process: `part` itself."""
+    parts = distributed.all_gather_objects(part)
+    if len(parts) == 1:
+        return part
+    whole = JudgedSet([], [], [], max(p.sample_s for p in parts))
+    for p in parts:
+        for c in p.completions:
+            c.prompt_index += len(whole.prompts)
+        whole.prompts += p.prompts
+        whole.completions += p.completions
+        whole.rows += p.rows
+    return whole
 
 
 # ---- the model that samples ---------------------------------------------------------------------
@@ -422,7 +452,7 @@ def load_model_and_tokenizer(model_path: str, device: str, dtype: str):
     from r1lab.api import load
     from r1lab.config import resolve_device, resolve_dtype
 
-    dev = resolve_device(device)
+    dev = distributed.local_device(resolve_device(device))  # torchrun: the rank's own GPU
     model, tokenizer = load(model_path, dtype=resolve_dtype(dtype, dev), device=dev)
     if tokenizer is None:
         raise FileNotFoundError(f"{model_path}: no tokenizer next to the model")
@@ -430,10 +460,12 @@ def load_model_and_tokenizer(model_path: str, device: str, dtype: str):
 
 
 def start_sampling_run(cfg, out: Path):
-    """Begin an eval or rejection run in `out`: its config.yaml, the CPU threads and seed,
-    and the model that samples with its tokenizer, which are returned."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out / "config.yaml")
+    """Begin an eval or rejection run in `out`: its config.yaml (rank 0 writes the run
+    dir), the CPU threads and seed, and the model that samples with its tokenizer, which
+    are returned."""
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, out / "config.yaml")
     set_cpu_threads()
     set_seed(cfg.seed)
     return load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from r1lab import distributed
 from r1lab.api import sampling_options
 from r1lab.config import StageConfig, config_dict
 from r1lab.engine.generate import SamplingParams
@@ -299,29 +300,32 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         "sets": sets,
         "total": _counts_summary(total, n_questions),
     }
-    atomic_write_text(out / DATA_FILE, _jsonl(kept))
-    if cfg.write_rejected:
-        atomic_write_text(out / REJECTED_FILE, _jsonl(rejected))
-    atomic_write_text(
-        out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n"
-    )
-    print_summary(summary)
+    main = distributed.is_main()  # torchrun: every rank has the selection, rank 0 writes
+    if main:
+        atomic_write_text(out / DATA_FILE, _jsonl(kept))
+        if cfg.write_rejected:
+            atomic_write_text(out / REJECTED_FILE, _jsonl(rejected))
+        text = json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n"
+        atomic_write_text(out / SUMMARY_FILE, text)
+        print_summary(summary)
     if len(kept) < cfg.min_kept:
         raise ValueError(
             f"rejection sampling kept {len(kept)} of {total.counts['sampled']} samples, fewer "
             f"than min_kept={cfg.min_kept} (see {out / SUMMARY_FILE} for where they were "
             "dropped; min_kept=0 accepts an empty result)"
         )
-    if not kept:
+    if not kept and main:
         console.print(
             f"[bold yellow]WARNING[/]: rejection sampling kept no sample; {DATA_FILE} is empty"
         )
-    mark_done(
-        out,
-        fingerprint,
-        output=summary["output"],
-        kept=len(kept),
-        sampled=total.counts["sampled"],
-        keep_rate=round(summary["total"]["keep_rate"], 4),
-    )
+    if main:
+        mark_done(
+            out,
+            fingerprint,
+            output=summary["output"],
+            kept=len(kept),
+            sampled=total.counts["sampled"],
+            keep_rate=round(summary["total"]["keep_rate"], 4),
+        )
+    distributed.barrier()
     return summary

@@ -1,0 +1,244 @@
+"""Whole stages on two gloo ranks write what one process writes (issue 15).
+
+GRPO samples the one-process completions (sampling keyed per question and sample) and
+ends with its losses and weights; sft and pretrain log its losses, and eval and
+rejection sampling split the questions and write its files; rank 0 alone writes each run
+dir. The harness (`spawn`) is tests/test_distributed.py's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from test_distributed import TOL, WORLD, assert_same_weights, spawn
+
+from r1lab import distributed
+
+
+def sampling_grpo_config(tmp: Path):
+    """The pinned GRPO run with more questions than ranks, nucleus sampling at T=1."""
+    import test_recipe_pins as pins
+
+    cfg = pins.grpo_config(tmp / "base", "pinrewards:spread")
+    return cfg.model_copy(update={"steps": 3, "questions_per_step": 4, "top_p": 0.9})
+
+
+def record_completions(grpo_module, seen: list) -> None:
+    """Make the grpo stage note every question and its sampled tokens, step by step."""
+    real = grpo_module.collect_rollout
+
+    def collect(*args, **kwargs):
+        rollout = real(*args, **kwargs)
+        seen.append(
+            [
+                (kwargs["step"], g.example.question, [c.token_ids for c in g.completions])
+                for g in rollout.sampled
+            ]
+        )
+        return rollout
+
+    grpo_module.collect_rollout = collect
+
+
+def _grpo_samples_worker(tmp: Path) -> None:
+    from r1lab.stages import grpo
+
+    sys.path.insert(0, str(tmp))
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    seen: list = []
+    record_completions(grpo, seen)
+    grpo.run(sampling_grpo_config(tmp), tmp / "run2")
+    torch.save(seen, tmp / f"samples{distributed.rank()}.pt")
+
+
+def test_grpo_stage_on_two_ranks_samples_what_one_process_samples(tmp_path, monkeypatch):
+    """Each question is sampled with its (seed, step, round, question) key, so the 2 ranks
+    draw exactly the one-process completions, step after step, and the losses and final
+    weights follow (fp32, to 1e-5)."""
+    import json
+
+    import test_recipe_pins as pins
+
+    from r1lab.model.checkpoint import load_model
+    from r1lab.stages import grpo
+
+    pins.micro_model_dir(tmp_path / "base")
+    (tmp_path / "pinrewards.py").write_text(pins.REWARDS_MODULE)
+    spawn(_grpo_samples_worker, tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    seen: list = []
+    monkeypatch.setattr(grpo, "collect_rollout", grpo.collect_rollout)  # restored afterwards
+    record_completions(grpo, seen)
+    grpo.run(sampling_grpo_config(tmp_path), tmp_path / "run1")
+    ranks = [torch.load(tmp_path / f"samples{r}.pt") for r in range(WORLD)]
+    assert len(seen) == 3 and all(len(r) == 3 for r in ranks)
+    for step, one in enumerate(seen):
+        assert ranks[0][step] + ranks[1][step] == one  # rank order = one process's order
+        assert len(ranks[0][step]) == len(ranks[1][step]) == 2
+
+    def logged(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines if '"loss"' in x]
+
+    for a, b in zip(logged("run1"), logged("run2"), strict=True):
+        assert b["reward"] == a["reward"]  # the same completions, the same scores
+        for key in ("loss", "kl", "grad_norm", "entropy"):
+            assert abs(b[key] - a[key]) <= TOL * max(1.0, abs(a[key])), key
+    one = load_model(tmp_path / "run1" / "model", dtype=torch.float32).state_dict()
+    two = load_model(tmp_path / "run2" / "model", dtype=torch.float32).state_dict()
+    assert_same_weights(two, one)
+
+
+def note_mark_done(module, tmp: Path) -> None:
+    """Leave `marked<rank>` in tmp when this rank writes a DONE (only rank 0 may)."""
+    real = module.mark_done
+
+    def mark(*args, **kwargs):
+        Path(tmp, f"marked{distributed.rank()}").touch()
+        return real(*args, **kwargs)
+
+    module.mark_done = mark
+
+
+def _sft_stage_worker(tmp: Path) -> None:
+    import test_recipe_pins as pins
+
+    from r1lab.stages import sft
+
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    note_mark_done(sft, tmp)
+    sft.run(pins.sft_config(tmp / "base", tmp / "sft.jsonl"), tmp / "run")
+
+
+def test_sft_stage_on_two_ranks_logs_the_one_process_losses(tmp_path):
+    """The pinned one-process SFT losses (tests/test_recipe_pins.py), from 2 ranks; rank 0
+    alone writes DONE."""
+    import test_recipe_pins as pins
+
+    pins.micro_model_dir(tmp_path / "base")
+    pins.write_jsonl(tmp_path / "sft.jsonl", pins.worked_examples(80))
+    spawn(_sft_stage_worker, tmp_path)
+    pins.assert_pinned(pins.logged(tmp_path / "run", "loss"), pins.SFT_LOSS, "sft loss, 2 ranks")
+    assert (tmp_path / "run" / "state" / "dcp").is_dir() and (tmp_path / "run" / "DONE").exists()
+    assert sorted(p.name for p in tmp_path.glob("marked*")) == ["marked0"]
+
+
+def _pretrain_stage_worker(tmp: Path) -> None:
+    import test_recipe_pins as pins
+
+    from r1lab import training
+    from r1lab.stages import pretrain
+
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    note_mark_done(training, tmp)
+    if distributed.rank() == 1:  # a rank that trained its own tokenizer would fail here
+        pretrain.train_tokenizer = None
+    pretrain.run(pins.pretrain_config(), tmp / "run2")
+
+
+def test_pretrain_stage_on_two_ranks_matches_one_process(tmp_path, monkeypatch):
+    """pretrain on 2 ranks: rank 0 trains the tokenizer and hands it over, rank 0 alone
+    writes DONE, and the losses and final weights are the one-process ones."""
+    import test_recipe_pins as pins
+
+    from r1lab.model.checkpoint import load_model
+    from r1lab.stages import pretrain
+
+    spawn(_pretrain_stage_worker, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("marked*")) == ["marked0"]
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    pretrain.run(pins.pretrain_config(), tmp_path / "run1")
+    one, two = pins.logged(tmp_path / "run1", "loss"), pins.logged(tmp_path / "run2", "loss")
+    assert len(one) == pins.STEPS
+    pins.assert_pinned(two, one, "pretrain loss, 2 ranks")
+    for name in ("tokenizer.json", "config.json"):
+        assert (tmp_path / "run2" / "model" / name).read_text() == (
+            tmp_path / "run1" / "model" / name
+        ).read_text()
+    weights = [load_model(tmp_path / r / "model").state_dict() for r in ("run1", "run2")]
+    assert_same_weights(weights[1], weights[0])
+
+
+def sampler_configs(tmp: Path):
+    """eval on two sets (5 and 3 questions: shares of 3 and 2, of 2 and 1) and rejection
+    sampling on the random micro model, batches smaller than a rank's share."""
+    from r1lab.config import build_config
+    from r1lab.stages import evaluate, rejection
+
+    common = {"model": str(tmp / "base"), "max_new_tokens": 8, "device": "cpu"}
+    sets = [{"name": "chain_sum", "n": 5}, {"name": "arithmetic", "n": 3}]
+    ev = build_config(evaluate.Config, {**common, "tasks": sets, "k": 2, "max_batch_size": 2})
+    rej = build_config(
+        rejection.Config,
+        {**common, "tasks": sets[:1], "samples_per_question": 3, "max_batch_size": 3},
+        {"min_kept": 0, "temperature": 1.0},
+    )
+    return ev, rej
+
+
+def _samplers_worker(tmp: Path) -> None:
+    from r1lab.stages import evaluate, judging, rejection
+
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    asked: list[int] = []
+    real = judging.sample_questions
+
+    def sample_questions(model, tokenizer, template, questions, *args, **kwargs):
+        asked.append(len(questions))
+        return real(model, tokenizer, template, questions, *args, **kwargs)
+
+    judging.sample_questions = sample_questions
+    ev, rej = sampler_configs(tmp)
+    note_mark_done(evaluate, tmp)
+    evaluate.run(ev, tmp / "eval2")
+    note_mark_done(rejection, tmp)
+    rejection.run(rej, tmp / "rej2")
+    Path(tmp, f"asked{distributed.rank()}").write_text(str(asked))
+
+
+def test_eval_and_rejection_on_two_ranks_write_the_one_process_results(tmp_path, monkeypatch):
+    """Each rank samples and judges its share of every set (question i keyed by (seed,
+    i)); rank 0 gathers them and alone writes the run dirs, which hold what one process
+    writes."""
+    import json
+
+    from conftest import save_random_micro_model
+
+    from r1lab.stages import evaluate, rejection
+
+    save_random_micro_model(tmp_path / "base")
+    spawn(_samplers_worker, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("marked*")) == ["marked0"]
+    asked = [(tmp_path / f"asked{r}").read_text() for r in range(WORLD)]
+    assert asked == ["[3, 2, 3]", "[2, 1, 2]"]  # questions per set: each rank its share
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    ev, rej = sampler_configs(tmp_path)
+    evaluate.run(ev, tmp_path / "eval1")
+    rejection.run(rej, tmp_path / "rej1")
+
+    def read(path: Path) -> str:
+        return path.read_text()
+
+    def without(record: dict, *keys: str) -> dict:
+        return {k: v for k, v in record.items() if k not in keys}
+
+    one, two = tmp_path / "eval1", tmp_path / "eval2"
+    assert read(two / "samples.jsonl") == read(one / "samples.jsonl")
+    assert len(read(one / "samples.jsonl").splitlines()) == (5 + 3) * 2
+    sets = [json.loads(read(d / "eval.json"))["sets"] for d in (one, two)]
+    assert {k: without(v, "timing") for k, v in sets[1].items()} == {
+        k: without(v, "timing") for k, v in sets[0].items()
+    }
+    one, two = tmp_path / "rej1", tmp_path / "rej2"
+    rows = [[json.loads(x) for x in read(d / "rejected.jsonl").splitlines()] for d in (one, two)]
+    assert len(rows[0]) == 5 * 3 and len({r["response"] for r in rows[0]}) > 5
+    assert [without(r, "provenance") for r in rows[1]] == [
+        without(r, "provenance") for r in rows[0]
+    ]
+    summaries = [json.loads(read(d / "rejection.json")) for d in (one, two)]
+    assert summaries[1]["total"] == summaries[0]["total"]
+    assert (two / "DONE").exists() and (two / "config.yaml").exists()
