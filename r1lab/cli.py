@@ -59,6 +59,7 @@ def _stage_parser(sub, name: str, help_text: str, settings: str | None = None) -
         help="preset name (see `r1lab presets`) or a YAML file; default: the tiny CPU settings",
     )
     p.add_argument("--out", required=True, help="run directory for this stage")
+    _nproc_argument(p, "this stage's processes: N > 1 runs it under torchrun (FSDP2)")
     p.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
@@ -66,6 +67,16 @@ def _stage_parser(sub, name: str, help_text: str, settings: str | None = None) -
         help="resume from the run directory's last checkpoint (default on)",
     )
     p.add_argument("overrides", nargs="*", help="key=value or section.key=value")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of processes, got {text!r}")
+    return int(text)
+
+
+def _nproc_argument(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--nproc", type=_positive_int, default=1, metavar="N", help=help_text)
 
 
 def _stage_settings(stage: str) -> str:
@@ -115,6 +126,11 @@ def build_parser(describe: str | None = None) -> argparse.ArgumentParser:
         metavar="N",
         help="stages run at once where the graph allows, one CPU thread each "
         "(default: the preset's pipeline.jobs, else 2 on a machine with 2+ cores)",
+    )
+    _nproc_argument(
+        run,
+        "processes per stage: N > 1 runs each stage that can under torchrun, "
+        "one stage at a time (docs/distributed.md)",
     )
     run.add_argument("overrides", nargs="*", help="stage.key=value, e.g. r1-zero.steps=50")
 
@@ -246,6 +262,7 @@ def _info(args) -> int:
 def error_line(err: BaseException) -> str | None:
     """The one-line message of an input or environment error (None: a bug, keep the trace)."""
     from r1lab.config import ConfigError
+    from r1lab.distributed import DistributedError
     from r1lab.training import NonFiniteLossError
 
     if isinstance(err, KeyError):
@@ -257,7 +274,9 @@ def error_line(err: BaseException) -> str | None:
         if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             return f"cannot write{where}: {err.strerror}; choose a writable --out"
         return f"{err.strerror or err}{where}"
-    if isinstance(err, (ConfigError, ValueError, FileNotFoundError, NonFiniteLossError)):
+    if isinstance(
+        err, (ConfigError, ValueError, FileNotFoundError, NonFiniteLossError, DistributedError)
+    ):
         return str(err)
     if type(err).__name__ == "NonFiniteLossError":  # grpo's own, older class
         return str(err)
@@ -270,16 +289,15 @@ def error_line(err: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a.startswith("--nproc") for a in argv):  # --nproc N: the same command under torchrun
-        from r1lab.distributed import torchrun_command
-
-        launch = torchrun_command(argv)
-        if launch is not None:
-            import subprocess
-
-            return subprocess.call(launch)
     args = build_parser(_help_for(argv)).parse_args(argv)
     torchrun = os.environ.get("WORLD_SIZE", "1") != "1"  # one of torchrun's processes
+    if args.command in STAGES and args.nproc > 1 and not torchrun:
+        # --nproc N: the same command under torchrun; N = 1 runs here
+        import subprocess
+
+        from r1lab.distributed import torchrun_command
+
+        return subprocess.call(torchrun_command(argv))
     try:
         if torchrun:
             from r1lab import distributed
@@ -297,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 from_stage=args.from_stage,
                 overrides=args.overrides,
                 jobs=args.jobs,
+                nproc=args.nproc,
             )
             return 0
         if args.command == "report":

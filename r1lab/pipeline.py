@@ -32,9 +32,12 @@ from r1lab.rundir import (
     run_dir_lock,
 )
 from r1lab.stage_graph import GRAPH, STAGE_NAMES, Stage, stage_inputs
-from r1lab.training import console
+from r1lab.training import console, is_done
 
 STATUS_EVERY_S = 30.0  # with stages in parallel: seconds between two status lines
+# Stage kinds that `r1lab run --nproc N` starts under torchrun (docs/distributed.md); the
+# others (reward-model) run in the pipeline's process.
+DISTRIBUTED_KINDS = ("pretrain", "sft", "grpo", "evaluate", "rejection")
 
 
 @dataclass
@@ -159,6 +162,7 @@ def run_pipeline(
     from_stage: str | None = None,
     overrides: list[str] | None = None,
     jobs: int | None = None,
+    nproc: int = 1,
 ) -> Path:
     """Run (or resume) the stage graph of `preset_name` in `out`; returns the report path.
 
@@ -168,6 +172,10 @@ def run_pipeline(
     and the side stages (r1-zero, reward-model) run beside the main line instead of after
     it. With more than one job each stage runs in its own process and writes its console
     output to `<run>/logs/<stage>.log`; `jobs=1` runs them in this process, in order.
+
+    `nproc` > 1: every stage of `DISTRIBUTED_KINDS` and every evaluation runs on that many
+    processes under torchrun, launched as `r1lab STAGE --nproc N` launches it, one stage
+    at a time (each stage has all the processes; `jobs` is then 1).
     """
     preset = load_preset(preset_name)
     if not set(preset) & set(STAGE_NAMES):
@@ -181,10 +189,10 @@ def run_pipeline(
     check_configs(selected, Path(out or f"runs/{preset_name}").resolve(), preset, parsed)
     run_dir = check_out_dir(out if out is not None else f"runs/{preset_name}").resolve()
     with run_dir_lock(run_dir):
-        return _run_locked(preset_name, preset, run_dir, selected, from_stage, parsed, jobs)
+        return _run_locked(preset_name, preset, run_dir, selected, from_stage, parsed, jobs, nproc)
 
 
-def _run_locked(preset_name, preset, run_dir, selected, from_stage, parsed, jobs) -> Path:
+def _run_locked(preset_name, preset, run_dir, selected, from_stage, parsed, jobs, nproc) -> Path:
     if from_stage:
         # Rerun from this stage on: its directory and every later one start afresh.
         for stage in selected:
@@ -197,8 +205,12 @@ def _run_locked(preset_name, preset, run_dir, selected, from_stage, parsed, jobs
         jobs = int(settings.get("jobs", min(2, os.cpu_count() or 1)))
     if jobs < 1:
         raise ConfigError(f"jobs must be at least 1, got {jobs}")
+    if nproc < 1:
+        raise ConfigError(f"nproc must be at least 1, got {nproc}")
+    if nproc > 1:
+        jobs = 1  # a stage on N processes has them all
     started = time.time()
-    job = (preset_name, str(run_dir), parsed, skip_eval)
+    job = (preset_name, str(run_dir), parsed, skip_eval, nproc)
     from r1lab.report import write_report
 
     try:
@@ -224,9 +236,10 @@ def _run_locked(preset_name, preset, run_dir, selected, from_stage, parsed, jobs
 
 
 def run_stage(
-    name: str, preset_name: str, run_dir: str, parsed: dict, skip_eval: bool
+    name: str, preset_name: str, run_dir: str, parsed: dict, skip_eval: bool, nproc: int = 1
 ) -> StageRecord:
-    """One stage and its evaluation: skipped when done with these settings, else (re)run."""
+    """One stage and its evaluation: skipped when done with these settings, else (re)run
+    (on `nproc` processes under torchrun when it can: `launch_stage`)."""
     stage = next(s for s in GRAPH if s.name == name)
     run_dir = Path(run_dir)
     preset = load_preset(preset_name)
@@ -246,14 +259,45 @@ def run_stage(
         eval_dir = run_dir / "eval" / stage.name
         if record.status == "done":
             remove_run_dir(eval_dir)  # a model trained anew is evaluated anew
-        module.run(cfg, stage_dir, resume=reuse.resume)
+        torchrun = nproc > 1 and stage.kind in DISTRIBUTED_KINDS and record.status == "done"
+        if not torchrun:
+            module.run(cfg, stage_dir, resume=reuse.resume)
+    if torchrun:  # its rank 0 takes the stage dir's lock; the run dir's stays held here
+        launch_stage(stage.kind, cfg, stage_dir, reuse.resume, nproc)
     record.seconds = time.time() - record.started
     if stage.eval_template and not skip_eval:
         t1 = time.time()
         ecfg = eval_config(stage, run_dir, preset, parsed)
-        stage_module("evaluate").run(ecfg, eval_dir, resume=True)
+        if nproc > 1 and not is_done(eval_dir, ecfg.fingerprint()):
+            launch_stage("evaluate", ecfg, eval_dir, True, nproc)
+        else:
+            stage_module("evaluate").run(ecfg, eval_dir, resume=True)
         record.eval_seconds = time.time() - t1
     return record
+
+
+def launch_stage(kind: str, cfg, out: Path, resume: bool, nproc: int) -> None:
+    """Run a stage module on `nproc` processes: `r1lab STAGE --nproc N` with `cfg` written
+    as a preset file, through the same torchrun launcher the command uses."""
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from r1lab.cli import STAGES
+    from r1lab.distributed import DistributedError, torchrun_command
+
+    command, section = next((c, s) for c, (mod, s, _) in STAGES.items() if mod == kind)
+    with tempfile.TemporaryDirectory(prefix="r1lab-stage-") as tmp:
+        preset = Path(tmp) / f"{section}.yaml"
+        preset.write_text(yaml.safe_dump({section: cfg.model_dump(mode="json")}))
+        argv = [command, "--nproc", str(nproc), "--preset", str(preset), "--out", str(out)]
+        code = subprocess.call(torchrun_command([*argv, "--resume" if resume else "--no-resume"]))
+    if code != 0:
+        raise DistributedError(
+            f"{command} in {out} on {nproc} processes ended with exit code {code} (its "
+            "ranks' errors are above); rerun the pipeline to resume it"
+        )
 
 
 def _run_in_parallel(selected: list[Stage], job: tuple, jobs: int, run_dir: Path, started: float):

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from test_distributed import TOL, WORLD, assert_same_weights, spawn
 
@@ -242,3 +243,50 @@ def test_eval_and_rejection_on_two_ranks_write_the_one_process_results(tmp_path,
     summaries = [json.loads(read(d / "rejection.json")) for d in (one, two)]
     assert summaries[1]["total"] == summaries[0]["total"]
     assert (two / "DONE").exists() and (two / "config.yaml").exists()
+
+
+def test_nproc_1_runs_the_stage_in_this_process(tmp_path, monkeypatch):
+    """`r1lab eval --nproc 1` is accepted (no torchrun) and runs here."""
+    from conftest import save_random_micro_model
+
+    from r1lab import cli
+
+    save_random_micro_model(tmp_path / "base")
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    argv = ["eval", "--nproc", "1", "--out", str(tmp_path / "eval")]
+    settings = [f"model={tmp_path / 'base'}", "n=2", "k=1", "max_new_tokens=4", "device=cpu"]
+    assert cli.main([*argv, *settings]) == 0
+    assert (tmp_path / "eval" / "DONE").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--nproc", "0", "--out", str(tmp_path / "x"), *settings])
+
+
+def test_pipeline_runs_its_stages_on_two_processes(tmp_path, monkeypatch):
+    """`r1lab run --nproc 2`: the stage and its evaluation each run under torchrun and
+    write what the one-process pipeline writes; a rerun on one process reuses them."""
+    import json
+
+    import test_recipe_pins as pins
+
+    from r1lab import pipeline
+
+    checkout = str(Path(__file__).parents[1])  # the subprocesses import this r1lab
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([checkout, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "60")
+    one, two = tmp_path / "one", tmp_path / "two"
+    pipeline.run_pipeline("micro", str(two), only="base", nproc=2)
+    pipeline.run_pipeline("micro", str(one), only="base", nproc=1)
+    assert (two / "base" / "state" / "dcp").is_dir()  # it did run on 2 ranks
+    pins.assert_pinned(
+        pins.logged(two / "base", "loss"), pins.logged(one / "base", "loss"), "base loss"
+    )
+    for run in (one, two):
+        assert (run / "eval" / "base" / "DONE").exists()
+    samples = [(r / "eval" / "base" / "samples.jsonl").read_text() for r in (one, two)]
+    assert samples[1] == samples[0]
+    done = (two / "base" / "DONE").read_text()
+    pipeline.run_pipeline("micro", str(two), only="base", nproc=1)
+    assert (two / "base" / "DONE").read_text() == done  # same fingerprint: reused
+    assert json.loads(done)["stage"] == "pretrain"

@@ -23,8 +23,8 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from r1lab import training
-from r1lab.config import resolve_device, write_config
+from r1lab import distributed, training
+from r1lab.config import ConfigError, resolve_device, write_config
 from r1lab.model.checkpoint import atomic_write_text, load_model, resolve_model_dir, save_model
 from r1lab.model.tokenizer import load_tokenizer
 from r1lab.rewards.reward_model import text_to_judge
@@ -246,6 +246,8 @@ def run(cfg: Config, out_dir, resume: bool = True) -> dict:
         return json.loads((out / "DONE").read_text())
     if not cfg.model:
         raise ValueError("reward-model: field 'model' is required (the decoder to start from)")
+    if distributed.active():  # every rank would train the whole model and write the run dir
+        raise ConfigError("reward-model runs in one process only for now: drop --nproc")
     training.set_seed(cfg.seed)
     training.set_cpu_threads()
     device = resolve_device(cfg.device)
