@@ -441,7 +441,8 @@ def _compiled_layer_fn(
         if lora is not None:  # B starts at zero: random ones, so the update counts
             ab = _layer_adapters(layer)
             bs = [
-                None if t is None else torch.randn(t.shape, generator=gen).to(t) for t in ab[1::2]
+                None if t is None else (0.02 * torch.randn(t.shape, generator=gen)).to(t)
+                for t in ab[1::2]
             ]
             weights += tuple(t for pair in zip(ab[0::2], bs) for t in pair)
 
