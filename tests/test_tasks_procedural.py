@@ -376,14 +376,21 @@ def test_cold_start_examples():
 
 
 def test_non_reasoning_examples():
+    """Translation requests answered at once: no chain of thought, and never a sum's answer
+    (so SFT on them cannot teach writing the boxed answer without reasoning)."""
     rows = non_reasoning_examples(n=100, seed=0, zh_fraction=0.5)
+    assert {r["language"] for r in rows} == {"en", "zh"}
     for row in rows:
-        assert "<think>" not in row["response"]
-        assert row["response"] in (
-            f"The answer is \\boxed{{{row['answer']}}}.",
-            f"答案是 \\boxed{{{row['answer']}}}。",
-        )
+        assert "<think>" not in row["response"] and "\\boxed" not in row["response"]
         assert row["prompt"] == r1_chat_prompt(row["question"])
+        asked_zh = row["question"].startswith("翻译成英文：")
+        assert asked_zh == (row["language"] == "zh")
+        assert asked_zh or row["question"].startswith("Translate into Chinese: ")
+        # the same numbers come back, in the other language
+        numbers = re.findall(r"\d+", row["question"])
+        assert re.findall(r"\d+", row["response"]) == numbers
+        has_cjk = bool(re.search(r"[\u4e00-\u9fff]", row["response"]))
+        assert has_cjk == (not asked_zh) or row["response"].endswith("=?")
 
 
 def test_eval_examples_are_distinct_and_held_out():

@@ -48,6 +48,8 @@ CORPUS_OPTIONS = (
     "opener_fraction",
     "chat_fraction",
     "mixed_language_fraction",
+    "scratchpad_fraction",
+    "template_fraction",
 )
 
 

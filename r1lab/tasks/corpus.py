@@ -2,7 +2,7 @@
 
 `pretrain_documents` (the base model's text, shaped like web text: worked reasoning only in
 template-free forms), `cold_start_examples` (readable chains of thought in the R1 chat
-format) and `non_reasoning_examples` (answers without a chain of thought). Every writer
+format) and `non_reasoning_examples` (requests answered without a chain of thought). Every writer
 draws from the train split only (`r1lab.tasks.procedural.worked_problems`).
 """
 
@@ -30,6 +30,11 @@ BRIEF_REMARKS = {
     "en": ("I know this one.", "Easy.", "This one is quick."),
     "zh": ("这题简单。", "我知道答案。"),
 }
+# The non-reasoning rows' request, in the asker's language, by the language wanted back.
+TRANSLATE_REQUEST = {
+    "en": {"zh": "Translate into Chinese: "},
+    "zh": {"en": "翻译成英文："},
+}
 # Opens worked solutions in the template-free text, the way it does in web text.
 THINK_OPENER = {"en": "Let me think.", "zh": "让我想想。"}
 
@@ -49,6 +54,8 @@ def pretrain_documents(
     opener_fraction: float = 0.5,
     chat_fraction: float = 0.5,
     mixed_language_fraction: float = 0.3,
+    scratchpad_fraction: float = 0.0,
+    template_fraction: float = 1.0,
 ) -> list[str]:
     """The base model's corpus, shaped like the text a real base model learns from.
 
@@ -69,6 +76,13 @@ def pretrain_documents(
       R1-Zero prompt ends the same way, with neither its instruction nor its tags.
     - `mixed_language_fraction` of Chinese questions are answered in English (the language
       mixing R1-Zero shows, which the language-consistency reward later removes).
+    - `scratchpad_fraction` of the worked template-free documents keep their steps in a
+      `<think> ... </think>` scratchpad before the answer sentence (`"q\n<think> steps
+      </think>\nThe answer is X."`), the way notes and forum posts mark working: the tag
+      then means "working" outside the template, never "working under the template".
+    - `template_fraction` of the brief `<answer>` documents carry the R1-Zero prompt; the
+      rest are plain dialogues (`"User: q. Assistant: <answer> X </answer>"`). At 0 the base
+      never sees the template, as a real base model never saw it before R1.
     """
     fractions = (no_reasoning_fraction, flawed_fraction, check_fraction)
     if any(f < 0 for f in fractions) or sum(fractions) > 1:
@@ -79,6 +93,8 @@ def pretrain_documents(
         ("opener_fraction", opener_fraction),
         ("chat_fraction", chat_fraction),
         ("mixed_language_fraction", mixed_language_fraction),
+        ("scratchpad_fraction", scratchpad_fraction),
+        ("template_fraction", template_fraction),
     ):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -95,7 +111,11 @@ def pretrain_documents(
             think = ""
             if rng.random() < brief_think_fraction:
                 think = f" <think> {rng.choice(BRIEF_REMARKS[lang])} </think>"
-            docs.append(f"{r1_zero_prompt(item.question)}{think} <answer> {answer} </answer>")
+            prompt = r1_zero_prompt(item.question)
+            # drawn only when it can differ, so the default corpus stays what it was
+            if template_fraction < 1.0 and rng.random() >= template_fraction:
+                prompt = f"User: {item.question}. Assistant:"
+            docs.append(f"{prompt}{think} <answer> {answer} </answer>")
             continue
         chat = rng.random() < chat_fraction
         u = rng.random()
@@ -111,16 +131,26 @@ def pretrain_documents(
         steps, answer = reasoning_steps(item, lang, mode, rng)
         if rng.random() < opener_fraction:
             steps = [THINK_OPENER[lang], *steps]
-        docs.append(_plain_document(item.question, steps, answer, lang, chat))
+        scratchpad = scratchpad_fraction > 0.0 and rng.random() < scratchpad_fraction
+        docs.append(_plain_document(item.question, steps, answer, lang, chat, scratchpad))
     return docs
 
 
-def _plain_document(question: str, steps: list[str], answer: str, lang: str, chat: bool) -> str:
-    """A template-free document: question, reasoning, answer; as text or as a dialogue."""
+def _plain_document(
+    question: str, steps: list[str], answer: str, lang: str, chat: bool, scratchpad: bool = False
+) -> str:
+    """A template-free document: question, reasoning, answer; as text or as a dialogue,
+    with the reasoning in a `<think>` scratchpad when `scratchpad`."""
     closing = answer_sentence(answer, lang)
+    working = join_steps(steps, lang)
+    if scratchpad and steps:
+        working = f"<think> {working} </think>"
     if chat:
-        return f"User: {question}. Assistant: {join_steps([*steps, closing], lang)}"
-    body = f"{join_steps(steps, lang)}\n" if steps else ""
+        reply = (
+            f"{working} {closing}" if scratchpad and steps else join_steps([*steps, closing], lang)
+        )
+        return f"User: {question}. Assistant: {reply}"
+    body = f"{working}\n" if steps else ""
     return f"{question}\n{body}{closing}"
 
 
@@ -163,17 +193,32 @@ def non_reasoning_examples(
     zh_fraction: float = 0.0,
     tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> list[dict]:
-    """Prompt/response pairs answered directly, without a chain of thought.
+    """Prompt/response pairs that need no chain of thought: translating a question.
 
-    R1's SFT mixes such non-reasoning data with the reasoning data; here the response is
-    the answer sentence alone (`"The answer is \\boxed{X}."`), in the question's language.
+    R1's SFT mixes non-reasoning data (writing, factual QA, self-cognition, translation)
+    with the reasoning data. Here each row asks for a question in the other language
+    (`"Translate into Chinese: What is 90+68+49?"` -> `"90+68+49 等于多少？"`), answered at
+    once. It is deliberately not the same sums answered directly: a model also taught to
+    write `\\boxed{X}` straight from a question stops copying the result of its own
+    reasoning into the box (tiny run, seed 2: rejection-SFT 7% pass@1 with 300 such rows
+    beside ~1,600 reasoning samples, 60% without them).
     """
     rows = []
+    rng = random.Random(f"{seed}:non_reasoning:wording")
     for item in worked_problems(
         families, n, seed, levels=levels, zh_fraction=zh_fraction, stream="non_reasoning"
     ):
-        response = answer_sentence(item.solution.answer, item.lang, boxed=True)
-        rows.append(_row(item, r1_chat_prompt(item.question, tokenizer), response))
+        target = "en" if item.lang == "zh" else "zh"
+        request = TRANSLATE_REQUEST[item.lang][target] + item.question
+        translated = item.family.question(item.problem, target, rng)
+        rows.append(
+            {
+                **_row(item, r1_chat_prompt(request, tokenizer), translated),
+                "question": request,
+                "answer": translated,
+                "language": item.lang,
+            }
+        )
     return rows
 
 
