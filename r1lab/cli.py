@@ -14,35 +14,7 @@ import shutil
 import sys
 from contextlib import nullcontext
 
-# subcommand -> (module in r1lab.stages, preset section, one-line help)
-STAGES = {
-    "pretrain": (
-        "pretrain",
-        "pretrain",
-        "train a from-scratch decoder and its tokenizer on the procedural corpus",
-    ),
-    "sft": (
-        "sft",
-        "sft",
-        "supervised fine-tuning (cold start, rejection-sampling SFT, distillation)",
-    ),
-    "grpo": (
-        "grpo",
-        "grpo",
-        "GRPO reinforcement learning with rule rewards (R1-Zero and later RL stages)",
-    ),
-    "eval": ("evaluate", "eval", "the paper's evaluation: k samples per question, pass@1, cons@k"),
-    "rejection-sample": (
-        "rejection",
-        "rejection",
-        "sample, keep correct and readable responses, write SFT data",
-    ),
-    "reward-model": (
-        "reward_model",
-        "reward_model",
-        "train a Bradley-Terry reward model on preference pairs",
-    ),
-}
+from r1lab.stage_graph import STAGE_COMMANDS as STAGES
 
 
 def _stage_parser(sub, name: str, help_text: str, settings: str | None = None) -> None:

@@ -31,7 +31,7 @@ from r1lab.rundir import (
     resume_neutral,
     run_dir_lock,
 )
-from r1lab.stage_graph import GRAPH, STAGE_NAMES, Stage, stage_inputs
+from r1lab.stage_graph import GRAPH, STAGE_COMMANDS, STAGE_NAMES, Stage, stage_inputs
 from r1lab.training import console, is_done
 
 STATUS_EVERY_S = 30.0  # with stages in parallel: seconds between two status lines
@@ -284,10 +284,9 @@ def launch_stage(kind: str, cfg, out: Path, resume: bool, nproc: int) -> None:
 
     import yaml
 
-    from r1lab.cli import STAGES
     from r1lab.distributed import DistributedError, torchrun_command
 
-    command, section = next((c, s) for c, (mod, s, _) in STAGES.items() if mod == kind)
+    command, section = next((c, s) for c, (mod, s, _) in STAGE_COMMANDS.items() if mod == kind)
     with tempfile.TemporaryDirectory(prefix="r1lab-stage-") as tmp:
         preset = Path(tmp) / f"{section}.yaml"
         preset.write_text(yaml.safe_dump({section: cfg.model_dump(mode="json")}))

@@ -17,6 +17,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The stage commands: `r1lab COMMAND` -> (module in r1lab.stages, preset section, one-line
+# help). The CLI builds its subcommands from it; the pipeline launches a stage under
+# torchrun through the command that runs its module.
+STAGE_COMMANDS = {
+    "pretrain": (
+        "pretrain",
+        "pretrain",
+        "train a from-scratch decoder and its tokenizer on the procedural corpus",
+    ),
+    "sft": (
+        "sft",
+        "sft",
+        "supervised fine-tuning (cold start, rejection-sampling SFT, distillation)",
+    ),
+    "grpo": (
+        "grpo",
+        "grpo",
+        "GRPO reinforcement learning with rule rewards (R1-Zero and later RL stages)",
+    ),
+    "eval": ("evaluate", "eval", "the paper's evaluation: k samples per question, pass@1, cons@k"),
+    "rejection-sample": (
+        "rejection",
+        "rejection",
+        "sample, keep correct and readable responses, write SFT data",
+    ),
+    "reward-model": (
+        "reward_model",
+        "reward_model",
+        "train a Bradley-Terry reward model on preference pairs",
+    ),
+}
+
 
 @dataclass(frozen=True)
 class Stage:

@@ -9,6 +9,7 @@ import yaml
 
 from r1lab import cli
 from r1lab.settings import settings_rows
+from r1lab.stage_graph import STAGE_COMMANDS
 
 
 def test_grpo_help_lists_group_size_with_default_and_description(capsys):
@@ -20,9 +21,9 @@ def test_grpo_help_lists_group_size_with_default_and_description(capsys):
     assert "completions sampled per question" in out
 
 
-@pytest.mark.parametrize("stage", list(cli.STAGES))
+@pytest.mark.parametrize("stage", list(STAGE_COMMANDS))
 def test_every_setting_has_type_default_and_description(stage):
-    module = importlib.import_module(f"r1lab.stages.{cli.STAGES[stage][0]}")
+    module = importlib.import_module(f"r1lab.stages.{STAGE_COMMANDS[stage][0]}")
     rows = settings_rows(module.Config)
     assert [r[0] for r in rows] == list(module.Config.model_fields)
     undocumented = [name for name, _, _, description in rows if not description]
