@@ -302,3 +302,41 @@ def test_one_task_spec_for_both_preset_shapes_and_a_users_file(tmp_path):
         TaskSpec.model_validate(
             {"name": "chain_sum", "zh_fraction": 0.1, "options": {"zh_fraction": 0.2}}
         )
+
+
+def test_refill_rounds_give_every_rank_its_own_questions_and_keys(monkeypatch):
+    """Dynamic sampling on 2 ranks whose first rounds kept different numbers of groups: the
+    refill round's questions and sampling keys of the two ranks are disjoint, so no two
+    ranks draw a question with another's random stream (or the same question with the same
+    stream: identical completions)."""
+    from r1lab.rewards.combine import CombinedRewards
+    from r1lab.stages import rollout
+    from r1lab.stages.rollout import Group, TaskMixture
+
+    mixture = TaskMixture([grpo.TaskSpec(name="chain_sum")], pool_size=200, seed=0)
+    rounds: list[list[tuple[str, int]]] = []
+
+    def sample_groups(model, tokenizer, drawn, template, params, *args, keys=None):
+        rounds.append([(ex.question, key) for (_, ex), key in zip(drawn, keys)])
+        return [Group(task, ex, ex.question, [1], []) for task, ex in drawn], []
+
+    def score_groups(groups, completions, rewards):
+        # round 0: rank 0 keeps none of its 2 groups, rank 1 keeps its first
+        for i, g in enumerate(groups):
+            g.rewards = [0.0, 1.0] if (rank, len(rounds), i) == (1, 1, 0) else [0.0, 0.0]
+        return CombinedRewards({}, {}, {}, [])
+
+    monkeypatch.setattr(rollout, "sample_groups", sample_groups)
+    monkeypatch.setattr(rollout, "score_groups", score_groups)
+    refills = []
+    for rank in (0, 1):
+        rounds.clear()
+        rollout.collect_rollout(
+            None, None, mixture, None, step=3, seed=1, questions=4, group_size=2,
+            template="r1-zero", sampling={}, dynamic_sampling=True, max_resample=1,
+            rank=rank, world=2,
+        )  # fmt: skip
+        refills.append(rounds[1])
+    assert [len(r) for r in refills] == [2, 1]  # the ranks needed different refills
+    drawn = [item for r in refills for item in r]
+    assert len({key for _, key in drawn}) == len({q for q, _ in drawn}) == len(drawn) == 3

@@ -250,9 +250,10 @@ def collect_rollout(
         elif round_ == 0:  # the one-process questions, cut by rank
             drawn = mixture.draw(questions, step, round_)[share.start : share.stop]
             first = share.start
-        else:  # refills: disjoint per rank
-            first = rank * need
-            drawn = mixture.draw(need * world, step, round_)[first : first + need]
+        else:  # refills: disjoint per rank, in blocks of one draw that every rank makes
+            block = -(-questions // world)  # the largest share; `need` varies by rank
+            first = rank * block
+            drawn = mixture.draw(block * world, step, round_)[first : first + need]
         # a question's samples depend on (seed, step, round, index) only, not on the rank
         keys = [sample_key(seed, "grpo", step, round_, first + i) for i in range(len(drawn))]
         params = SamplingParams(n=group_size, **sampling)
