@@ -100,3 +100,31 @@ def test_sft_with_lora_saves_merged_model_and_adapter(tmp_path, monkeypatch):
     moved = sorted(k for k in b if not torch.equal(b[k], t[k]))
     assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_peft_reads_the_saved_adapter_and_gives_the_same_logits(random_model, tmp_path):
+    """The adapter/ folder is a real PEFT adapter: PEFT loads it onto the base in
+    transformers and computes the adapted model's logits."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = random_model()
+    save_model(model, tmp_path / "base")
+    apply_lora(model, LoraSettings(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    for module in lora_modules(model).values():
+        with torch.no_grad():
+            module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * 0.1)
+    write_adapter(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=generator)
+    with torch.no_grad():
+        ours = model(ids)
+        theirs = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            base_logits = peft_model(input_ids=ids).logits
+    ours = ours.logits if hasattr(ours, "logits") else ours
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    assert (theirs - base_logits).abs().max() > 1e-3  # the adapter was applied, not ignored
