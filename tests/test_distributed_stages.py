@@ -290,3 +290,66 @@ def test_pipeline_runs_its_stages_on_two_processes(tmp_path, monkeypatch):
     pipeline.run_pipeline("micro", str(two), only="base", nproc=1)
     assert (two / "base" / "DONE").read_text() == done  # same fingerprint: reused
     assert json.loads(done)["stage"] == "pretrain"
+
+
+# ---- time budgets: the ranks stop on one clock ------------------------------------------------
+AHEAD_S = 3600.0  # rank 1's clock runs this far ahead of rank 0's (a slow start, say)
+
+
+def _grpo_clock_worker(tmp: Path) -> None:
+    import test_recipe_pins as pins
+
+    from r1lab.stages import grpo, grpo_state
+
+    sys.path.insert(0, str(tmp))
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    if distributed.rank() == 1:
+        real = grpo_state.RunState.elapsed
+        grpo_state.RunState.elapsed = lambda self: real(self) + AHEAD_S
+    cfg = pins.grpo_config(tmp / "base", "pinrewards:spread")
+    summary = grpo.run(cfg.model_copy(update={"max_minutes": 30.0}), tmp / "run")
+    Path(tmp, f"steps{distributed.rank()}").write_text(str(summary["steps"]))
+
+
+def test_grpo_ranks_whose_clocks_differ_stop_after_the_same_step(tmp_path):
+    """Rank 1's clock is past max_minutes after step 1, rank 0's is not: both stop there
+    (a rank that stopped alone would leave the other waiting in the next step's gather)."""
+    import test_recipe_pins as pins
+
+    pins.micro_model_dir(tmp_path / "base")
+    (tmp_path / "pinrewards.py").write_text(pins.REWARDS_MODULE)
+    spawn(_grpo_clock_worker, tmp_path)
+    assert [(tmp_path / f"steps{r}").read_text() for r in range(WORLD)] == ["1", "1"]
+    assert (tmp_path / "run" / "DONE").exists()
+
+
+def _sft_clock_worker(tmp: Path) -> None:
+    import test_recipe_pins as pins
+
+    from r1lab.stages import sft, supervised
+
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    if distributed.rank() == 1:
+
+        class Ahead(supervised.Clock):
+            def elapsed(self) -> float:
+                return super().elapsed() + AHEAD_S
+
+        supervised.Clock = Ahead
+    cfg = pins.sft_config(tmp / "base", tmp / "sft.jsonl")
+    summary = sft.run(cfg.model_copy(update={"max_minutes": 30.0}), tmp / "run")
+    Path(tmp, f"steps{distributed.rank()}").write_text(
+        f"{summary['steps']} {summary['stopped_by']}"
+    )
+
+
+def test_supervised_ranks_whose_clocks_differ_stop_together(tmp_path):
+    """The supervised loop on 2 ranks, rank 1's clock past max_minutes from the start: no
+    rank trains a step the other does not (both stop before the first)."""
+    import test_recipe_pins as pins
+
+    pins.micro_model_dir(tmp_path / "base")
+    pins.write_jsonl(tmp_path / "sft.jsonl", pins.worked_examples(80))
+    spawn(_sft_clock_worker, tmp_path)
+    stopped = [(tmp_path / f"steps{r}").read_text() for r in range(WORLD)]
+    assert stopped == ["0 max_minutes", "0 max_minutes"]

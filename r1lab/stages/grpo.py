@@ -505,7 +505,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             )
             if (
                 cfg.max_minutes is not None
-                and rs.elapsed() > 60 * cfg.max_minutes
+                and distributed.all_reduce_max(rs.elapsed()) > 60 * cfg.max_minutes  # one clock
                 and step < cfg.steps
             ):
                 stopped = f"time budget of {cfg.max_minutes:g} min reached after step {step}"

@@ -236,8 +236,9 @@ def train(job: SupervisedJob) -> dict:
     # max_minutes covers the whole stage: the setup so far, the loop, and a final validation.
     progress.setup_s = extra.get("setup_s", time.perf_counter() - job.started)
     loop_s = None
-    if cfg.max_minutes:
+    if cfg.max_minutes:  # torchrun: the ranks' setups differ; the tightest budget holds for all
         loop_s = max(0.0, cfg.max_minutes * 60 - progress.setup_s - progress.eval_s)
+        loop_s = -distributed.all_reduce_max(-loop_s)
     budget = Budget(job.total_steps, loop_s)
     sampler = RowSampler(len(job.train_rows[0]), cfg.batch_size, cfg.seed, **position)
     clock = Clock(extra.get("train_s", 0.0))
@@ -280,16 +281,24 @@ def train(job: SupervisedJob) -> dict:
 
     session_tokens, session_start, shown = 0, time.perf_counter(), 0
     guarded = _FiniteStep(optimizer)
-    stop = budget.stop_reason(progress.step, clock.elapsed())
+
+    def agreed_elapsed() -> float:
+        """The training time every rank stops and schedules by (torchrun: the furthest
+        clock), so no rank steps alone into a collective with a time budget."""
+        if budget.max_seconds is None:
+            return clock.elapsed()
+        return distributed.all_reduce_max(clock.elapsed())
+
+    stop = budget.stop_reason(progress.step, agreed_elapsed())
     if progress.finished:  # killed after its final checkpoint: only the summary is left
         stop = extra.get("stopped_by", stop)
     with progress_bar(job.stage, PROGRESS_UNITS) as advance:
-        while (
-            not progress.finished
-            and (stop := budget.stop_reason(progress.step, clock.elapsed())) is None
-        ):
+        while not progress.finished:
+            elapsed = agreed_elapsed()
+            if (stop := budget.stop_reason(progress.step, elapsed)) is not None:
+                break
             t0 = time.perf_counter()
-            lr = scheduled_lr(cfg, budget, job.total_steps, progress.step, clock.elapsed())
+            lr = scheduled_lr(cfg, budget, job.total_steps, progress.step, elapsed)
             set_lr(optimizer, lr)
             rows = sampler.next_batch()
             batch = [t[rows].to(job.device) for t in job.train_rows]
