@@ -289,7 +289,9 @@ def launch_stage(kind: str, cfg, out: Path, resume: bool, nproc: int) -> None:
     command, section = next((c, s) for c, (mod, s, _) in STAGE_COMMANDS.items() if mod == kind)
     with tempfile.TemporaryDirectory(prefix="r1lab-stage-") as tmp:
         preset = Path(tmp) / f"{section}.yaml"
-        preset.write_text(yaml.safe_dump({section: cfg.model_dump(mode="json")}))
+        # loggers are no setting of the dump (config.yaml, fingerprint), but of the run
+        settings = {**cfg.model_dump(mode="json"), "loggers": list(cfg.loggers)}
+        preset.write_text(yaml.safe_dump({section: settings}))
         argv = [command, "--nproc", str(nproc), "--preset", str(preset), "--out", str(out)]
         code = subprocess.call(torchrun_command([*argv, "--resume" if resume else "--no-resume"]))
     if code != 0:

@@ -109,3 +109,28 @@ def test_a_stage_is_out_of_date_when_an_input_finished_after_it(tmp_path):
     assert newer_inputs(tmp_path / stage.name, inputs) == []
     os.utime(tmp_path / "rejection" / "DONE", ns=(400 * 10**9, 400 * 10**9))  # rejection ran again
     assert newer_inputs(tmp_path / stage.name, inputs) == ["rejection"]
+
+
+def test_a_stage_launched_under_torchrun_gets_its_whole_config(tmp_path, monkeypatch):
+    """`r1lab run --nproc N` hands each stage its config as a preset file: the ranks read
+    back the config the pipeline resolved, loggers included (left out of config.yaml and
+    the fingerprint, not out of the run)."""
+    import subprocess
+
+    from r1lab.config import build_config, load_stage_config
+    from r1lab.stages import sft
+
+    cfg = build_config(
+        sft.Config, {"model": "m", "data": ["d.jsonl"], "lr": 3e-4, "loggers": ["tensorboard"]}
+    )
+    received = []
+
+    def call(argv):
+        preset = argv[argv.index("--preset") + 1]
+        received.append(load_stage_config(sft.Config, "sft", preset, []))
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", call)
+    pipeline.launch_stage("sft", cfg, tmp_path / "sft", True, 2)
+    assert received[0].fingerprint() == cfg.fingerprint()
+    assert received[0].loggers == ["tensorboard"] and received[0] == cfg
