@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import types
 import typing
 from typing import Any
 
@@ -39,6 +40,11 @@ def _source_comments(cls: type) -> dict[str, str]:
 def type_name(annotation: Any) -> str:
     if annotation is None or annotation is type(None):
         return "None"
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # a checked type (e.g. TemplateName) shows as its base type
+        return type_name(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(arg) for arg in typing.get_args(annotation))
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__name__
     text = repr(annotation).replace("typing.", "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import textwrap
 
 import pytest
@@ -13,7 +14,8 @@ from conftest import save_random_micro_model
 from r1lab.config import ConfigError, build_config
 from r1lab.engine import grpo_update
 from r1lab.model.checkpoint import load_model
-from r1lab.stages import grpo
+from r1lab.model.tokenizer import SYSTEM, USER
+from r1lab.stages import evaluate, grpo, judging
 from r1lab.training import read_jsonl
 
 # Every per-step metric name DESIGN.md promises.
@@ -229,6 +231,79 @@ def test_config_errors_name_the_field():
     )
     assert [(t.name, t.weight) for t in cfg.tasks] == [("chain_sum", 3), ("arithmetic", 1)]
     assert cfg.rewards["accuracy"].weight == 2
+
+
+def test_bad_templates_name_the_field_and_the_choices():
+    for field in ("template", "eval_template"):
+        with pytest.raises(
+            ConfigError, match=f"field '{field}'.*chatml.*r1-zero.*chat.*r1-distill"
+        ):
+            build_config(grpo.Config, {"model": "m", field: "chatml"})
+    with pytest.raises(ConfigError, match="field 'template'.*not found: missing.yaml"):
+        build_config(grpo.Config, {"model": "m", "template": "missing.yaml"})
+
+
+def test_rewards_follow_the_template(tmp_path):
+    """The format reward checks, and accuracy reads the answer where, the template asks:
+    the tokenizer's chat template (chat, r1-distill) as r1-chat, a file by its base."""
+    (tmp_path / "zero.yaml").write_text("base: r1-zero\nsystem: Be exact.\n")
+    expected = {
+        "r1-zero": ("r1-zero", "r1-zero"),
+        "r1-chat": ("r1-chat", "r1-chat"),
+        "plain": ("r1-zero", None),  # no structure asked: format's own default, no hint
+        "chat": ("r1-chat", "r1-chat"),
+        "r1-distill": ("r1-chat", "r1-chat"),
+        str(tmp_path / "zero.yaml"): ("r1-zero", "r1-zero"),
+    }
+    for template, (structure, hint) in expected.items():
+        cfg = build_config(grpo.Config, {"model": "m", "template": template})
+        (accuracy, _), (fmt, _) = grpo.reward_sets(cfg)[0].items
+        assert (fmt.structure, accuracy.fn.template_hint) == (structure, hint), template
+
+
+def test_chat_template_prompts_are_the_eval_stages(micro_dir, tmp_path, monkeypatch):
+    """template=chat with a system prompt and an instruction: the rollouts (samples.jsonl)
+    and the held-out evaluation ask exactly as `r1lab eval` asks with the same settings."""
+    prompting = dict(template="chat", system_prompt="Be exact.", instruction="Sum them.")
+    asked: list[list[str]] = []
+    render = judging.render_prompts
+    monkeypatch.setattr(judging, "render_prompts", lambda *a: asked.append(render(*a)) or asked[-1])
+    grpo.run(small(micro_dir, steps=2, **prompting), tmp_path / "run")
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    assert [s["step"] for s in samples] == [1, 2]
+    for s in samples:
+        assert s["prompt"].startswith(f"{SYSTEM}Be exact.{USER}{s['question']}\nSum them.")
+    held_out, *rollouts, final = asked
+    assert [s["prompt"] for s in samples] == [r[0] for r in rollouts]
+    assert final == held_out
+
+    def eval_prompts(tasks: list, out: str) -> dict[str, str]:
+        settings = dict(model=str(tmp_path / "run"), tasks=tasks, k=1, max_new_tokens=2)
+        evaluate.run(build_config(evaluate.Config, {**settings, **prompting}), tmp_path / out)
+        return {s["question"]: s["prompt"] for s in read_jsonl(tmp_path / out / "samples.jsonl")}
+
+    asked_in_training = tmp_path / "asked.jsonl"
+    asked_in_training.write_text(
+        "".join(
+            json.dumps({"question": s["question"], "answer": s["answer"]}) + "\n" for s in samples
+        )
+    )
+    trained = eval_prompts([{"name": "jsonl", "path": str(asked_in_training)}], "eval-train")
+    assert {s["question"]: s["prompt"] for s in samples} == trained
+    evaluated = eval_prompts([{"name": "chain_sum", "n": 3}], "eval-held-out")
+    assert list(evaluated.values()) == held_out
+
+
+def test_chat_template_needs_a_tokenizer_that_has_one(micro_dir, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(micro_dir, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="template 'chat'.*this tokenizer has none"):
+        grpo.run(small(bare, template="chat", eval_template="plain"), tmp_path / "a")
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()  # said before any sampling
 
 
 def test_unknown_reward_and_missing_model_are_config_errors(micro_dir, tmp_path):

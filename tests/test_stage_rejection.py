@@ -240,6 +240,27 @@ def test_switching_filters_off_keeps_more(stage_dir, scripted, tmp_path):
     assert summary["total"]["flagged_among_correct"] == dict.fromkeys(FILTERS, 0)
 
 
+def test_prompts_are_rendered_as_the_eval_stage_renders_them(stage_dir, scripted, tmp_path):
+    """A system prompt and an instruction, as `r1lab eval` takes them; the judging keeps
+    the template's structure (the same samples are kept as without them)."""
+    prompting = dict(template="r1-chat", system_prompt="Be exact.", instruction="Box it.")
+    cfg = make_config(stage_dir, **prompting)
+    _, _, examples = ev.load_task_examples(cfg.tasks[0], cfg.n, cfg.split, cfg.seed)
+    scripted.update(script_for([ex.answer for ex in examples]))
+    summary = rej.run(cfg, tmp_path / "rs")
+    assert summary["total"]["counts"]["kept"] == 3
+    template = ev.prompt_template("r1-chat", "Be exact.", "Box it.")[0]
+    asked = ev.render_prompts(template, examples, FakeTokenizer())
+    expected = {ex.question: prompt for ex, prompt in zip(examples, asked)}
+    rows = [json.loads(line) for line in (tmp_path / "rs" / "data.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["prompt"] == expected[row["question"]]
+        assert (
+            row["prompt"] == f"<|system|>Be exact.<|user|>{row['question']}\nBox it.<|assistant|>"
+        )
+        assert row["provenance"]["sampling"]["system_prompt"] == "Be exact."
+
+
 def test_too_few_kept_is_an_error_with_the_counts_written(stage_dir, scripted, tmp_path):
     cfg = make_config(stage_dir)
     scripted.update({0: [(chat("x", "-1"), "stop")] * 8, 1: [(chat("x", "-1"), "stop")] * 8})
@@ -268,5 +289,7 @@ def test_config_errors():
         build_config(rej.Config, {"model": "m", "tasks": ["nope"]})
     with pytest.raises(ConfigError, match="samples_per_question"):
         build_config(rej.Config, {"model": "m", "samples_per_question": 0})
-    with pytest.raises(ConfigError, match="unknown template"):
+    with pytest.raises(ConfigError, match="field 'template'.*unknown template.*r1-distill"):
         build_config(rej.Config, {"model": "m", "template": "chatml"})
+    for template in ("chat", "r1-distill", "plain"):
+        assert build_config(rej.Config, {"model": "m", "template": template}).template == template

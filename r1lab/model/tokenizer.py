@@ -28,7 +28,9 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
+from pydantic import AfterValidator
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -269,6 +271,11 @@ def check_template(template: str) -> str:
     except (KeyError, FileNotFoundError) as err:
         raise ValueError(str(err.args[0]) if err.args else str(err)) from None
     return template
+
+
+# A config setting that names a prompt template (a name or a template file), checked by
+# `check_template`: every stage that renders prompts takes the same values.
+TemplateName = Annotated[str, AfterValidator(check_template)]
 
 
 def chat_prompt(messages: list[dict], tokenizer, add_generation_prompt: bool = True) -> str:

@@ -44,11 +44,12 @@ from r1lab.metrics import (
     rate,
     truncation_rate,
 )
-from r1lab.model.tokenizer import PromptTemplate, check_template, resolve_template
+from r1lab.model.tokenizer import check_template
 from r1lab.stages.judging import (
     SampleResult,
     describe_model,
     load_model_and_tokenizer,
+    prompt_template,
     render_prompts,
     sample_and_judge,
     start_sampling_run,
@@ -274,24 +275,6 @@ def summarize(
 
 
 # --- the reusable entry point -------------------------------------------------------------
-def prompt_template(
-    template: str | PromptTemplate, system: str | None = None, instruction: str | None = None
-) -> tuple[PromptTemplate, str]:
-    """(the template with `system` / `instruction` applied, the structure its completions
-    are judged by: "r1-zero", "r1-chat" (also for the tokenizer's own chat template) or
-    "plain")."""
-    try:
-        spec = resolve_template(template)
-    except KeyError as err:
-        raise ValueError(err.args[0]) from None
-    spec = PromptTemplate(
-        spec.base,
-        spec.system if system is None else system,
-        spec.instruction if instruction is None else instruction,
-    )
-    return spec, "r1-chat" if spec.base == "chat" else spec.base
-
-
 def evaluate_with_records(
     model,
     tokenizer,

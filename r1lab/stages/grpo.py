@@ -38,12 +38,12 @@ from r1lab.config import ConfigError, StageConfig, resolve_device, resolve_dtype
 from r1lab.distributed import NullLog
 from r1lab.engine.grpo_update import UpdateSettings, train_batch, update_on_rollout
 from r1lab.model.checkpoint import atomic_write_text, load_model
-from r1lab.model.tokenizer import load_tokenizer
+from r1lab.model.tokenizer import TemplateName, load_tokenizer, render_prompt
 from r1lab.rundir import check_resumable
 from r1lab.snapshot import TrainingSnapshot, restore_checkpoint, save_checkpoint, saved_state
 from r1lab.stages import grpo_lora
 from r1lab.stages.grpo_state import RunState
-from r1lab.stages.judging import RewardSet, RewardSpec
+from r1lab.stages.judging import RewardSet, RewardSpec, prompt_template
 from r1lab.stages.rollout import (
     Rollout,
     TaskMixture,
@@ -57,7 +57,7 @@ from r1lab.stages.rollout import (
     sample_records,
     warn_zero_variance,
 )
-from r1lab.stages.task_spec import TaskSpec
+from r1lab.stages.task_spec import TaskMixtureList, TaskSpec
 from r1lab.training import (
     MetricsLog,
     NonFiniteLossError,
@@ -87,8 +87,16 @@ class Config(StageConfig):
 
     # what to train, on what
     model: str = Field("", description="model folder, hub id, or an earlier stage's run dir")
-    tasks: list[TaskSpec] = Field(default_factory=lambda: [TaskSpec(name="chain_sum")])
-    template: Literal["r1-zero", "r1-chat", "plain"] = "r1-zero"
+    tasks: TaskMixtureList = Field(default_factory=lambda: [TaskSpec(name="chain_sum")])
+    # prompts: as `r1lab eval` renders them (r1lab.model.tokenizer.render_prompt); the
+    # rewards' options follow the template (`chat` and `r1-distill` are judged as r1-chat)
+    template: TemplateName = Field(
+        "r1-zero", description="r1-zero | r1-chat | plain | chat | r1-distill | a .yaml file"
+    )
+    system_prompt: str | None = Field(
+        None, description="system turn (chat templates) or preamble (plain, r1-zero)"
+    )
+    instruction: str | None = Field(None, description="appended to every question after a newline")
     rewards: dict[str, RewardSpec] = Field(
         default_factory=lambda: {"accuracy": RewardSpec(), "format": RewardSpec()}
     )
@@ -146,7 +154,9 @@ class Config(StageConfig):
     eval_n: int = Field(200, ge=1)
     eval_k: int = Field(4, ge=1)
     eval_task: TaskSpec | None = None
-    eval_template: Literal["r1-zero", "r1-chat", "plain"] | None = None
+    eval_template: TemplateName | None = Field(
+        None, description="None: template; system_prompt and instruction apply to both"
+    )
     eval_temperature: float = Field(0.6, ge=0)
     eval_top_p: float = Field(0.95, gt=0, le=1)
     eval_max_new_tokens: int | None = Field(None, ge=1)
@@ -155,25 +165,6 @@ class Config(StageConfig):
     save_every: int = Field(40, ge=1)
     max_nan_steps: int = Field(3, ge=1)
     max_minutes: float | None = Field(None, gt=0)
-
-    @field_validator("tasks", mode="before")
-    @classmethod
-    def _tasks_from_mapping(cls, value: Any) -> Any:
-        """Also accept `{name: weight}` and a bare list of names."""
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, dict):
-            return [{"name": k, "weight": w} for k, w in value.items()]
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
-
-    @field_validator("tasks")
-    @classmethod
-    def _some_task(cls, value: list[TaskSpec]) -> list[TaskSpec]:
-        if not value:
-            raise ValueError("at least one task is needed")
-        return value
 
     @field_validator("rewards", mode="before")
     @classmethod
@@ -328,6 +319,8 @@ def start_run(cfg: Config, out: Path, resume: bool) -> RunState:
         update_settings(cfg, policy, pad_id),
     )
     rs.sampler = sampler  # torchrun: the whole copy that samples (None: the policy does)
+    rs.template = prompt_template(cfg.template, cfg.system_prompt, cfg.instruction)[0]
+    render_prompt(rs.template, "?", tokenizer)  # a chat template the tokenizer lacks: say now
     record = open_checkpoint(cfg, out, resume)
     if record is not None:
         if int(record["extra"].get("ref_synced_at", 0)) > 0:
@@ -397,7 +390,7 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
         seed=cfg.seed,
         questions=cfg.questions_per_step,
         group_size=cfg.group_size,
-        template=cfg.template,
+        template=rs.template,
         sampling={
             "temperature": cfg.temperature,
             "top_p": cfg.top_p,
@@ -576,6 +569,8 @@ def evaluate_policy(rs: RunState, cfg: Config) -> dict[str, float]:
         rs.eval_examples,
         rs.eval_task,
         template=cfg.eval_template or cfg.template,
+        system_prompt=cfg.system_prompt,
+        instruction=cfg.instruction,
         k=cfg.eval_k,
         temperature=cfg.eval_temperature,
         top_p=cfg.eval_top_p,

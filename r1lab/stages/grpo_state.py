@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from r1lab.engine.grpo_update import UpdateSettings
+from r1lab.model.tokenizer import PromptTemplate
 from r1lab.snapshot import TrainingSnapshot
 from r1lab.stages.judging import RewardSet
 from r1lab.stages.rollout import TaskMixture
@@ -42,6 +43,7 @@ class RunState:
     last_eval: dict | None = None
     last_warned: int | None = None
     t_start: float = 0.0
+    template: PromptTemplate | None = None  # the rollouts': system prompt, instruction applied
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start

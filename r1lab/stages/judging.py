@@ -28,23 +28,50 @@ from r1lab import distributed
 from r1lab.config import write_config
 from r1lab.engine.generate import Completion, SamplingParams, sample
 from r1lab.engine.sampling import prompt_keys
-from r1lab.model.tokenizer import PromptTemplate, render_prompt
+from r1lab.model.tokenizer import PromptTemplate, render_prompt, resolve_template
 from r1lab.rewards import RewardResult, get_reward
 from r1lab.rewards.base import NO_REASON
 from r1lab.rewards.combine import CombinedRewards, combine_rewards
 from r1lab.tasks.base import Example, Task
 from r1lab.training import progress_bar, set_cpu_threads, set_seed
 
-TEMPLATE_NAMES = ("r1-zero", "r1-chat", "plain")
-
 # Built-in rewards whose behaviour follows the prompt template (the structure they check,
-# where they read the final answer): their options default to the run's template.
+# where they read the final answer): their options default to the structure the run's
+# template is judged by (`judged_structure`).
 TEMPLATE_OPTIONS: dict[str, Callable[[str], dict]] = {
     "accuracy": lambda template: {"template_hint": template} if template != "plain" else {},
     "format": lambda template: (
         {"structure": template} if template in ("r1-zero", "r1-chat") else {}
     ),
 }
+
+
+# ---- templates ----------------------------------------------------------------------------------
+def judged_structure(template: str | PromptTemplate) -> str:
+    """The structure completions to a template's prompts are judged by: its base template,
+    "r1-zero", "r1-chat" or "plain", with the tokenizer's own chat template (`chat`,
+    `r1-distill`) judged as "r1-chat" (`<think>` reasoning `</think>`, then a summary with
+    the boxed answer)."""
+    base = resolve_template(template).base
+    return "r1-chat" if base == "chat" else base
+
+
+def prompt_template(
+    template: str | PromptTemplate, system: str | None = None, instruction: str | None = None
+) -> tuple[PromptTemplate, str]:
+    """(the template with `system` / `instruction` applied where given, the structure its
+    completions are judged by: `judged_structure`). Every stage that asks questions (GRPO's
+    rollouts and evaluation, the eval and rejection stages) renders them with the first."""
+    try:
+        spec = resolve_template(template)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    spec = PromptTemplate(
+        spec.base,
+        spec.system if system is None else system,
+        spec.instruction if instruction is None else instruction,
+    )
+    return spec, judged_structure(spec)
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -138,15 +165,17 @@ class RewardSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-def load_reward(name: str, options: dict, template: str) -> Callable:
+def load_reward(name: str, options: dict, template: str | PromptTemplate) -> Callable:
     """A built-in reward by name, or `package.module:function` / `file.py:function` for a
-    user's own callable."""
+    user's own callable. A built-in's options default to what `template` (any prompt
+    template, or a structure) asks of a completion (`TEMPLATE_OPTIONS`); `options` win."""
     if ":" in name:
         from r1lab.user_code import load_callable
 
         fn = load_callable(name, "reward")  # module:function or path/to/file.py:function
         return fn(**options) if options else fn
-    defaults = TEMPLATE_OPTIONS.get(name.removesuffix("_reward"), lambda _t: {})(template)
+    structure = judged_structure(template)
+    defaults = TEMPLATE_OPTIONS.get(name.removesuffix("_reward"), lambda _t: {})(structure)
     return get_reward(name, **{**defaults, **options})
 
 
@@ -207,10 +236,11 @@ class RewardSet:
 
     A sample's total is None when a weighted function could not judge it; such a sample
     is left out of its group's statistics and gets advantage 0, so a failing checker
-    neither rewards nor punishes (never a silent zero).
+    neither rewards nor punishes (never a silent zero). The built-ins' options follow
+    `template`, the prompt template the completions answer (`load_reward`).
     """
 
-    def __init__(self, specs: dict[str, Any], template: str):
+    def __init__(self, specs: dict[str, Any], template: str | PromptTemplate):
         self.items: list[tuple[Callable, float]] = [
             (load_reward(name, dict(spec.options), template), spec.weight)
             for name, spec in specs.items()

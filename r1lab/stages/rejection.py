@@ -35,12 +35,14 @@ from r1lab import distributed
 from r1lab.api import sampling_options
 from r1lab.config import StageConfig, config_dict
 from r1lab.engine.generate import SamplingParams
+from r1lab.model.tokenizer import TemplateName
 from r1lab.rewards.base import prefills_think
 from r1lab.rewards.format import STRUCTURES
 from r1lab.stages.judging import (
-    TEMPLATE_NAMES,
     SampleResult,
     describe_model,
+    judged_structure,
+    prompt_template,
     sample_and_judge,
     start_sampling_run,
 )
@@ -74,7 +76,9 @@ class Config(StageConfig):
     temperature: float = Field(default=0.6, ge=0)
     top_p: float = Field(default=0.95, gt=0, le=1)
     max_new_tokens: int = Field(default=128, ge=1)
-    template: str = "r1-chat"
+    template: TemplateName = "r1-chat"  # r1-zero | r1-chat | plain | chat | r1-distill | .yaml
+    system_prompt: str | None = None  # system turn (chat) or preamble (plain, r1-zero)
+    instruction: str | None = None  # appended to every question after a newline
     max_per_question: int = Field(default=2, ge=1)
     filters: list[str] = Field(default_factory=lambda: list(FILTERS))
     drop_truncated: bool = True  # a response cut by the budget never learned to stop
@@ -84,15 +88,6 @@ class Config(StageConfig):
     max_batch_size: int = Field(default=256, ge=1)
     write_rejected: bool = True
     min_kept: int = Field(default=1, ge=0)  # fewer kept samples than this is an error
-
-    @field_validator("template")
-    @classmethod
-    def _known_template(cls, value: str) -> str:
-        if value not in TEMPLATE_NAMES:
-            raise ValueError(
-                f"unknown template {value!r}; known templates: {', '.join(TEMPLATE_NAMES)}"
-            )
-        return value
 
     @field_validator("filters")
     @classmethod
@@ -152,7 +147,8 @@ def select_samples(
     and the readability thresholds) are read from `cfg`, the one place that defaults them.
     """
     filters = check_filter_names(cfg.filters)  # again: a model_copy skips the validators
-    structure = cfg.template if cfg.template in STRUCTURES else "r1-chat"
+    structure = judged_structure(cfg.template)
+    structure = structure if structure in STRUCTURES else "r1-chat"
     out = Selection()
     seen: set[tuple[str, str]] = set()
     for ex, prompt, row in zip(examples, prompts, rows):
@@ -212,6 +208,8 @@ def provenance_of(cfg: Config) -> dict:
         "model_fingerprint": model.get("fingerprint"),
         "sampling": {
             "template": cfg.template,
+            "system_prompt": cfg.system_prompt,
+            "instruction": cfg.instruction,
             "temperature": cfg.temperature,
             "top_p": cfg.top_p,
             "max_new_tokens": cfg.max_new_tokens,
@@ -265,6 +263,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     model, tokenizer = start_sampling_run(cfg, out)
     provenance = provenance_of(cfg)
     params = SamplingParams(n=cfg.samples_per_question, **sampling_options(cfg))
+    template, structure = prompt_template(cfg.template, cfg.system_prompt, cfg.instruction)
     kept, rejected, sets = [], [], {}
     total = Selection()
     for spec in cfg.tasks:
@@ -274,9 +273,9 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
             tokenizer,
             task,
             examples,
-            cfg.template,
+            template,
             params,
-            structure=cfg.template,
+            structure=structure,
             max_batch_size=cfg.max_batch_size,
             progress=True,
             description=f"rejection {spec.title}",

@@ -33,6 +33,7 @@ from r1lab.engine.generate import Completion, SamplingParams
 from r1lab.engine.grpo_update import TrainBatch
 from r1lab.engine.sampling import sample_key
 from r1lab.metrics import is_self_check
+from r1lab.model.tokenizer import PromptTemplate
 from r1lab.rewards.base import RewardError
 from r1lab.rewards.combine import CombinedRewards
 from r1lab.rl import zero_variance_groups
@@ -158,7 +159,7 @@ def sample_groups(
     model,
     tokenizer,
     drawn: list[tuple[Task, Example]],
-    template: str,
+    template: str | PromptTemplate,
     params: SamplingParams,
     max_batch_size: int | None = None,
     warn_context: bool = False,
@@ -215,7 +216,7 @@ def collect_rollout(
     seed: int,
     questions: int,
     group_size: int,
-    template: str,
+    template: str | PromptTemplate,
     sampling: dict,
     dynamic_sampling: bool = False,
     max_resample: int = 0,
@@ -355,7 +356,8 @@ def check_judged(rollout: Rollout, step: int) -> None:
 
 
 def sample_records(rollout: Rollout, step: int, k: int) -> list[dict]:
-    """The first completion of the first `k` groups, for samples.jsonl."""
+    """The first completion of the first `k` groups, for samples.jsonl (with the prompt as
+    the model was given it)."""
     out = []
     for g in rollout.sampled[:k]:
         c = g.completions[0]
@@ -363,6 +365,7 @@ def sample_records(rollout: Rollout, step: int, k: int) -> list[dict]:
             {
                 "step": step,
                 "question": g.example.question,
+                "prompt": g.prompt,
                 "answer": g.example.answer,
                 "completion": (c.text or "")[:SAMPLE_TEXT_CHARS],
                 "reward": g.rewards[0],

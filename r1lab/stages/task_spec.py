@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     model_serializer,
@@ -119,6 +120,30 @@ def check_task_list(specs: list) -> list:
 
 # The eval and rejection stages' `tasks` setting: task names or spec mappings, as written.
 TaskList = Annotated[list[str | dict[str, Any]], AfterValidator(check_task_list)]
+
+
+def mixture_entries(value: Any) -> Any:
+    """A training mixture's specs as a list: also `{name: weight}`, a bare name, and a list
+    whose entries are names or spec mappings."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, dict):
+        return [{"name": k, "weight": w} for k, w in value.items()]
+    if isinstance(value, list):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+def check_mixture(specs: list[TaskSpec]) -> list[TaskSpec]:
+    if not specs:
+        raise ValueError("at least one task is needed")
+    return specs
+
+
+# GRPO's `tasks` setting: the training mixture, each task drawn by its `weight`.
+TaskMixtureList = Annotated[
+    list[TaskSpec], BeforeValidator(mixture_entries), AfterValidator(check_mixture)
+]
 
 
 def load_task_examples(
