@@ -165,6 +165,29 @@ def test_mixture_weights_set_each_source_share():
     assert len(mix_sources([a, b], None, seed=0)) == 40
 
 
+def test_trl_prompt_completion_rows_train_as_prompt_response_rows(base, tmp_path):
+    """TRL's `completion` is another name for `response` (also given with it, if equal)."""
+    shapes = {
+        "response": ROWS,
+        "completion": [{"prompt": r["prompt"], "completion": r["response"]} for r in ROWS],
+        "both": [{**r, "completion": r["response"]} for r in ROWS],
+    }
+    losses = {}
+    for name, rows in shapes.items():
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows * 10))
+        cfg = micro_config(base, data=[str(data)], max_steps=2, log_every=1, val_examples=3)
+        assert sft.load_examples(cfg, load_tokenizer(base)) == sft.load_examples(
+            micro_config(base, data=[str(tmp_path / "response.jsonl")]), load_tokenizer(base)
+        )
+        sft.run(cfg, tmp_path / name)
+        losses[name] = [
+            r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r
+        ]
+    assert len(losses["response"]) == 2
+    assert losses["completion"] == losses["both"] == losses["response"]
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -178,6 +201,16 @@ def test_mixture_weights_set_each_source_share():
         ),
         ('{"response": "r"}\n', r"data\.jsonl line 1: missing field 'prompt'"),
         ('{"prompt": "p", "response": 5}\n', r"line 1: field 'response' must be a string"),
+        (
+            '{"prompt": "p", "completion": "c"}\n{"prompt": "p", "response": "r", "completion": "c"}\n',
+            r"data\.jsonl line 2: fields 'response' and 'completion' differ",
+        ),
+        ('{"prompt": "p", "completion": 5}\n', r"line 1: field 'completion' must be a string"),
+        ('{"prompt": "p", "completion": " "}\n', r"line 1: field 'completion' is empty"),
+        (
+            '{"prompt": [{"role": "user", "content": "p"}], "completion": "c"}\n',
+            r"line 1: field 'prompt' must be a string, got list \(a conversational",
+        ),
         ('{"prompt": "p", "response": "  "}\n', r"line 1: field 'response' is empty"),
         ('["p", "r"]\n', r"line 1: expected a JSON object"),
         ("", r"data\.jsonl: no rows \(the file is empty\)"),

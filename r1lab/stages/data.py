@@ -19,7 +19,11 @@ from r1lab.config import StageConfig
 from r1lab.rows import DataError, check_messages, read_hub_rows, read_rows
 
 BUILTIN_SOURCES = ("cold-start", "non-reasoning")
-REQUIRED_FIELDS = ("prompt", "response")
+# TRL's prompt-completion rows call the response `completion`: read as another name for it.
+RESPONSE_ALIAS = "completion"
+ROW_SHAPES = (
+    "a row is {prompt, response} (or {prompt, completion}) or {messages: [{role, content}, ...]}"
+)
 
 
 class ProceduralConfig(StageConfig):
@@ -56,7 +60,8 @@ class ProceduralConfig(StageConfig):
 
 # ---- prompt/response sources -------------------------------------------------------------
 def check_row(row: Any, where: str) -> dict:
-    """One prompt/response example, or a DataError that says where and what is wrong."""
+    """One prompt/response example (TRL's `completion` is read as `response`), or a
+    DataError that says where and what is wrong."""
     if not isinstance(row, dict):
         raise DataError(
             f"{where}: expected an object with 'prompt' and 'response' (or 'messages'), "
@@ -64,19 +69,34 @@ def check_row(row: Any, where: str) -> dict:
         )
     if "messages" in row and "prompt" not in row:
         return {"messages": check_messages(row["messages"], where)}
-    for name in REQUIRED_FIELDS:
+    response = response_field(row, where)
+    for name in ("prompt", response):
         if name not in row:
-            raise DataError(
-                f"{where}: missing field {name!r} (a row is {{prompt, response}} or "
-                "{messages: [{role, content}, ...]})"
-            )
+            raise DataError(f"{where}: missing field {name!r} ({ROW_SHAPES})")
         if not isinstance(row[name], str):
+            hint = " (a conversational prompt/completion pair is one messages row)"
             raise DataError(
                 f"{where}: field {name!r} must be a string, got {type(row[name]).__name__}"
+                + (hint if isinstance(row[name], list) else "")
             )
-    if not row["response"].strip():
-        raise DataError(f"{where}: field 'response' is empty")
-    return {"prompt": row["prompt"], "response": row["response"]}
+    if not row[response].strip():
+        raise DataError(f"{where}: field {response!r} is empty")
+    return {"prompt": row["prompt"], "response": row[response]}
+
+
+def response_field(row: dict, where: str) -> str:
+    """The field that holds a row's response: `response`, else `completion` (TRL's name
+    for it). A row with both is an error unless they hold the same value."""
+    if RESPONSE_ALIAS not in row:
+        return "response"
+    if "response" not in row:
+        return RESPONSE_ALIAS
+    if row["response"] != row[RESPONSE_ALIAS]:
+        raise DataError(
+            f"{where}: fields 'response' and '{RESPONSE_ALIAS}' differ; '{RESPONSE_ALIAS}' is "
+            "another name for 'response', so give one of them"
+        )
+    return "response"
 
 
 def read_examples(path: str | Path) -> list[dict]:
