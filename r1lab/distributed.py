@@ -159,6 +159,16 @@ def all_reduce_sum(value: float) -> float:
     return float(t.item())
 
 
+def all_reduce_sums(values: list[float]) -> list[float]:
+    """Each number summed over ranks, in one collective (the numbers themselves on one
+    process)."""
+    if not active():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def all_reduce_max(value: float) -> float:
     if not active():
         return float(value)
@@ -204,12 +214,16 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float32):
+def shard_model(
+    model: torch.nn.Module, compute_dtype: torch.dtype = torch.float32, layers=None
+) -> torch.nn.Module:
     """FSDP2 (`fully_shard`) of each decoder layer and of the root, in place; returns it.
 
     Parameters stay fp32 (master weights, sharded with their gradients and the optimizer
     state built after this call); forwards run in `compute_dtype`, gradients are reduced in
-    fp32. The optimizer must be created after sharding.
+    fp32. The optimizer must be created after sharding. `layers`: the decoder layers, each
+    its own FSDP unit (default `model.model.layers`; a module that wraps a decoder, such as
+    the reward model, passes its decoder's), the rest of `model` is the root's unit.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (
@@ -220,12 +234,14 @@ def shard_model(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float
 
     if not active():
         return model
-    mesh = init_device_mesh(model.device.type, (world_size(),))
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
+    for layer in model.model.layers if layers is None else layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    register_fsdp_forward_method(model, "hidden_states")
+    if hasattr(model, "hidden_states"):  # a decoder: its log-prob helpers call it directly
+        register_fsdp_forward_method(model, "hidden_states")
     return model
 
 

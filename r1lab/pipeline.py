@@ -35,9 +35,8 @@ from r1lab.stage_graph import GRAPH, STAGE_COMMANDS, STAGE_NAMES, Stage, stage_i
 from r1lab.training import console, is_done
 
 STATUS_EVERY_S = 30.0  # with stages in parallel: seconds between two status lines
-# Stage kinds that `r1lab run --nproc N` starts under torchrun (docs/distributed.md); the
-# others (reward-model) run in the pipeline's process.
-DISTRIBUTED_KINDS = ("pretrain", "sft", "grpo", "evaluate", "rejection")
+# Stage kinds that `r1lab run --nproc N` starts under torchrun (docs/distributed.md): all.
+DISTRIBUTED_KINDS = ("pretrain", "sft", "grpo", "evaluate", "rejection", "reward_model")
 
 
 @dataclass

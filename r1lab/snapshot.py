@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ from r1lab.model.checkpoint import (
 )
 
 DCP_DIR = "dcp"  # state/dcp: the torch.distributed.checkpoint of a run under torchrun
+# writes a model/ folder from a model's whole weights by name (`save_checkpoint`'s export)
+Export = Callable[[dict[str, torch.Tensor], Path], None]
 
 
 class TrainingSnapshot:
@@ -81,12 +84,23 @@ def save_checkpoint(
     data_position: Any,
     extra: dict,
     export_dtype: str | torch.dtype | None = None,
+    export: Export | None = None,
 ) -> None:
-    """`out/model` (the loadable folder, `model` in `export_dtype`), then `out/state`."""
+    """`out/model` (the loadable folder, `model` in `export_dtype`), then `out/state`.
+
+    `export(weights, folder)` writes `model/` for a model that is not a plain decoder (the
+    reward model: its decoder and its head), from its whole weights by name (gathered to
+    rank 0 under torchrun), atomically as `save_model` does.
+    """
     if distributed.active():
-        _save_distributed(out, snapshot, model, tokenizer, step, data_position, extra, export_dtype)
+        _save_distributed(
+            out, snapshot, model, tokenizer, step, data_position, extra, export_dtype, export
+        )
         return
-    save_model(model, Path(out) / "model", tokenizer=tokenizer, dtype=export_dtype)
+    if export is not None:
+        export(model.state_dict(), Path(out) / "model")
+    else:
+        save_model(model, Path(out) / "model", tokenizer=tokenizer, dtype=export_dtype)
     save_training_state(
         Path(out) / "state",
         optimizer=snapshot,
@@ -139,13 +153,17 @@ def _dcp_state(snapshot: TrainingSnapshot) -> dict[str, Any]:
     return out
 
 
-def _save_distributed(out, snapshot, model, tokenizer, step, data_position, extra, dtype) -> None:
+def _save_distributed(
+    out, snapshot, model, tokenizer, step, data_position, extra, dtype, export
+) -> None:
     import torch.distributed.checkpoint as dcp
 
     out = Path(out)
     full = distributed.full_state_dict(model, cpu=True)  # gathered to rank 0
     main = distributed.is_main()
-    if main:
+    if main and export is not None:
+        export(full, out / "model")
+    elif main:
         plain = distributed.plain_model(model.config, full, "cpu")
         save_model(plain, out / "model", tokenizer=tokenizer, dtype=dtype)
     del full

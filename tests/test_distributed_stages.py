@@ -164,6 +164,116 @@ def test_pretrain_stage_on_two_ranks_matches_one_process(tmp_path, monkeypatch):
     assert_same_weights(weights[1], weights[0])
 
 
+def reward_model_config(tmp: Path):
+    """The pinned reward-model run (tests/test_recipe_pins.py), in batches of 7 of its 36
+    training pairs: the last batch holds one pair, so rank 1's share of it is empty."""
+    import test_recipe_pins as pins
+
+    cfg = pins.reward_model_config(tmp / "base", tmp / "pairs.jsonl")
+    return cfg.model_copy(update={"batch_size": 7, "save_every": 2})
+
+
+def reward_model_inputs(tmp: Path) -> None:
+    import test_recipe_pins as pins
+
+    pins.micro_model_dir(tmp / "base")
+    pins.write_jsonl(tmp / "pairs.jsonl", pins.preference_pairs(40))
+
+
+def reward_model_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The saved reward model's weights (decoder and head) by name."""
+    from r1lab.stages.reward_model import load_reward_model
+
+    return {
+        k: v.detach().clone() for k, v in load_reward_model(run / "model")[0].state_dict().items()
+    }
+
+
+def _reward_model_worker(tmp: Path) -> None:
+    from r1lab import training
+    from r1lab.stages import reward_model
+
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    note_mark_done(training, tmp)
+    reward_model.run(reward_model_config(tmp), tmp / "run2")
+
+
+def test_reward_model_stage_on_two_ranks_matches_one_process(tmp_path, monkeypatch):
+    """reward-model on 2 ranks: each scores its share of every batch of pairs (one rank's
+    share of the last is empty), and the losses, accuracies, held-out accuracy and final
+    weights (decoder and head) are the one-process ones; rank 0 alone writes DONE."""
+    import json
+
+    import test_recipe_pins as pins
+
+    from r1lab.stages import reward_model
+
+    reward_model_inputs(tmp_path)
+    spawn(_reward_model_worker, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("marked*")) == ["marked0"]
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    reward_model.run(reward_model_config(tmp_path), tmp_path / "run1")
+    one, two = tmp_path / "run1", tmp_path / "run2"
+    assert len(pins.logged(one, "loss")) == 6  # 36 pairs in batches of 7
+    for key in ("loss", "accuracy", "margin", "grad_norm"):
+        pins.assert_pinned(pins.logged(two, key), pins.logged(one, key), f"{key}, 2 ranks")
+    done = [json.loads((run / "DONE").read_text()) for run in (one, two)]
+    for key in ("heldout_pair_accuracy", "heldout_pair_accuracy_before", "steps"):
+        assert done[1][key] == done[0][key], key
+    assert (two / "state" / "dcp").is_dir() and not (one / "state" / "dcp").exists()
+    assert_same_weights(reward_model_weights(two), reward_model_weights(one))
+
+
+def _reward_model_resume_worker(tmp: Path) -> None:
+    """Resume the run killed on one process, on 2 ranks; die as step 5 is logged."""
+    import test_recipe_pins as pins
+
+    from r1lab.stages import reward_model
+
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+
+    def dies_at_step_5(real):
+        def write(self, record: dict) -> None:
+            if record.get("step") == 5 and "loss" in record:
+                raise pins.Killed
+            real(self, record)
+
+        return write
+
+    pins.MetricsLog.write = dies_at_step_5(pins.MetricsLog.write)
+    distributed.NullLog.write = dies_at_step_5(distributed.NullLog.write)
+    try:
+        reward_model.run(reward_model_config(tmp), tmp / "killed")
+    except pins.Killed:
+        Path(tmp, f"killed{distributed.rank()}").touch()
+
+
+def test_reward_model_resumes_across_world_sizes(tmp_path, monkeypatch):
+    """Killed on one process after its step-2 checkpoint, resumed on 2 ranks and killed
+    after step 4, finished on one process: the losses and weights of a run never killed."""
+    import test_recipe_pins as pins
+
+    from r1lab.stages import reward_model
+
+    reward_model_inputs(tmp_path)
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    cfg, killed = reward_model_config(tmp_path), tmp_path / "killed"
+    reward_model.run(cfg, tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        patch.setattr(pins.MetricsLog, "write", pins.killed_after(2))
+        with pytest.raises(pins.Killed):
+            reward_model.run(cfg, killed)
+    spawn(_reward_model_resume_worker, tmp_path)
+    assert (tmp_path / "killed0").exists() and (tmp_path / "killed1").exists()
+    assert (killed / "state" / "dcp").is_dir() and not (killed / "DONE").exists()
+    summary = reward_model.run(cfg, killed)
+    assert summary["steps"] == 6 and (killed / "DONE").exists()
+    straight = pins.logged(tmp_path / "straight", "loss")
+    assert pins.logged(killed, "step") == [1, 2, 3, 4, 5, 6]
+    pins.assert_pinned(pins.logged(killed, "loss"), straight, "loss, resumed on 2 then 1")
+    assert_same_weights(reward_model_weights(killed), reward_model_weights(tmp_path / "straight"))
+
+
 def sampler_configs(tmp: Path):
     """eval on two sets (5 and 3 questions: shares of 3 and 2, of 2 and 1) and rejection
     sampling on the random micro model, batches smaller than a rank's share."""

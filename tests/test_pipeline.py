@@ -134,3 +134,23 @@ def test_a_stage_launched_under_torchrun_gets_its_whole_config(tmp_path, monkeyp
     pipeline.launch_stage("sft", cfg, tmp_path / "sft", True, 2)
     assert received[0].fingerprint() == cfg.fingerprint()
     assert received[0].loggers == ["tensorboard"] and received[0] == cfg
+
+
+def test_pipeline_on_n_processes_launches_the_reward_model_under_torchrun(tmp_path, monkeypatch):
+    """`r1lab run --nproc 2` starts reward-model as it starts the other stages (under
+    torchrun, through `launch_stage`), not in the pipeline's own process."""
+    from r1lab.stages import reward_model
+
+    launched = []
+
+    def launch(kind, cfg, out, resume, nproc):
+        launched.append((kind, out, nproc, cfg.model))
+
+    def in_process(*args, **kwargs):
+        raise AssertionError("reward-model ran in the pipeline's process")
+
+    monkeypatch.setattr(pipeline, "launch_stage", launch)
+    monkeypatch.setattr(reward_model, "run", in_process)
+    record = pipeline.run_stage("reward-model", "micro", str(tmp_path), {}, True, nproc=2)
+    assert record.status == "done"
+    assert launched == [("reward_model", tmp_path / "reward-model", 2, str(tmp_path / "base"))]

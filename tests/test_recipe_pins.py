@@ -196,6 +196,7 @@ def reward_model_config(base: Path, data: Path):
         lr=3e-3,
         warmup_steps=1,
         max_length=64,
+        save_every=KILL_AFTER,
         dtype="float32",
         device="cpu",
     )
@@ -307,14 +308,19 @@ def test_grpo_loss_kl_and_reward_are_pinned_and_survive_a_kill(
         assert_pinned(logged(out, "reward"), GRPO_REWARD, f"grpo reward ({out.name})")
 
 
-def test_reward_model_losses_are_pinned(base, tmp_path):
-    """The reward-model stage keeps no resumable state (it trains in seconds), so only its
-    losses are pinned."""
+def test_reward_model_losses_are_pinned_and_survive_a_kill(base, tmp_path, monkeypatch):
     from r1lab.stages import reward_model
 
     data = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(40))
-    reward_model.run(reward_model_config(base, data), tmp_path / "rm")
+    cfg = reward_model_config(base, data)
+    reward_model.run(cfg, tmp_path / "rm")
     assert_pinned(logged(tmp_path / "rm", "loss")[:4], REWARD_MODEL_LOSS, "reward-model loss")
+
+    summary = run_killed_and_resumed(reward_model.run, cfg, tmp_path / "killed", monkeypatch)
+    assert summary["steps"] == 5  # 36 training pairs in batches of 8
+    resumed = logged(tmp_path / "killed", "loss")
+    assert_pinned(resumed[:4], REWARD_MODEL_LOSS, "resumed reward-model loss")
+    assert_pinned(resumed, logged(tmp_path / "rm", "loss"), "resumed reward-model loss")
 
 
 # ---- regeneration ----------------------------------------------------------------------------

@@ -57,4 +57,4 @@ def test_done_is_reused_and_a_newer_input_restarts_from_scratch(tmp_path):
 
 def test_each_stage_declares_its_neutral_settings_once():
     assert resume_neutral(pretrain) == resume_neutral(sft) == pretrain.RESUME_NEUTRAL
-    assert resume_neutral(reward_model) == frozenset()  # it keeps no checkpoint to resume
+    assert resume_neutral(reward_model) == {"device", "log_every", "save_every"}

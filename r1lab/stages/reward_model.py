@@ -8,13 +8,22 @@ trains such a model: the decoder with a scalar head on the last token, loss
 Data: jsonl files of `{prompt, chosen, rejected}`, a Hugging Face dataset id with those
 columns, or "procedural": pairs made from the built-in tasks, where a clear, correct
 summary is preferred over a wrong, hedging or unhelpful one.
+
+Weights train in fp32 under the stage's autocast dtype, as sft's do. Checkpoints (`model/`
+with the head, then `state/`) go through `r1lab.snapshot` every `save_every` steps and at
+the end, so a killed run resumes. Under torchrun (`r1lab reward-model --nproc N`) FSDP2
+shards the model and each rank scores its share of every batch of pairs (`train_step`):
+the losses and weights are the one-process ones, and the checkpoints resume on any number
+of ranks (docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
-import time
+import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -24,16 +33,29 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from r1lab import distributed, training
-from r1lab.config import ConfigError, resolve_device, write_config
-from r1lab.model.checkpoint import atomic_write_text, load_model, resolve_model_dir, save_model
+from r1lab.config import resolve_device, resolve_dtype, write_config
+from r1lab.model.checkpoint import (
+    atomic_dir,
+    atomic_write_text,
+    load_model,
+    resolve_model_dir,
+    save_model,
+)
 from r1lab.model.tokenizer import load_tokenizer
 from r1lab.rewards.reward_model import text_to_judge
 from r1lab.rows import DataError, read_hub_rows, read_rows
+from r1lab.snapshot import Export, TrainingSnapshot, restore_checkpoint, save_checkpoint
+from r1lab.stages.budget import Clock
 from r1lab.stages.data import ProceduralConfig
+from r1lab.stages.sft import stored_dtype
+from r1lab.stages.supervised import open_checkpoint
 
+STAGE = "reward-model"
 HEAD_FILE = "reward_head.safetensors"
 PAIR_SIDES = ("chosen", "rejected")
 HEAD_INFO = "reward_head.json"
+# Settings that may change between an interrupted run and its resume (r1lab.rundir).
+RESUME_NEUTRAL = frozenset({"device", "log_every", "save_every"})
 
 
 class Config(ProceduralConfig):
@@ -51,6 +73,7 @@ class Config(ProceduralConfig):
     max_length: int = Field(192, ge=8)
     max_minutes: float | None = Field(None, gt=0)
     log_every: int = Field(20, ge=1)
+    save_every: int = Field(100, ge=1)  # steps between checkpoints (resume points)
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -67,18 +90,35 @@ class RewardModel(nn.Module):
         """Right-padded batch -> one reward per row, read at its last real token."""
         hidden = self.decoder.hidden_states(input_ids, attention_mask=attention_mask)
         last = attention_mask.long().sum(1) - 1
-        return self.score(hidden[torch.arange(len(last)), last].float()).squeeze(-1)
+        scores = self.score(hidden[torch.arange(len(last)), last].float())
+        return scores.squeeze(-1).clone()  # not a view: FSDP2 hooks the output for backward
 
 
 def save_reward_model(rm: RewardModel, path: str | Path, tokenizer, judge: str) -> None:
     """The decoder as a Hugging Face folder plus the head beside it (loadable on its own)."""
-    save_model(rm.decoder, path, tokenizer=tokenizer)
-    path = Path(path)
-    head = {"score.weight": rm.score.weight.detach().float().cpu().contiguous()}
-    tmp = path / f".{HEAD_FILE}.tmp"
-    save_file(head, str(tmp))
-    tmp.replace(path / HEAD_FILE)
-    atomic_write_text(path / HEAD_INFO, json.dumps({"judge": judge}) + "\n")
+    _write_reward_model(rm.decoder, rm.score.weight, path, tokenizer, judge)
+
+
+def _write_reward_model(decoder, head: torch.Tensor, path, tokenizer, judge: str, dtype=None):
+    """One folder, written atomically: the decoder (in `dtype`), the head and its judge."""
+    with atomic_dir(path) as tmp:
+        save_model(decoder, tmp, tokenizer=tokenizer, dtype=dtype)
+        weights = {"score.weight": head.detach().float().cpu().contiguous()}
+        save_file(weights, str(tmp / HEAD_FILE))
+        (tmp / HEAD_INFO).write_text(json.dumps({"judge": judge}) + "\n")
+
+
+def reward_model_export(config, tokenizer, judge: str, dtype=None) -> Export:
+    """`save_checkpoint`'s writer of `model/`: the reward model's folder from its whole
+    weights by name (a plain decoder rebuilt from the `decoder.` ones, and the head)."""
+
+    def export(weights: dict[str, torch.Tensor], folder: Path) -> None:
+        prefix = "decoder."
+        own = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        decoder = distributed.plain_model(config, own, "cpu")
+        _write_reward_model(decoder, weights["score.weight"], folder, tokenizer, judge, dtype)
+
+    return export
 
 
 def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[RewardModel, object, str]:
@@ -219,99 +259,181 @@ def _checked_pairs(rows) -> list[dict]:
     return pairs
 
 
-def pair_accuracy(rm: RewardModel, tokenizer, pairs: list[dict], cfg: Config, device) -> float:
+def pair_accuracy(
+    rm: RewardModel, tokenizer, pairs: list[dict], cfg: Config, device, autocast=None
+) -> float:
+    """The share of `pairs` whose chosen side scores higher; under torchrun each rank
+    scores its share of every chunk of 128 pairs and the wins are summed."""
     rm.eval()
     wins = 0
     with torch.no_grad():
         for start in range(0, len(pairs), 128):
-            batch = pairs[start : start + 128]
-            wins += int((_pair_margin(rm, tokenizer, batch, cfg, device) > 0).sum())
+            chunk = pairs[start : start + 128]
+            mine = distributed.shard_of(len(chunk))
+            part = chunk[mine.start : mine.stop]
+            with autocast or nullcontext():  # every rank runs a forward (FSDP gathers)
+                margin = _pair_margin(rm, tokenizer, part or chunk[:1], cfg, device)
+            wins += int((margin > 0).sum()) if part else 0
     rm.train()
-    return wins / max(1, len(pairs))
+    return distributed.all_reduce_sum(wins) / max(1, len(pairs))
 
 
 def _pair_margin(rm, tokenizer, batch, cfg: Config, device) -> torch.Tensor:
     prompts = [p["prompt"] for p in batch] * 2
     texts = [p["chosen"] for p in batch] + [p["rejected"] for p in batch]
     ids, mask = encode_pairs(tokenizer, prompts, texts, cfg.max_length, device)
-    scores = rm(ids, mask)
+    scores = rm(ids, mask).float()
     return scores[: len(batch)] - scores[len(batch) :]
+
+
+def train_step(rm, optimizer, tokenizer, batch: list[dict], cfg: Config, device, autocast) -> dict:
+    """One optimizer step on a batch of pairs: loss -log sigmoid(margin), mean over pairs.
+
+    Under torchrun every rank holds the whole batch and scores its contiguous share; its
+    loss is summed over its pairs and divided by the batch's pair count (the global
+    normaliser), times the world size since FSDP averages gradients over ranks, so the
+    summed gradient is the one-process gradient. A rank whose share is empty (a batch
+    smaller than the world) runs a forward on one pair with a zero loss, so every rank
+    runs the same FSDP collectives. The numbers are summed over ranks.
+    """
+    n = len(batch)
+    mine = distributed.shard_of(n)
+    part = batch[mine.start : mine.stop]
+    with autocast:
+        margin = _pair_margin(rm, tokenizer, part or batch[:1], cfg, device)
+    loss = -torch.nn.functional.logsigmoid(margin).sum() / n
+    optimizer.zero_grad(set_to_none=True)
+    (loss * (distributed.grad_scale() if part else 0.0)).backward()
+    grad_norm = training.clip_grad(rm, cfg.grad_clip)
+    optimizer.step()
+    mine_sums = [loss.item(), float((margin > 0).sum()), margin.sum().item()] if part else [0.0] * 3
+    loss_sum, wins, margins = distributed.all_reduce_sums(mine_sums)
+    return {"loss": loss_sum, "accuracy": wins / n, "margin": margins / n, "grad_norm": grad_norm}
+
+
+def pairs_fingerprint(pairs: list[dict]) -> str:
+    """A hash of the judged pairs: a resume must train on the pairs it started with."""
+    return hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---- the stage ---------------------------------------------------------------------------------
 def run(cfg: Config, out_dir, resume: bool = True) -> dict:
+    """Train the reward model into `out_dir/model`; returns the stage summary.
+
+    Resumes from `out_dir/state` (written on one process or many) when `resume`; under
+    torchrun rank 0 alone writes the run dir, the other ranks their checkpoint shards.
+    """
     out = Path(out_dir)
     if resume and training.is_done(out, cfg.fingerprint()):
         training.console.print(f"[green]reward-model: {out} is already done")
-        return json.loads((out / "DONE").read_text())
+        return json.loads((out / training.DONE_FILE).read_text())
     if not cfg.model:
         raise ValueError("reward-model: field 'model' is required (the decoder to start from)")
-    if distributed.active():  # every rank would train the whole model and write the run dir
-        raise ConfigError("reward-model runs in one process only for now: drop --nproc")
     training.set_seed(cfg.seed)
     training.set_cpu_threads()
-    device = resolve_device(cfg.device)
+    # torchrun: this rank's GPU by index ("cuda" alone loads safetensors onto cuda:0)
+    device = distributed.local_device(resolve_device(cfg.device))
+    autocast = training.autocast_for(device, resolve_dtype(cfg.dtype, device))
+    record = open_checkpoint(STAGE, cfg, out, resume, RESUME_NEUTRAL)
 
     pairs = load_pairs(cfg)
+    data_hash = pairs_fingerprint(pairs)
     random.Random(cfg.seed).shuffle(pairs)
     n_held = max(1, int(len(pairs) * cfg.heldout_fraction))
     heldout, train = pairs[:n_held], pairs[n_held:]
 
     folder = resolve_model_dir(cfg.model)
     tokenizer = load_tokenizer(folder)
-    rm = RewardModel(load_model(folder, device=device)).to(device)
+    rm = RewardModel(load_model(folder, dtype=torch.float32, device=device)).to(device)
+    export = reward_model_export(rm.decoder.config, tokenizer, cfg.judge, stored_dtype(folder))
+    if distributed.active():  # torchrun: shard before the optimizer sees the parameters
+        distributed.check_agreement(cfg.fingerprint())
+        distributed.shard_model(rm, layers=rm.decoder.model.layers)
     optimizer = training.make_optimizer(rm, cfg.lr, cfg.weight_decay)
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out / "config.yaml")
-    log = training.MetricsLog(out / "metrics.jsonl")
+    snapshot = TrainingSnapshot(model=rm, optimizer=optimizer)
+    step, extra = 0, {}
+    if record is not None:
+        info = restore_checkpoint(out, snapshot)
+        step, extra = info["step"], info["extra"]
+        if extra.get("data_hash") != data_hash:
+            raise RuntimeError(f"reward-model: the pairs differ from those {out} was trained on")
+        training.console.print(f"reward-model: resuming {out} after step {step}")
+    elif distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in (out / training.DONE_FILE, out / "state"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    distributed.barrier()
+    log: training.MetricsLog | distributed.NullLog = distributed.NullLog()
+    if distributed.is_main():  # torchrun: rank 0 writes the run dir
+        write_config(cfg, out / "config.yaml")
+        log = training.MetricsLog(out / "metrics.jsonl", resume_step=step + 1 if record else None)
 
-    accuracy_before = pair_accuracy(rm, tokenizer, heldout, cfg, device)
+    accuracy_before = extra.get("accuracy_before")
+    if accuracy_before is None:
+        accuracy_before = pair_accuracy(rm, tokenizer, heldout, cfg, device, autocast)
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
-    started = time.time()
-    step = 0
+    clock = Clock(extra.get("train_s", 0.0))
+    finished = bool(extra.get("finished", False))  # killed after the final checkpoint
+    stop = extra.get("stopped_by")
+
+    def checkpoint(final: bool = False) -> None:
+        state = {
+            "config": cfg.model_dump(mode="json"),
+            "data_hash": data_hash,
+            "accuracy_before": accuracy_before,
+            "train_s": clock.elapsed(),
+            "finished": final,
+            "stopped_by": stop,
+        }
+        position = {"epoch": step // max(1, steps_per_epoch), "step": step}
+        save_checkpoint(out, snapshot, rm, tokenizer, step, position, state, export=export)
+
+    shuffled = -1  # the epochs whose shuffle of `train` is done (each shuffles the last)
     rm.train()
     with training.progress_bar("reward-model", total) as advance:
-        for epoch in range(cfg.epochs):
-            random.Random(cfg.seed + epoch).shuffle(train)
-            for start in range(0, len(train), cfg.batch_size):
-                training.set_lr(optimizer, training.lr_at(step, total, cfg.lr, cfg.warmup_steps))
-                margin = _pair_margin(
-                    rm, tokenizer, train[start : start + cfg.batch_size], cfg, device
-                )
-                loss = -torch.nn.functional.logsigmoid(margin).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = training.clip_grad(rm, cfg.grad_clip)
-                optimizer.step()
-                step += 1
-                record = {
-                    "step": step,
-                    "loss": loss.item(),
-                    "accuracy": float((margin > 0).float().mean()),
-                    "margin": margin.mean().item(),
-                    "grad_norm": grad_norm,
-                }
-                log.write(record)
-                advance(info=f"loss {record['loss']:.3f} acc {record['accuracy']:.2f}")
-                if cfg.max_minutes and time.time() - started > cfg.max_minutes * 60:
-                    break
+        advance(step)
+        while not finished and step < total:
+            epoch, k = divmod(step, steps_per_epoch)
+            while shuffled < epoch:
+                shuffled += 1
+                random.Random(cfg.seed + shuffled).shuffle(train)
+            batch = train[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+            training.set_lr(optimizer, training.lr_at(step, total, cfg.lr, cfg.warmup_steps))
+            numbers = train_step(rm, optimizer, tokenizer, batch, cfg, device, autocast)
+            step += 1
+            log.write({"step": step, **numbers})
+            advance(info=f"loss {numbers['loss']:.3f} acc {numbers['accuracy']:.2f}")
+            # torchrun: every rank stops by the furthest rank's clock, after the same step
+            if (
+                cfg.max_minutes
+                and distributed.all_reduce_max(clock.elapsed()) > cfg.max_minutes * 60
+            ):
+                stop = "max_minutes"
+                break
+            if step % cfg.save_every == 0:
+                checkpoint()
+    stop = stop or "epochs"
 
-    accuracy = pair_accuracy(rm, tokenizer, heldout, cfg, device)
-    save_reward_model(rm, out / "model", tokenizer, cfg.judge)
+    accuracy = pair_accuracy(rm, tokenizer, heldout, cfg, device, autocast)
+    if not finished:
+        checkpoint(final=True)
     summary = {
         "heldout_pair_accuracy": accuracy,
         "heldout_pair_accuracy_before": accuracy_before,
         "heldout_pairs": len(heldout),
         "train_pairs": len(train),
         "steps": step,
-        "seconds": round(time.time() - started, 1),
+        "stopped_by": stop,
+        "seconds": round(clock.elapsed(), 1),
         "judge": cfg.judge,
     }
-    atomic_write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
-    training.console.print(
-        f"reward-model: held-out pair accuracy {accuracy_before:.3f} -> {accuracy:.3f} "
-        f"({len(heldout)} pairs)"
-    )
-    training.mark_done(out, cfg.fingerprint(), **summary)
+    if distributed.is_main():
+        atomic_write_text(out / "eval.json", json.dumps(summary, indent=2) + "\n")
+        training.console.print(
+            f"reward-model: held-out pair accuracy {accuracy_before:.3f} -> {accuracy:.3f} "
+            f"({len(heldout)} pairs)"
+        )
+        training.mark_done(out, cfg.fingerprint(), **summary)
+    distributed.barrier()  # no rank moves on before DONE is there
     return summary
