@@ -23,7 +23,6 @@ import copy
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,11 +32,9 @@ from grpo_step import (  # noqa: E402 - the benchmark's shared pieces
     SHAPES,
     WORKLOADS,
     model_config,
-    peak_gb,
     prompt_ids,
     steady,
-    sync,
-    update,
+    timed_step,
 )
 
 
@@ -67,11 +64,9 @@ def build(mode: str, cfg, dev, rank: int):
 
 
 def worker(args) -> dict:
-    from r1lab.engine import fallbacks, fast_generate, fast_train
-    from r1lab.engine.generate import SamplingParams, sample
-    from r1lab.engine.grpo_update import TrainBatch
+    from r1lab.engine import fallbacks, fast_train
+    from r1lab.engine.generate import SamplingParams
     from r1lab.model.lora import refresh_merged
-    from r1lab.rl.advantages import group_advantages
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape, work = SHAPES[args.shape], WORKLOADS["tiny" if args.shape == "tiny" else "full"]
@@ -95,37 +90,11 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
         prompts = prompts_all[step * p : (step + 1) * p]
-        sync()
-        t0 = time.perf_counter()
-        if sampler is not model:
-            refresh_merged(sampler, model)
-        completions = sample(sampler, prompts, params)
-        fast_generate.release(sampler)  # as grpo_step.py: the engine's copy is not kept
-        sync()
-        t1 = time.perf_counter()
-        comp_ids = [c.token_ids for c in completions]
-        rewards = [float(sum(ids) % 7) for ids in comp_ids]
-        batch = TrainBatch(
-            prompt_ids=[prompts[c.prompt_index] for c in completions],
-            completion_ids=comp_ids,
-            advantages=group_advantages(rewards, g),
-            counted=[True] * len(comp_ids),
-            sampler_logprobs=[c.logprobs for c in completions],
+        refresh = None if sampler is model else (lambda: refresh_merged(sampler, model))
+        # as grpo_step.py: the engine's copy is not kept between steps
+        record, _ = timed_step(
+            args, model, sampler, optimizer, ref, prompts, params, step, refresh=refresh
         )
-        stats = update(args, model, optimizer, ref, batch, step)
-        sync()
-        t2 = time.perf_counter()
-        record = {
-            "step": step,
-            "step_s": round(t2 - t0, 3),
-            "rollout_s": round(t1 - t0, 3),
-            "train_s": round(t2 - t1, 3),
-            "loss": round(float(stats.get("loss", float("nan"))), 6),
-            "kl": float(stats.get("kl", 0.0)),
-            "grad_norm": round(float(stats.get("grad_norm", float("nan"))), 4),
-            "logprob_diff": float(stats.get("logprob_diff", float("nan"))),
-            "peak_gb": peak_gb(),
-        }
         result["steps"].append(record)
         print(json.dumps({"mode": args.worker, **record}), flush=True)
     result["steady"] = {

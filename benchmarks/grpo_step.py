@@ -137,10 +137,8 @@ def model_config(shape: dict, layers: int | None = None):
 
 def run_r1lab(args, shape: dict, work: dict) -> dict:
     from r1lab.engine import decode_ops, fallbacks, fast_generate
-    from r1lab.engine.generate import SamplingParams, sample
-    from r1lab.engine.grpo_update import TrainBatch
+    from r1lab.engine.generate import SamplingParams
     from r1lab.model.transformer import Transformer
-    from r1lab.rl.advantages import group_advantages
     from r1lab.training import make_optimizer
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -172,36 +170,10 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
         prompts = prompts_all[step * p : (step + 1) * p]
-        sync()
-        t0 = time.perf_counter()
-        completions = sample(model, prompts, params)
-        if not args.keep_engine:  # its weights copy and KV cache are not needed to train
-            fast_generate.release(model)
-        sync()
-        t1 = time.perf_counter()
-        comp_ids = [c.token_ids for c in completions]
-        rewards = [float(sum(ids) % 7) for ids in comp_ids]
-        batch = TrainBatch(
-            prompt_ids=[prompts[c.prompt_index] for c in completions],
-            completion_ids=comp_ids,
-            advantages=group_advantages(rewards, g),
-            counted=[True] * len(comp_ids),
-            sampler_logprobs=[c.logprobs for c in completions],
+        # the engine's weights copy and KV cache are not needed to train
+        record, batch = timed_step(
+            args, model, model, optimizer, ref, prompts, params, step, release=not args.keep_engine
         )
-        stats = update(args, model, optimizer, ref, batch, step)
-        sync()
-        t2 = time.perf_counter()
-        record = {
-            "step": step,
-            "step_s": round(t2 - t0, 3),
-            "rollout_s": round(t1 - t0, 3),
-            "train_s": round(t2 - t1, 3),
-            "loss": round(float(stats.get("loss", float("nan"))), 6),
-            "kl": round(float(stats.get("kl", 0.0)), 8),
-            "grad_norm": round(float(stats.get("grad_norm", float("nan"))), 4),
-            "mean_completion_len": sum(map(len, comp_ids)) / len(comp_ids),
-            "peak_gb": peak_gb(),
-        }
         if dev.type == "cuda":
             record["sampler"] = {
                 k: round(v, 3) if isinstance(v, float) else v
@@ -218,6 +190,53 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
         if args.profile and step == args.warmup:
             profile_step(args, model, optimizer, ref, prompts, params, batch, step)
     return result
+
+
+def timed_step(
+    args, policy, sampler, optimizer, ref, prompts, params, step, *, release=True, refresh=None
+) -> tuple[dict, object]:
+    """One GRPO step as the benchmark times it: the rollout (after `refresh`, which readies
+    the sampler's weights), then the stage's own update on it. Rewards are a cheap function
+    of the tokens: the work, not the reward, is what is timed."""
+    from r1lab.engine import fast_generate
+    from r1lab.engine.generate import sample
+    from r1lab.engine.grpo_update import TrainBatch
+    from r1lab.rl.advantages import group_advantages
+
+    sync()
+    t0 = time.perf_counter()
+    if refresh is not None:
+        refresh()
+    completions = sample(sampler, prompts, params)
+    if release:
+        fast_generate.release(sampler)
+    sync()
+    t1 = time.perf_counter()
+    comp_ids = [c.token_ids for c in completions]
+    rewards = [float(sum(ids) % 7) for ids in comp_ids]
+    batch = TrainBatch(
+        prompt_ids=[prompts[c.prompt_index] for c in completions],
+        completion_ids=comp_ids,
+        advantages=group_advantages(rewards, params.n),
+        counted=[True] * len(comp_ids),
+        sampler_logprobs=[c.logprobs for c in completions],
+    )
+    stats = update(args, policy, optimizer, ref, batch, step)
+    sync()
+    t2 = time.perf_counter()
+    record = {
+        "step": step,
+        "step_s": round(t2 - t0, 3),
+        "rollout_s": round(t1 - t0, 3),
+        "train_s": round(t2 - t1, 3),
+        "loss": round(float(stats.get("loss", float("nan"))), 6),
+        "kl": round(float(stats.get("kl", 0.0)), 8),
+        "grad_norm": round(float(stats.get("grad_norm", float("nan"))), 4),
+        "logprob_diff": float(stats.get("logprob_diff", float("nan"))),
+        "mean_completion_len": sum(map(len, comp_ids)) / len(comp_ids),
+        "peak_gb": peak_gb(),
+    }
+    return record, batch
 
 
 def dynamo_counters() -> dict:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import save_random_micro_model
 from safetensors.torch import load_file
+from test_stage_grpo import small as stage_small
 from torch.func import functional_call
 
-from r1lab.config import build_config
 from r1lab.engine import grpo_update
 from r1lab.model.checkpoint import load_model
 from r1lab.model.lora import (
@@ -49,24 +49,10 @@ def spread(tmp_path, monkeypatch):
 
 
 def small(micro_dir, spread, **overrides) -> grpo.Config:
-    settings = dict(
-        model=str(micro_dir),
-        steps=3,
-        questions_per_step=2,
-        group_size=4,
-        max_new_tokens=12,
-        eval_n=3,
-        eval_k=1,
-        warmup_steps=0,
-        lr=2e-2,
-        beta=0.04,
-        save_every=1,
-        log_samples=1,
-        rewards={spread: 1},
-        lora=LORA,
-        device="cpu",  # fp32: the comparisons below are exact (the CUDA test is the last one)
-    )
-    return build_config(grpo.Config, {**settings, **overrides})
+    """The GRPO stage tests' small run, with LoRA, a reward spread and a KL term."""
+    settings = dict(lr=2e-2, beta=0.04, rewards={spread: 1}, lora=LORA)
+    # fp32 on the CPU: the comparisons below are exact (the CUDA test is the last one)
+    return stage_small(micro_dir, device="cpu", **{**settings, **overrides})
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
