@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import save_random_micro_model
 from safetensors.torch import load_file
+from test_stage_grpo import run_killed_after_checkpoint
 from test_stage_grpo import small as stage_small
 from torch.func import functional_call
 
@@ -228,31 +229,17 @@ def _slow_reference(policy, frozen, batch, old, cfg) -> dict:
     return out
 
 
-class Killed(Exception):
-    pass
-
-
 def test_lora_run_saves_adapters_and_resumes_identically(micro_dir, spread, tmp_path, monkeypatch):
     """A kill after step 3's checkpoint (the reference refreshed to the policy at step 3):
     the resumed run restores adapters, optimizer and reference adapters and ends where the
     uninterrupted one does; model/ is the merged model, adapter/ the PEFT adapters."""
     cfg = small(micro_dir, spread, steps=4, save_every=3, ref_refresh_every=2)
     grpo.run(cfg, tmp_path / "whole")
-    real_save = grpo.save_checkpoint
-
-    def save_then_die(out, snapshot, model, tokenizer, step, *args):
-        real_save(out, snapshot, model, tokenizer, step, *args)
-        if step == 3:
-            raise Killed
-
-    monkeypatch.setattr(grpo, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        grpo.run(cfg, tmp_path / "killed")
+    run_killed_after_checkpoint(cfg, tmp_path / "killed", 3, monkeypatch)
     state = torch.load(tmp_path / "killed" / "state" / "optimizer.pt", weights_only=True)
     assert set(state["policy"]) == set(state["ref"])  # adapters only, no base weights
     assert state["policy"] and all(k.endswith(("lora_A", "lora_B")) for k in state["policy"])
     assert len(state["optimizer"]["state"]) == len(state["policy"])
-    monkeypatch.setattr(grpo, "save_checkpoint", real_save)
     started = []
     real_step = grpo.train_step
     monkeypatch.setattr(

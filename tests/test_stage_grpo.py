@@ -112,6 +112,22 @@ class Killed(Exception):
     pass
 
 
+def run_killed_after_checkpoint(cfg, out, step: int, monkeypatch) -> None:
+    """Run the stage until the checkpoint of `step` is on disk, then stop it there as a
+    kill would (nothing after the write runs); the stage is left as it was."""
+    real_save = grpo.save_checkpoint
+
+    def save_then_die(out_dir, snapshot, model, tokenizer, at, *args):
+        real_save(out_dir, snapshot, model, tokenizer, at, *args)
+        if at == step:
+            raise Killed
+
+    monkeypatch.setattr(grpo, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        grpo.run(cfg, out)
+    monkeypatch.setattr(grpo, "save_checkpoint", real_save)
+
+
 def test_killed_run_resumes_where_it_saved(micro_dir, rewards_module, tmp_path, monkeypatch):
     cfg = small(
         micro_dir, steps=4, save_every=2, beta=0.04, rewards={f"{rewards_module}:spread": 1}
@@ -161,19 +177,9 @@ def test_a_refreshed_reference_survives_a_kill(micro_dir, rewards_module, tmp_pa
         rewards={f"{rewards_module}:spread": 1},
     )
     grpo.run(cfg, tmp_path / "whole")
-    real_save = grpo.save_checkpoint
-
-    def save_then_die(out, snapshot, model, tokenizer, step, *args):
-        real_save(out, snapshot, model, tokenizer, step, *args)
-        if step == 3:
-            raise Killed
-
-    monkeypatch.setattr(grpo, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        grpo.run(cfg, tmp_path / "killed")
+    run_killed_after_checkpoint(cfg, tmp_path / "killed", 3, monkeypatch)
     state = torch.load(tmp_path / "killed" / "state" / "optimizer.pt", weights_only=True)
     assert set(state) == {"policy", "optimizer", "ref"} and state["ref"] is not None
-    monkeypatch.setattr(grpo, "save_checkpoint", real_save)
     grpo.run(cfg, tmp_path / "killed")
 
     whole = read_jsonl(tmp_path / "whole" / "metrics.jsonl")
