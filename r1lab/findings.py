@@ -22,6 +22,7 @@ every one of its criteria does. Nothing here is written by hand: the report prin
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -153,28 +154,38 @@ def not_lower(name: str, reference: Figure, other: Figure, slack: float) -> Crit
 
 
 # ---- the four findings --------------------------------------------------------------------------
-def _compared(finding: Finding, run_dir: Path, before: str, after: str):
-    """The per-set results of two stages, or None (with `finding.missing` saying which)."""
-    results = {stage: eval_sets(run_dir, stage) for stage in (before, after)}
-    missing = [stage for stage, result in results.items() if not result]
-    if missing:
-        finding.missing = f"no evaluation of {', '.join(missing)}"
-        return None
-    return results[before], results[after]
+def _comparing(title: str, before: str, after: str):
+    """Make a judge of two stages' evaluations into a finding of a run dir: the judge gets
+    the finding, both stages' per-set results and the run dir, and sets the criteria; when
+    either stage was not evaluated, the finding says which instead."""
+
+    def wrap(judge):
+        @functools.wraps(judge)
+        def finding_of(run_dir: Path) -> Finding:
+            finding = Finding(title)
+            results = {stage: eval_sets(Path(run_dir), stage) for stage in (before, after)}
+            missing = [stage for stage, result in results.items() if not result]
+            if missing:
+                finding.missing = f"no evaluation of {', '.join(missing)}"
+            else:
+                judge(finding, results[before], results[after], Path(run_dir))
+            return finding
+
+        return finding_of
+
+    return wrap
 
 
-def r1_zero_discovers(run_dir: Path) -> Finding:
-    finding = Finding("R1-Zero discovers reasoning (base -> r1-zero, held-out sets pooled)")
-    pair = _compared(finding, run_dir, "base", "r1-zero")
-    if pair is None:
-        return finding
-    base, zero = pair
+@_comparing(
+    "R1-Zero discovers reasoning (base -> r1-zero, held-out sets pooled)", "base", "r1-zero"
+)
+def r1_zero_discovers(finding: Finding, base: dict, zero: dict, run_dir: Path) -> None:
     b, z = list(base.values()), [zero[name] for name in base if name in zero]
     figs = {key: (pooled(b, key), pooled(z, key)) for key in
             ("format_rate", "pass@1", "mean_length", "self_check_rate")}  # fmt: skip
     if any(x is None for pair in figs.values() for x in pair):
         finding.missing = "eval.json lacks format, length or self-check figures"
-        return finding
+        return
     (fb, fz), (pb, pz) = figs["format_rate"], figs["pass@1"]
     finding.criteria = [
         at_most("base format rate", fb, 0.5),
@@ -184,31 +195,30 @@ def r1_zero_discovers(run_dir: Path) -> Finding:
         grows("mean response length", *figs["mean_length"], LENGTH_GROWTH),
         rises("self-check rate", *figs["self_check_rate"]),
     ]
-    return finding
 
 
-def readability(run_dir: Path) -> Finding:
-    finding = Finding("Readability: reasoning RL ends R1-Zero's language mixing (Chinese sets)")
-    pair = _compared(finding, run_dir, "r1-zero", "reasoning-rl")
-    if pair is None:
-        return finding
-    zero, rl = pair
+@_comparing(
+    "Readability: reasoning RL ends R1-Zero's language mixing (Chinese sets)",
+    "r1-zero",
+    "reasoning-rl",
+)
+def readability(finding: Finding, zero: dict, rl: dict, run_dir: Path) -> None:
     names = [n for n, r in zero.items() if set_language(r) == "cjk" and n in rl]
     if not names:
         finding.missing = "no Chinese held-out set"
-        return finding
+        return
     z, r = [zero[n] for n in names], [rl[n] for n in names]
     lz, lr = pooled(z, "language_consistency"), pooled(r, "language_consistency")
     if lz is None or lr is None:
         finding.missing = "eval.json lacks language consistency"
-        return finding
+        return
     # Mixing languages is a property of reasoning: R1-Zero must reason on these questions
     # (its answers grown as finding 1 asks) before its language consistency means anything.
     base = eval_sets(run_dir, "base") or {}
     lb = pooled([base[n] for n in names if n in base], "mean_length")
     if lb is None:
         finding.missing = "no evaluation of base (to tell whether r1-zero reasons)"
-        return finding
+        return
     finding.criteria = [
         grows(
             "r1-zero reasons: mean length over the base's",
@@ -220,15 +230,12 @@ def readability(run_dir: Path) -> Finding:
         at_least("reasoning-rl language consistency", lr, 0.98),
         not_lower("reasoning-rl pass@1 vs r1-zero", pooled(z, "pass@1"), pooled(r, "pass@1"), 0.02),
     ]
-    return finding
 
 
-def r1_beats_r1_zero(run_dir: Path) -> Finding:
-    finding = Finding("R1 beats R1-Zero (general-rl vs r1-zero, held-out sets pooled)")
-    pair = _compared(finding, run_dir, "r1-zero", "general-rl")
-    if pair is None:
-        return finding
-    zero, final = pair
+@_comparing(
+    "R1 beats R1-Zero (general-rl vs r1-zero, held-out sets pooled)", "r1-zero", "general-rl"
+)
+def r1_beats_r1_zero(finding: Finding, zero: dict, final: dict, run_dir: Path) -> None:
     names = [n for n in zero if n in final]
     finding.criteria = [
         rises(
@@ -237,15 +244,14 @@ def r1_beats_r1_zero(run_dir: Path) -> Finding:
             pooled([final[n] for n in names], "pass@1"),
         )
     ]
-    return finding
 
 
-def distillation_wins(run_dir: Path) -> Finding:
-    finding = Finding("Distillation beats RL on the small model (distill vs student-rl, each set)")
-    pair = _compared(finding, run_dir, "student-rl", "distill")
-    if pair is None:
-        return finding
-    rl, distilled = pair
+@_comparing(
+    "Distillation beats RL on the small model (distill vs student-rl, each set)",
+    "student-rl",
+    "distill",
+)
+def distillation_wins(finding: Finding, rl: dict, distilled: dict, run_dir: Path) -> None:
     finding.criteria = [
         rises(
             f"{name}: pass@1 from student-rl to distill",
@@ -255,7 +261,6 @@ def distillation_wins(run_dir: Path) -> Finding:
         for name in rl
         if name in distilled
     ]
-    return finding
 
 
 def check_findings(run_dir: str | Path) -> list[Finding]:

@@ -294,7 +294,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         total_steps=cfg.max_steps,
         record=record,
         device=device,
-        autocast=training.autocast_for(device, dtype),
+        dtype=dtype,
         started=started,
         describe=f"{n_params:,} parameters ({cfg.size}), vocabulary {len(tokenizer)}, "
         f"{len(docs):,} documents",

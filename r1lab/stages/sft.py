@@ -34,7 +34,6 @@ from r1lab.stages.data import ProceduralConfig, load_source, mix_sources
 from r1lab.stages.packing import RowSampler, pack_rows, tokenize_examples
 from r1lab.training import (
     DONE_FILE,
-    autocast_for,
     console,
     is_done,
     mark_done,
@@ -225,7 +224,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         total_steps=total_steps,
         record=record,
         device=device,
-        autocast=autocast_for(device, dtype),
+        dtype=dtype,
         started=started,
         export_dtype=stored_dtype(source),
         describe=f"{source} ({model.num_parameters():,} parameters) on {', '.join(cfg.data)}: "

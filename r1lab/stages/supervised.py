@@ -29,6 +29,7 @@ from r1lab.training import (
     DONE_FILE,
     MetricsLog,
     NonFiniteLossError,
+    autocast_for,
     clip_grad,
     console,
     make_optimizer,
@@ -67,10 +68,14 @@ class SupervisedJob:
     total_steps: int
     record: dict | None  # from `open_checkpoint`
     device: str
-    autocast: Any
+    dtype: torch.dtype  # the stage's compute dtype: below fp32, autocast over fp32 weights
     started: float = field(default_factory=time.perf_counter)  # when the stage began
     export_dtype: str | None = None  # model/ is written in this dtype (None: the model's)
     describe: str = ""  # the stage's one-line description of the run, printed at the start
+
+    @property
+    def autocast(self):
+        return autocast_for(self.device, self.dtype)
 
 
 @dataclass
