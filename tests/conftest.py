@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,3 +103,31 @@ def random_model(tiny_config) -> Callable[..., Transformer]:
 def randomize() -> Callable[..., nn.Module]:
     """`randomize(model, seed=0)`: randomise any module's weights in place (ours or HF's)."""
     return randomize_
+
+
+# A user reward module, as a researcher writes one (the module:function form).
+REWARDS_MODULE = '''
+def spread(prompts, completions, **columns):
+    """Varies with the completion, so groups have a spread and the update has a gradient."""
+    return [(len(c) % 5) / 4 for c in completions]
+
+def constant(prompts, completions, **columns):
+    return [1.0] * len(completions)
+
+def never(prompts, completions, **columns):
+    return [None] * len(completions)
+'''
+
+
+@pytest.fixture(scope="module")
+def micro_dir(tmp_path_factory):
+    """A random micro model with a small BPE tokenizer, saved as a model folder."""
+    return save_random_micro_model(tmp_path_factory.mktemp("micro") / "model")
+
+
+@pytest.fixture
+def rewards_module(tmp_path, monkeypatch):
+    """`testrewards:<fn>` names a user reward function (the module:function form)."""
+    (tmp_path / "testrewards.py").write_text(textwrap.dedent(REWARDS_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "testrewards"

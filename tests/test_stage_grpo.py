@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import textwrap
 
 import pytest
 import torch
-from conftest import save_random_micro_model
 
 from r1lab.config import ConfigError, build_config
 from r1lab.engine import grpo_update
@@ -35,32 +33,6 @@ DESIGN_METRICS = (
     "rollout/tokens_per_s",
     "train/tokens_per_s",
 )
-
-REWARDS_MODULE = '''
-def spread(prompts, completions, **columns):
-    """Varies with the completion, so groups have a spread and the update has a gradient."""
-    return [(len(c) % 5) / 4 for c in completions]
-
-def constant(prompts, completions, **columns):
-    return [1.0] * len(completions)
-
-def never(prompts, completions, **columns):
-    return [None] * len(completions)
-'''
-
-
-@pytest.fixture(scope="module")
-def micro_dir(tmp_path_factory):
-    """A random micro model with a small BPE tokenizer, saved as a model folder."""
-    return save_random_micro_model(tmp_path_factory.mktemp("micro") / "model")
-
-
-@pytest.fixture
-def rewards_module(tmp_path, monkeypatch):
-    """`testrewards:<fn>` names a user reward function (the module:function form)."""
-    (tmp_path / "testrewards.py").write_text(textwrap.dedent(REWARDS_MODULE))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "testrewards"
 
 
 def small(micro_dir, **overrides) -> grpo.Config:
