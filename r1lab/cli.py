@@ -276,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
 
             distributed.init("cuda" if distributed.torch.cuda.is_available() else "cpu")
         if args.command in STAGES:
-            return _run_stage(args)
+            code = _run_stage(args)
+            if torchrun:  # every rank finished before any tears its connections down
+                distributed.close(wait=True)
+            return code
         if args.command == "run":
             from r1lab.pipeline import run_pipeline
 

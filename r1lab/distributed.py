@@ -99,8 +99,13 @@ def init(device: str = "cpu") -> bool:
     return True
 
 
-def close() -> None:
+def close(wait: bool = False) -> None:
+    """End the process group. `wait`: meet every rank at a barrier first, so no rank tears
+    its connections down while a peer still uses them (gloo then aborts the peer: "terminate
+    called without an active exception"). Only after success: a failed peer never arrives."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -53,9 +53,9 @@ def _entry(local_rank: int, fn, world: int, port: int, tmp: str, args: tuple) ->
         Path(tmp, f"error{local_rank}.txt").write_text(
             distributed.fail_message(err) + "\n" + traceback.format_exc()
         )
-        raise
-    finally:
         distributed.close()
+        raise
+    distributed.close(wait=True)
 
 
 def spawn(fn, tmp: Path, *args, world: int = WORLD, check: bool = True) -> None:
