@@ -23,25 +23,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def base_model(folder: Path, size: str) -> Path:
-    import torch
-    from test_recipe_pins import train_tokenizer, worked_examples
+    """A seeded random model of `size` with the recipe pins' tokenizer (the tests' builder)."""
+    from test_recipe_pins import micro_model_dir
 
-    from r1lab.model.checkpoint import save_model
-    from r1lab.model.config import config_for_size
-    from r1lab.model.transformer import Transformer
-
-    texts = [r["prompt"] + r["response"] for r in worked_examples(200, seed=1)]
-    tokenizer = train_tokenizer(texts, 300)
-    config = config_for_size(
-        size,
-        len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    save_model(Transformer(config), folder, tokenizer=tokenizer)
-    return folder
+    return micro_model_dir(folder, size)
 
 
 def main() -> int:

@@ -17,21 +17,33 @@ from r1lab.model.transformer import Transformer
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def save_random_micro_model(folder: Path, n_documents: int = 400, vocab_size: int = 512) -> Path:
-    """A random micro model with a small BPE tokenizer on chain-sum text, saved to `folder`."""
+def save_random_micro_model(
+    folder: Path,
+    n_documents: int = 400,
+    vocab_size: int = 512,
+    *,
+    texts: list[str] | None = None,
+    size: str = "micro",
+    **overrides,
+) -> Path:
+    """A seeded random model of a named size (micro by default) with a small BPE tokenizer,
+    saved to `folder`. The tokenizer learns `texts`, by default `n_documents` of chain-sum
+    pretraining text; `overrides` go to the model config."""
     from r1lab.model.checkpoint import save_model
     from r1lab.model.config import config_for_size
     from r1lab.model.tokenizer import train_tokenizer
     from r1lab.tasks.corpus import pretrain_documents
 
-    documents = pretrain_documents("chain_sum", n=n_documents, seed=0)
-    tokenizer = train_tokenizer(documents, vocab_size=vocab_size)
+    if texts is None:
+        texts = pretrain_documents("chain_sum", n=n_documents, seed=0)
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     cfg = config_for_size(
-        "micro",
+        size,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **overrides,
     )
     torch.manual_seed(0)
     save_model(Transformer(cfg), folder, tokenizer=tokenizer)

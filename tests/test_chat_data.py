@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from conftest import save_random_micro_model
 
 from r1lab import cli
 from r1lab.config import ConfigError, build_config
-from r1lab.model.checkpoint import save_model
-from r1lab.model.config import config_for_size
 from r1lab.model.tokenizer import (
     ASSISTANT,
     EOS,
@@ -19,10 +17,9 @@ from r1lab.model.tokenizer import (
     SYSTEM,
     USER,
     PromptTemplate,
+    load_tokenizer,
     render_prompt,
-    train_tokenizer,
 )
-from r1lab.model.transformer import Transformer
 from r1lab.rows import DataError
 from r1lab.stages import evaluate, sft
 from r1lab.stages.packing import tokenize_examples
@@ -43,18 +40,12 @@ CHAT = {
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     examples = cold_start_examples("chain_sum", 200, 0, zh_fraction=0.0)
-    tokenizer = train_tokenizer([e["prompt"] + e["response"] for e in examples], 400)
-    config = config_for_size(
-        "micro",
-        len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    folder = save_random_micro_model(
+        tmp_path_factory.mktemp("chat") / "model",
+        vocab_size=400,
+        texts=[e["prompt"] + e["response"] for e in examples],
     )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("chat") / "model"
-    save_model(Transformer(config), folder, tokenizer=tokenizer)
-    return folder, tokenizer
+    return folder, load_tokenizer(folder)
 
 
 def config(base, **overrides) -> sft.Config:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import save_random_micro_model
 
 import r1lab.stages.evaluate as ev
 import r1lab.stages.judging as judging
@@ -121,31 +122,14 @@ def test_eval_scores_code_with_pass_at_k(humaneval, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    import torch
-
-    from r1lab.model.checkpoint import save_model
-    from r1lab.model.config import ModelConfig
-    from r1lab.model.tokenizer import train_tokenizer
-    from r1lab.model.transformer import Transformer
 
     texts = [ex.question for ex in get_task("humaneval").examples()[:20]]
-    tokenizer = train_tokenizer(texts, vocab_size=300)
-    config = ModelConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    return save_random_micro_model(
+        tmp_path_factory.mktemp("code_model") / "model",
+        vocab_size=300,
+        texts=texts,
+        max_position_embeddings=1024,  # HumanEval prompts are long
     )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("code_model") / "model"
-    save_model(Transformer(config), path, tokenizer=tokenizer)
-    return path
 
 
 def test_random_model_eval_on_three_humaneval_problems(tiny_model):

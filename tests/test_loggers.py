@@ -104,23 +104,9 @@ def test_loggers_leave_the_fingerprint_alone():
 
 
 def _micro(folder):
-    import torch
-
-    from r1lab.model.checkpoint import save_model
-    from r1lab.model.config import config_for_size
-    from r1lab.model.tokenizer import train_tokenizer
-    from r1lab.model.transformer import Transformer
+    from conftest import save_random_micro_model
 
     texts = [
         f"What is {a}+{b}? It is {a + b}. You add numbers." for a in range(30) for b in range(9)
     ]
-    tok = train_tokenizer(texts, 300)
-    cfg = config_for_size(
-        "micro",
-        len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    save_model(Transformer(cfg), folder, tokenizer=tok)
+    save_random_micro_model(folder, vocab_size=300, texts=texts)

@@ -23,11 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_random_micro_model
 
-from r1lab.model.checkpoint import save_model
-from r1lab.model.config import config_for_size
-from r1lab.model.tokenizer import r1_chat_prompt, train_tokenizer
-from r1lab.model.transformer import Transformer
+from r1lab.model.tokenizer import r1_chat_prompt
 from r1lab.training import MetricsLog
 
 TOLERANCE = 1e-5  # relative to the pinned value (see assert_pinned)
@@ -99,20 +97,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def micro_model_dir(folder: Path) -> Path:
-    """A seeded micro decoder with a BPE tokenizer trained on the fixed examples."""
+def micro_model_dir(folder: Path, size: str = "micro") -> Path:
+    """A seeded decoder (micro by default) with a BPE tokenizer trained on the fixed examples."""
     texts = [r["prompt"] + r["response"] for r in worked_examples(200, seed=1)]
-    tokenizer = train_tokenizer(texts, 300)
-    config = config_for_size(
-        "micro",
-        len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    save_model(Transformer(config), folder, tokenizer=tokenizer)
-    return folder
+    return save_random_micro_model(folder, vocab_size=300, texts=texts, size=size)
 
 
 # ---- the runs ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 from fractions import Fraction
 
 import pytest
+from conftest import save_random_micro_model
 
 import r1lab.stages.evaluate as ev
 import r1lab.stages.judging as judging
@@ -211,30 +212,12 @@ def test_task_spec_options_reach_the_task():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised tiny model with a BPE tokenizer, saved as a stage run dir."""
-    from r1lab.model.checkpoint import save_model
-    from r1lab.model.config import ModelConfig
-    from r1lab.model.tokenizer import train_tokenizer
-    from r1lab.model.transformer import Transformer
     from r1lab.tasks.corpus import pretrain_documents
 
-    tokenizer = train_tokenizer(pretrain_documents("chain_sum", n=200), vocab_size=300)
-    config = ModelConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    import torch
-
-    torch.manual_seed(0)
     run_dir = tmp_path_factory.mktemp("stage")
-    save_model(Transformer(config), run_dir / "model", tokenizer=tokenizer)
+    save_random_micro_model(
+        run_dir / "model", vocab_size=300, texts=pretrain_documents("chain_sum", n=200)
+    )
     (run_dir / "DONE").write_text(json.dumps({"fingerprint": "abc", "finished": "now", "step": 7}))
     return run_dir
 

@@ -3,12 +3,8 @@
 import json
 
 import pytest
-import torch
+from conftest import save_random_micro_model
 
-from r1lab.model.checkpoint import save_model
-from r1lab.model.config import config_for_size
-from r1lab.model.tokenizer import train_tokenizer
-from r1lab.model.transformer import Transformer
 from r1lab.rewards.reward_model import text_to_judge
 from r1lab.stages import reward_model as rm_stage
 from r1lab.tasks.corpus import pretrain_documents
@@ -17,22 +13,10 @@ from r1lab.tasks.corpus import pretrain_documents
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """A random micro decoder with a tokenizer trained on the procedural corpus."""
-    folder = tmp_path_factory.mktemp("base") / "model"
-    tok = train_tokenizer(
-        pretrain_documents("chain_sum", n=400, seed=0, zh_fraction=0.3), vocab_size=400
+    texts = pretrain_documents("chain_sum", n=400, seed=0, zh_fraction=0.3)
+    return save_random_micro_model(
+        tmp_path_factory.mktemp("base") / "model", vocab_size=400, texts=texts
     )
-    torch.manual_seed(0)
-    model = Transformer(
-        config_for_size(
-            "micro",
-            vocab_size=len(tok),
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-        )
-    )
-    save_model(model, folder, tokenizer=tok)
-    return folder
 
 
 def test_reward_model_learns_procedural_preference(base_dir, tmp_path):

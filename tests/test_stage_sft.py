@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import save_random_micro_model
 
 from r1lab.cli import main
 from r1lab.config import ConfigError, build_config
 from r1lab.engine.logprobs import token_logprobs
 from r1lab.model.checkpoint import load_model, save_model
-from r1lab.model.config import config_for_size
-from r1lab.model.tokenizer import load_tokenizer, r1_chat_prompt, train_tokenizer
-from r1lab.model.transformer import Transformer
+from r1lab.model.tokenizer import load_tokenizer, r1_chat_prompt
 from r1lab.rows import DataError, read_jsonl
 from r1lab.stages import sft, supervised
 from r1lab.stages.data import mix_sources
@@ -49,18 +48,11 @@ def one_thread(monkeypatch):
 def base(tmp_path_factory):
     """A micro model folder with a tokenizer trained on chat-format examples."""
     examples = cold_start_examples("chain_sum", 300, 0, zh_fraction=0.3)
-    tokenizer = train_tokenizer([e["prompt"] + e["response"] for e in examples], 400)
-    config = config_for_size(
-        "micro",
-        len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    return save_random_micro_model(
+        tmp_path_factory.mktemp("base") / "model",
+        vocab_size=400,
+        texts=[e["prompt"] + e["response"] for e in examples],
     )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("base") / "model"
-    save_model(Transformer(config), folder, tokenizer=tokenizer)
-    return folder
 
 
 def micro_config(base, **overrides) -> sft.Config:
