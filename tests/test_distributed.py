@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_grpo_microbatch import VOCAB, rollout_batch
+from test_grpo_microbatch import micro_model as microbatch_model
 
 from r1lab import distributed
-from r1lab.engine.grpo_update import TrainBatch, UpdateSettings, update_on_rollout
-from r1lab.model.config import config_for_size
+from r1lab.engine.grpo_update import UpdateSettings, update_on_rollout
 from r1lab.model.transformer import Transformer
 from r1lab.training import make_optimizer
 
-VOCAB = 64
 WORLD = 2
 TOL = 1e-5
 
@@ -77,25 +77,7 @@ def spawn(fn, tmp: Path, *args, world: int = WORLD, check: bool = True) -> None:
 def micro_model(seed: int = 0) -> Transformer:
     from conftest import randomize_
 
-    cfg = config_for_size("micro", vocab_size=VOCAB, eos_token_id=1, pad_token_id=0)
-    return randomize_(Transformer(cfg), seed=seed)
-
-
-def rollout_batch(n: int = 10, seed: int = 0) -> TrainBatch:
-    gen = torch.Generator().manual_seed(seed)
-
-    def ids(lo: int, hi: int) -> list[int]:
-        length = int(torch.randint(lo, hi + 1, (), generator=gen))
-        return torch.randint(3, VOCAB, (length,), generator=gen).tolist()
-
-    completions = [ids(1, 11) for _ in range(n)]
-    return TrainBatch(
-        prompt_ids=[ids(2, 7) for _ in range(n)],
-        completion_ids=completions,
-        advantages=torch.randn(n, generator=gen),
-        counted=[i != 3 for i in range(n)],
-        sampler_logprobs=[[0.0] * len(c) for c in completions],
-    )
+    return microbatch_model(seed, randomize_)
 
 
 SETTINGS = dict(beta=0.04, mu=2, mini_batches=2, micro_batch_size=2, packed=False)
@@ -110,7 +92,7 @@ def grpo_update(sharded: bool, device: str = "cpu") -> tuple[dict, dict[str, tor
         distributed.shard_model(policy)
     optimizer = make_optimizer(policy, 1e-3, weight_decay=0.1)
     settings = UpdateSettings(aggregation="token-mean", **SETTINGS)
-    stats = update_on_rollout(policy, optimizer, rollout_batch(), settings, step=1, ref_model=ref)
+    stats = update_on_rollout(policy, optimizer, rollout_batch(10), settings, step=1, ref_model=ref)
     state = distributed.full_state_dict(policy)
     return stats, {k: v.detach().cpu().clone() for k, v in state.items()}
 
