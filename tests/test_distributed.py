@@ -225,6 +225,23 @@ def test_nproc_launches_torchrun():
         distributed.torchrun_command(["sft", "--nproc", "two"])
 
 
+def die_when_logged(step: int) -> None:
+    """In this worker, raise `Killed` on every rank as `step`'s training record is logged
+    (rank 0 writes metrics.jsonl, the others a NullLog), as a kill would stop the run."""
+    import test_recipe_pins as pins
+
+    def dies(real):
+        def write(self, record: dict) -> None:
+            if record.get("step") == step and "loss" in record:
+                raise pins.Killed
+            real(self, record)
+
+        return write
+
+    pins.MetricsLog.write = dies(pins.MetricsLog.write)
+    distributed.NullLog.write = dies(distributed.NullLog.write)
+
+
 def _grpo_stage_worker(tmp: Path) -> None:
     """The grpo stage on 2 ranks, killed (on both) as step 3 is logged; step 2 was saved."""
     import test_recipe_pins as pins
@@ -233,17 +250,7 @@ def _grpo_stage_worker(tmp: Path) -> None:
 
     sys.path.insert(0, str(tmp))
     os.environ["R1LAB_NO_PROGRESS"] = "1"
-
-    def dies_at_step_3(real):
-        def write(self, record: dict) -> None:
-            if record.get("step") == 3 and "loss" in record:
-                raise pins.Killed
-            real(self, record)
-
-        return write
-
-    pins.MetricsLog.write = dies_at_step_3(pins.MetricsLog.write)
-    distributed.NullLog.write = dies_at_step_3(distributed.NullLog.write)
+    die_when_logged(3)
     try:
         grpo.run(pins.grpo_config(tmp / "base", "pinrewards:spread"), tmp / "run")
     except pins.Killed:

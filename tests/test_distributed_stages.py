@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import TOL, WORLD, assert_same_weights, spawn
+from test_distributed import TOL, WORLD, assert_same_weights, die_when_logged, spawn
 
 from r1lab import distributed
 
@@ -231,17 +231,7 @@ def _reward_model_resume_worker(tmp: Path) -> None:
     from r1lab.stages import reward_model
 
     os.environ["R1LAB_NO_PROGRESS"] = "1"
-
-    def dies_at_step_5(real):
-        def write(self, record: dict) -> None:
-            if record.get("step") == 5 and "loss" in record:
-                raise pins.Killed
-            real(self, record)
-
-        return write
-
-    pins.MetricsLog.write = dies_at_step_5(pins.MetricsLog.write)
-    distributed.NullLog.write = dies_at_step_5(distributed.NullLog.write)
+    die_when_logged(5)
     try:
         reward_model.run(reward_model_config(tmp), tmp / "killed")
     except pins.Killed:
