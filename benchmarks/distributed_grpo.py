@@ -1,11 +1,19 @@
-"""`r1lab grpo --nproc N` on a random Qwen2-shaped checkpoint: step times from metrics.jsonl.
+"""`r1lab grpo` on one GPU and under torchrun on several: completions per second, step split,
+per-GPU peak memory, from the stage's own metrics.jsonl.
 
-Builds a seeded decoder of `--size` (r1lab.model.config sizes; its tokenizer is the tests'
-BPE over fixed worked sums) and a preset, then runs the grpo stage under torchrun for each
-`--nproc` given, one after the other, and prints (and writes to `--out`) every step's
-`step_time` and the mean over the steps after the first.
+Builds a seeded random decoder of `--shape` (Qwen2.5-1.5B or -7B dimensions, or a small
+CPU-sized one) with the tests' BPE tokenizer (300 tokens; the model's larger vocabulary
+is sampled too and decodes to nothing, so a random model rarely stops before
+`--max-new-tokens`), then runs the grpo stage once per `--runs` entry `NPROC:QUESTIONS`
+(`r1lab grpo --nproc NPROC`, QUESTIONS x `--group-size` completions a step), one after the
+other. A run is stopped once `--steps` steps are logged: what is timed is the steps, not
+the final checkpoint (at 7B the FSDP state is ~90 GB on disk). The steady figures are the
+means over the steps after the first (compilation, autotuning, CUDA graphs).
 
-    python benchmarks/distributed_grpo.py --nproc 2 1 --out dist.json
+    # issue 15's comparison: 256 completions on one GPU, 512 on two
+    python benchmarks/distributed_grpo.py --shape 1.5b --runs 1:32 2:64 --out d15.json
+    python benchmarks/distributed_grpo.py --shape 7b --runs 2:32 --steps 3 --out d7.json
+    python benchmarks/distributed_grpo.py --shape small --device cpu --runs 1:4 2:8 --steps 2
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,91 +30,180 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+# Qwen2.5 dimensions (hidden, ffn, layers, heads, kv heads, vocabulary, tied embeddings)
+SHAPES = {
+    "1.5b": dict(hidden=1536, ffn=8960, layers=28, heads=12, kv=2, vocab=151936, tied=True),
+    "7b": dict(hidden=3584, ffn=18944, layers=28, heads=28, kv=4, vocab=152064, tied=False),
+    "small": dict(hidden=384, ffn=1024, layers=6, heads=6, kv=2, vocab=4096, tied=True),
+}
 
-def base_model(folder: Path, size: str) -> Path:
-    """A seeded random model of `size` with the recipe pins' tokenizer (the tests' builder)."""
-    from test_recipe_pins import micro_model_dir
 
-    return micro_model_dir(folder, size)
+def base_model(folder: Path, shape: dict, device: str) -> Path:
+    """A seeded random decoder of `shape`, saved in bf16 (fp32 on the CPU) with the tests'
+    tokenizer; built on `device` (a 7B model is initialised in seconds on a GPU)."""
+    import torch
+    from test_recipe_pins import worked_examples
+
+    from r1lab.model.checkpoint import save_model
+    from r1lab.model.config import ModelConfig
+    from r1lab.model.tokenizer import train_tokenizer
+    from r1lab.model.transformer import Transformer
+
+    if (folder / "config.json").exists():
+        return folder
+    texts = [r["prompt"] + r["response"] for r in worked_examples(200, seed=1)]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    cfg = ModelConfig(
+        model_type="qwen2",
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv"],
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        attention_bias=True,
+        tie_word_embeddings=shape["tied"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = Transformer(cfg).to(dtype)
+    save_model(model, folder, tokenizer=tokenizer)
+    del model
+    return folder
 
 
-def main() -> int:
+def logged_steps(metrics: Path) -> list[dict]:
+    if not metrics.exists():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "step_time" in r]
+
+
+def mean_after_first(values: list[float]) -> float | None:
+    rest = values[1:]
+    return round(sum(rest) / len(rest), 3) if rest else None
+
+
+def run_stage(args, work: Path, nproc: int, questions: int) -> dict:
+    """One `r1lab grpo` run, stopped (its whole process group) once `args.steps` are logged."""
     import yaml
-    from test_recipe_pins import REWARDS_MODULE
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="small")
-    ap.add_argument("--nproc", type=int, nargs="+", default=[2])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--questions", type=int, default=16, help="questions per step")
-    ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--work", default="/tmp/distributed_grpo")
-    ap.add_argument("--timeout", type=float, default=200.0, help="seconds per run")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    base_model(work / "base", args.size)
-    (work / "pinrewards.py").write_text(REWARDS_MODULE)
+    out = work / f"run{nproc}x{questions}"
     grpo = dict(
         model=str(work / "base"),
-        steps=args.steps,
-        questions_per_step=args.questions,
+        steps=args.steps + 100,  # never reached: the run is stopped after args.steps
+        questions_per_step=questions,
         group_size=args.group_size,
         max_new_tokens=args.max_new_tokens,
+        micro_batch_size=args.micro_batch_size,
         eval_n=2,
         eval_k=1,
         eval_every=0,
+        eval_max_new_tokens=8,
         warmup_steps=0,
-        lr=1e-5,
-        beta=0.04,
-        save_every=args.steps,
+        lr=1e-6,
+        beta=args.beta,
+        save_every=10_000,
         log_samples=0,
         rewards={"pinrewards:spread": 1},
         device=args.device,
         dtype="auto",
     )
-    (work / "p.yaml").write_text(yaml.safe_dump({"grpo": grpo}))
+    preset = work / f"p{nproc}x{questions}.yaml"
+    preset.write_text(yaml.safe_dump({"grpo": grpo}))
     env = {**os.environ, "R1LAB_NO_PROGRESS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(work), str(ROOT), env.get("PYTHONPATH", "")])
-    results = []
-    for n in args.nproc:
-        out = work / f"run{n}"
-        cmd = [sys.executable, "-m", "r1lab.cli", "grpo"] + (["--nproc", str(n)] if n > 1 else [])
-        cmd += ["--preset", str(work / "p.yaml"), "--out", str(out)]
-        start = time.perf_counter()
+    cmd = [sys.executable, "-m", "r1lab.cli", "grpo"] + (["--nproc", str(nproc)] * (nproc > 1))
+    cmd += ["--preset", str(preset), "--out", str(out), "--no-resume"]
+    log = (work / f"log{nproc}x{questions}.txt").open("w")
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    status = "timeout"
+    while time.perf_counter() - start < args.timeout:
+        if len(logged_steps(out / "metrics.jsonl")) >= args.steps:
+            status = "ok"
+            break
+        if proc.poll() is not None:
+            status = f"exit {proc.returncode}"
+            break
+        time.sleep(0.5)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
-            done = subprocess.run(
-                cmd, env=env, capture_output=True, text=True, timeout=args.timeout
-            )
-            rc, tail = done.returncode, (done.stdout + done.stderr)[-2500:]
-        except subprocess.TimeoutExpired as err:
-            rc, tail = "timeout", str(err)[-500:]
-        wall = time.perf_counter() - start
-        logged = []
-        if (out / "metrics.jsonl").exists():
-            lines = (out / "metrics.jsonl").read_text().splitlines()
-            logged = [r for r in map(json.loads, lines) if "step_time" in r]
-        times = [r["step_time"] for r in logged]
-        row = {
-            "nproc": n,
-            "rc": rc,
-            "wall_s": round(wall, 1),
-            "step_times": [round(t, 3) for t in times],
-            "steady_step_s": round(sum(times[1:]) / len(times[1:]), 3) if len(times) > 1 else None,
-            "loss": [r.get("loss") for r in logged],
-            "completions_per_step": args.questions * args.group_size,
-        }
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+    steps = logged_steps(out / "metrics.jsonl")[: args.steps]
+    step_s = [r["step_time"] for r in steps]
+    completions = questions * args.group_size
+    steady = mean_after_first(step_s)
+    row = {
+        "nproc": nproc,
+        "status": status,
+        "completions_per_step": completions,
+        "step_s": [round(t, 3) for t in step_s],
+        "rollout_s": [round(r.get("rollout_time", float("nan")), 3) for r in steps],
+        "train_s": [round(r.get("train_time", float("nan")), 3) for r in steps],
+        "peak_memory_gb": [round(r["peak_memory_gb"], 2) for r in steps if "peak_memory_gb" in r],
+        "mean_completion_len": [r.get("completions/mean_length") for r in steps],
+        "loss": [r.get("loss") for r in steps],
+        "steady_step_s": steady,
+        "steady_rollout_s": mean_after_first([r.get("rollout_time", 0.0) for r in steps]),
+        "steady_train_s": mean_after_first([r.get("train_time", 0.0) for r in steps]),
+        "completions_per_s": round(completions / steady, 2) if steady else None,
+    }
+    if status != "ok":
+        row["log_tail"] = (work / f"log{nproc}x{questions}.txt").read_text()[-3000:]
+    return row
+
+
+def main() -> int:
+    from test_recipe_pins import REWARDS_MODULE
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1.5b")
+    ap.add_argument(
+        "--runs", nargs="+", default=["1:32", "2:64"], help="NPROC:QUESTIONS, one run each"
+    )
+    ap.add_argument("--steps", type=int, default=4, help="logged steps per run (first = warm-up)")
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--micro-batch-size", type=int, default=16)
+    ap.add_argument("--beta", type=float, default=0.001)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--work", default="/tmp/distributed_grpo")
+    ap.add_argument("--timeout", type=float, default=400.0, help="seconds per run")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    work = Path(args.work) / args.shape
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    base_model(work / "base", SHAPES[args.shape], args.device)
+    print(json.dumps({"built_base_s": round(time.perf_counter() - t0, 1)}), flush=True)
+    (work / "pinrewards.py").write_text(REWARDS_MODULE)
+    results = []
+    for spec in args.runs:
+        nproc, questions = (int(x) for x in spec.split(":"))
+        row = run_stage(args, work, nproc, questions)
         results.append(row)
         print(json.dumps(row), flush=True)
-        if rc != 0:
-            print(tail, flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "runs": results}, indent=2))
-    return 0 if all(r["rc"] == 0 for r in results) else 1
+        if args.out:
+            report = {"args": vars(args), "shape": SHAPES[args.shape], "runs": results}
+            Path(args.out).write_text(json.dumps(report, indent=2))
+    rates = [r["completions_per_s"] for r in results]
+    if len(results) >= 2 and all(rates):
+        print(json.dumps({"completions_per_s_ratio": round(rates[-1] / rates[0], 3)}))
+    return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
 if __name__ == "__main__":

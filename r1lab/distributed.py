@@ -15,8 +15,8 @@ Nothing here communicates by itself: every exchange is a `torch.distributed` col
   mixed-precision policy (parameters cast to the compute dtype for forwards, gradients
   reduced in fp32). The model's `hidden_states` method is registered as a forward, so
   the log-prob helpers that call it gather the root's parameters.
-- `full_state_dict(model)` / `plain_model(...)`: the whole weights on every rank (the
-  sampler's copy, the HF export); `grad_scale()`: FSDP averages gradients over ranks, and
+- `full_state_dict(model)` / `plain_model(...)` / `refresh_plain(...)`: the whole weights
+  on every rank (the sampler's copy, refreshed one FSDP unit at a time; the HF export); `grad_scale()`: FSDP averages gradients over ranks, and
   a loss already divided by a global normaliser must be multiplied by the world size so
   the summed gradient is the one-process gradient.
 """
@@ -244,9 +244,12 @@ def shard_model(
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers if layers is None else layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
+        if hasattr(layer, "run_with_weights"):  # the packed training path calls layers so
+            register_fsdp_forward_method(layer, "run_with_weights")
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    if hasattr(model, "hidden_states"):  # a decoder: its log-prob helpers call it directly
-        register_fsdp_forward_method(model, "hidden_states")
+    for method in ("hidden_states", "run_with_weights"):  # a decoder's other forwards
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
     return model
 
 
@@ -285,11 +288,25 @@ def refresh_plain(plain: torch.nn.Module | None, sharded: torch.nn.Module) -> No
     copy, nothing to do)."""
     if plain is None:
         return
-    state = full_state_dict(sharded)
+    targets = plain.state_dict()
+    if not is_sharded(sharded):
+        with torch.no_grad():
+            for name, p in sharded.state_dict().items():
+                if name in targets:
+                    targets[name].copy_(p)
+        return
+    # One FSDP unit at a time (each decoder layer, then the root): the gathered weights of
+    # one layer in the compute dtype, never the whole fp32 state (30 GB at 7B) at once.
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
     with torch.no_grad():
-        for name, p in plain.state_dict().items():
-            if name in state:
-                p.copy_(state[name])
+        for unit in [m for m in sharded.modules() if isinstance(m, FSDPModule)]:
+            unit.unshard()
+            for name, p in sharded.named_parameters():
+                if not isinstance(p, DTensor) and name in targets:
+                    targets[name].copy_(p)
+            unit.reshard()
 
 
 # ---- the launcher ----------------------------------------------------------------------------

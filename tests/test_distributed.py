@@ -80,25 +80,29 @@ def micro_model(seed: int = 0) -> Transformer:
     return microbatch_model(seed, randomize_)
 
 
-SETTINGS = dict(beta=0.04, mu=2, mini_batches=2, micro_batch_size=2, packed=False)
+SETTINGS = dict(beta=0.04, mu=2, mini_batches=2, micro_batch_size=2)
 
 
-def grpo_update(sharded: bool, device: str = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
-    """One GRPO step (2 epochs x 2 mini-batches, KL to a reference) on a fixed rollout."""
+def grpo_update(
+    sharded: bool, device: str = "cpu", packed: bool = False
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One GRPO step (2 epochs x 2 mini-batches, KL to a reference) on a fixed rollout, on
+    the padded or the packed path (under FSDP2 the packed one runs each layer's function
+    as that layer's forward, `run_with_weights`)."""
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     policy, ref = micro_model(0).to(device), micro_model(1).eval().to(device)
     if sharded:
         distributed.shard_model(policy)
     optimizer = make_optimizer(policy, 1e-3, weight_decay=0.1)
-    settings = UpdateSettings(aggregation="token-mean", **SETTINGS)
+    settings = UpdateSettings(aggregation="token-mean", packed=packed, **SETTINGS)
     stats = update_on_rollout(policy, optimizer, rollout_batch(10), settings, step=1, ref_model=ref)
     state = distributed.full_state_dict(policy)
     return stats, {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def _grpo_worker(tmp: Path, device: str = "cpu") -> None:
-    stats, weights = grpo_update(sharded=True, device=distributed.local_device(device))
+def _grpo_worker(tmp: Path, device: str = "cpu", packed: bool = False) -> None:
+    stats, weights = grpo_update(True, distributed.local_device(device), packed)
     if distributed.is_main():
         torch.save({"stats": stats, "weights": weights}, tmp / "grpo.pt")
 
@@ -110,10 +114,11 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 # ---- tests -----------------------------------------------------------------------------------
-def test_grpo_step_on_two_ranks_matches_one_process(tmp_path):
-    spawn(_grpo_worker, tmp_path)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_grpo_step_on_two_ranks_matches_one_process(tmp_path, packed):
+    spawn(_grpo_worker, tmp_path, "cpu", packed)
     got = torch.load(tmp_path / "grpo.pt")
-    stats, weights = grpo_update(sharded=False)
+    stats, weights = grpo_update(sharded=False, packed=packed)
     for key in ("loss", "kl", "entropy", "grad_norm", "train_tokens"):
         assert abs(got["stats"][key] - stats[key]) <= TOL * max(1.0, abs(stats[key])), key
     assert got["stats"]["optimizer_steps"] == stats["optimizer_steps"] == 4
@@ -357,11 +362,12 @@ def test_a_failing_rank_ends_the_others_without_a_hang(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_grpo_step_on_two_gpus_matches_one(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_grpo_step_on_two_gpus_matches_one(tmp_path, packed):
     """The same check on NCCL: 2 GPUs against one, fp32 without TF32."""
-    spawn(_grpo_worker, tmp_path, "cuda")
+    spawn(_grpo_worker, tmp_path, "cuda", packed)
     got = torch.load(tmp_path / "grpo.pt")
-    stats, weights = grpo_update(sharded=False, device="cuda")
+    stats, weights = grpo_update(sharded=False, device="cuda", packed=packed)
     for key in ("loss", "kl", "entropy", "grad_norm", "train_tokens"):
         assert abs(got["stats"][key] - stats[key]) <= 1e-4 * max(1.0, abs(stats[key])), key
     for k in weights:

@@ -30,6 +30,8 @@ DESIGN_METRICS = (
     "grad_norm",
     "learning_rate",
     "step_time",
+    "rollout_time",
+    "train_time",
     "rollout/tokens_per_s",
     "train/tokens_per_s",
 )

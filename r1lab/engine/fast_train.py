@@ -21,7 +21,10 @@ batch (tokens x 150k x 4 bytes) dwarf the model. Here:
   beside the frozen weight's matmul, as their module does, so gradients reach the adapters
   only and no merged weight is formed;
 - `r1lab.engine.grpo_update` runs the policy, old-policy and reference passes of GRPO
-  through `packed_logprobs`, so all three are batched the same way.
+  through `packed_logprobs`, so all three are batched the same way;
+- under FSDP2 the pass runs as the model's forward and each layer's as that layer's
+  (`run_with_weights`, registered by `r1lab.distributed.shard_model`), so each unit's
+  weights are gathered for its call and its gradients reduced after, as for `forward`.
 
 A fast path that declines (varlen attention, the compiled layer, the Triton kernels) says
 so once per reason through `r1lab.engine.fallbacks`, so a slow run is never silent.
@@ -437,7 +440,7 @@ def _compiled_layer_fn(
         cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
         gen = torch.Generator().manual_seed(0)
         x0 = torch.randn(n, model.config.hidden_size, generator=gen).to(model.device, model.dtype)
-        weights = _layer_weights(layer)
+        weights = _gathered(layer, _layer_weights)
         if lora is not None:  # B starts at zero: random ones, so the update counts
             ab = _layer_adapters(layer)
             bs = [
@@ -515,16 +518,45 @@ def packed_hidden_states(
     lora = _lora_spec(model)
     layer_fn = _compiled_layer_fn(model, options, batch, lora) if compile else None
     layer_fn = layer_fn or _make_layer_fn(model.config, options, lora)
-    cu, max_len = batch.cu_seqlens, batch.max_seqlen
+    rope = _Rope(cos, sin)
     x = model.model.embed_tokens(batch.input_ids)
     for layer in model.model.layers:
-        args = (x, cos, sin, cu, max_len, *_layer_weights(layer))
-        args += _layer_adapters(layer) if lora is not None else ()
-        if checkpoint and grad:
-            x = _checkpoint(layer_fn, *args, use_reentrant=False)
-        else:
-            x = layer_fn(*args)
+        x = layer.run_with_weights(
+            _run_layer, x, rope, batch, layer_fn, lora is not None, checkpoint and grad
+        )
     return model.model.norm(x)
+
+
+class _Rope:
+    """The pack's fp32 cos/sin tables, in a plain object: FSDP2 casts a forward's floating
+    tensor arguments to the compute dtype, and RoPE is computed in fp32 (as one process does)."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin
+
+
+def _run_layer(layer, x, rope: _Rope, batch: PackedBatch, layer_fn, lora: bool, checkpoint: bool):
+    """`layer_fn` over `layer`'s weights (gathered by FSDP2 when sharded: this runs as the
+    layer's forward), recomputed in the backward when `checkpoint`."""
+    args = (x, rope.cos, rope.sin, batch.cu_seqlens, batch.max_seqlen, *_layer_weights(layer))
+    args += _layer_adapters(layer) if lora else ()
+    if checkpoint:
+        return _checkpoint(layer_fn, *args, use_reentrant=False)
+    return layer_fn(*args)
+
+
+def _gathered(module, read):
+    """`read(module)` with the module's whole weights: an FSDP2 unit is gathered for the
+    call (outside its forward) and sharded again after; anything else is read as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        return read(module)
+    module.unshard()
+    try:
+        return tuple(t.detach().clone() if t is not None else None for t in read(module))
+    finally:
+        module.reshard()
 
 
 def autocast(model, amp: bool | torch.dtype | None):
@@ -555,11 +587,21 @@ def packed_logprobs(
     """Log-prob (M,) of each completion token of a pack under `model` (differentiable);
     with `with_entropy`, (log-probs, entropies) of those positions."""
     with autocast(model, amp):
-        hidden = packed_hidden_states(model, batch, attention, checkpoint, compile)
-        picked = hidden.index_select(0, batch.pred_index)
-        return chunked_logprobs(
-            picked, model.lm_head.weight, batch.targets, temperature, chunk_size, with_entropy
-        )
+        return model.run_with_weights(
+            _pack_logprobs, batch, temperature, chunk_size, attention, checkpoint, compile,
+            with_entropy,
+        )  # fmt: skip
+
+
+def _pack_logprobs(
+    model, batch, temperature, chunk_size, attention, checkpoint, compile, with_entropy
+):
+    """`packed_logprobs` inside the model's forward (under FSDP2: its root weights gathered)."""
+    hidden = packed_hidden_states(model, batch, attention, checkpoint, compile)
+    picked = hidden.index_select(0, batch.pred_index)
+    return chunked_logprobs(
+        picked, model.lm_head.weight, batch.targets, temperature, chunk_size, with_entropy
+    )
 
 
 def to_rows(values: torch.Tensor, batch: PackedBatch, fill: float = 0.0) -> torch.Tensor:

@@ -13,7 +13,6 @@ packed path never builds the padded tensors.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ import torch
 
 from r1lab import distributed
 from r1lab.engine import fast_train
-from r1lab.engine.fallbacks import declined
 from r1lab.engine.logprobs import token_logprobs
 from r1lab.rl import group_advantages, loss_normalizer, policy_loss, truncation_mask
 from r1lab.training import clip_grad
@@ -204,15 +202,6 @@ def minibatch_normalizer(batch: TrainBatch, indices: list[int], settings: Update
     return loss_normalizer(mask, settings.aggregation, norm_length=settings.norm_length)
 
 
-def for_model(model, settings: UpdateSettings) -> UpdateSettings:
-    """The settings as `model` can run them: an FSDP2-sharded policy takes the padded path
-    (the packed one calls the layers' weights directly, around FSDP's gathers)."""
-    if settings.packed and distributed.is_sharded(model):
-        declined("packed GRPO forward", "the policy is sharded with FSDP2 (padded path used)")
-        return dataclasses.replace(settings, packed=False)
-    return settings
-
-
 def rank_chunks(
     batch: TrainBatch, indices: list[int], size: int, split: bool = True
 ) -> list[list[int] | None]:
@@ -243,7 +232,6 @@ def sequence_logprobs(model, batch: TrainBatch, settings: UpdateSettings) -> lis
     same micro-batches, layout and kernels as the policy pass. Under FSDP every rank runs
     it over the whole batch (the same forwards on every rank).
     """
-    settings = for_model(model, settings)
     out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
     for chunk in micro_batches(batch, list(range(len(batch))), settings.micro_batch_size):
         lp, _ = completion_logprobs(
@@ -300,7 +288,6 @@ def accumulate_gradients(
     Returns token-weighted stats; `finite` is False (and nothing more is added) as soon as
     a micro-batch loss is NaN or infinite.
     """
-    settings = for_model(policy, settings)
     normalizer = minibatch_normalizer(batch, indices, settings)  # of the whole mini-batch
     scale = distributed.grad_scale() if distributed.is_sharded(policy) else 1.0
     sums: Counter = Counter()

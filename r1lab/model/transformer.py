@@ -208,7 +208,19 @@ class MLP(nn.Module):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-class DecoderLayer(nn.Module):
+class RunsWithWeights:
+    """`run_with_weights(fn, *args)`: `fn(self, *args)` as a forward of this module.
+
+    The packed training path (r1lab.engine.fast_train) reads a module's weights itself
+    instead of calling `forward`. Under FSDP2, `r1lab.distributed.shard_model` registers
+    this method as a forward, so the weights are gathered around the call and their
+    gradients reduced after it, as for `forward`; on one process it is a plain call."""
+
+    def run_with_weights(self, fn, *args):
+        return fn(self, *args)
+
+
+class DecoderLayer(RunsWithWeights, nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
@@ -233,7 +245,7 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class Transformer(nn.Module):
+class Transformer(RunsWithWeights, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

@@ -370,6 +370,9 @@ def update_settings(cfg: Config, policy, pad_id: int) -> UpdateSettings:
 def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
     """One GRPO step: rollout, scores, advantages, update. Returns its metrics record."""
     t0 = time.perf_counter()
+    on_gpu = rs.policy.device.type == "cuda"
+    if on_gpu:  # the step's own peak (`peak_memory_gb`)
+        torch.cuda.reset_peak_memory_stats(rs.policy.device)
     refresh = cfg.ref_refresh_every and step > 1 and (step - 1) % cfg.ref_refresh_every == 0
     if rs.ref_model is not None and refresh:
         rs.ref_model.load_state_dict(distributed.full_state_dict(rs.policy))
@@ -423,6 +426,8 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
         upd = update_on_rollout(
             rs.policy, rs.optimizer, batch, rs.update, step=step, ref_model=rs.ref_model
         )
+    if on_gpu:  # the optimizer step's kernels belong to this step's time
+        torch.cuda.synchronize(rs.policy.device)
     train_s = time.perf_counter() - t_train
     record.update(
         {
@@ -433,6 +438,8 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
             "grad_norm": upd.get("grad_norm", math.nan),
             "learning_rate": lr,
             "step_time": time.perf_counter() - t0,
+            "rollout_time": t_train - t0,
+            "train_time": train_s,
             "rollout/tokens_per_s": record.pop("rollout/tokens_per_s"),
             "train/tokens_per_s": upd.get("train_tokens", 0) / max(train_s, 1e-9),
             "loss": upd.get("loss", math.nan),
@@ -440,6 +447,9 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
             "skipped_updates": upd["skipped"],
         }
     )
+    if on_gpu:  # the most any rank's GPU held during the step
+        peak = torch.cuda.max_memory_allocated(rs.policy.device) / 2**30
+        record["peak_memory_gb"] = distributed.all_reduce_max(peak)
     return record, rollout
 
 
