@@ -75,6 +75,8 @@ def base_model(folder: Path, shape: dict, device: str) -> Path:
         model = Transformer(cfg).to(dtype)
     save_model(model, folder, tokenizer=tokenizer)
     del model
+    if device == "cuda":  # the runs below need this GPU's memory (30 GB at 7B)
+        torch.cuda.empty_cache()
     return folder
 
 
