@@ -232,6 +232,7 @@ def timed_step(
         "loss": round(float(stats.get("loss", float("nan"))), 6),
         "kl": round(float(stats.get("kl", 0.0)), 8),
         "grad_norm": round(float(stats.get("grad_norm", float("nan"))), 4),
+        "checkpointed_layers": stats.get("checkpointed_layers"),
         "logprob_diff": float(stats.get("logprob_diff", float("nan"))),
         "mean_completion_len": sum(map(len, comp_ids)) / len(comp_ids),
         "peak_gb": peak_gb(),
@@ -265,7 +266,9 @@ def update(args, model, optimizer, ref, batch, step: int) -> dict:
         packed=True,
         compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
         lm_head_chunk=args.chunk_size,
-        checkpoint_layers=not args.no_checkpoint,
+        checkpoint_layers=False
+        if args.no_checkpoint
+        else (True if getattr(args, "checkpoint_all", False) else "auto"),
         compile_layers=False if args.no_compile else None,
     )
     return update_on_rollout(model, optimizer, batch, settings, step=step, ref_model=ref)
@@ -599,7 +602,9 @@ def orchestrate(args) -> None:
             "warmup": args.warmup,
             "micro_batch_size": args.micro_batch_size,
             "chunk_size": args.chunk_size,
-            "checkpoint": not args.no_checkpoint,
+            "checkpoint": "none"
+            if args.no_checkpoint
+            else ("all" if args.checkpoint_all else "auto"),
             "compiled_layers": not args.no_compile,
             "sampler_memory_kept": args.keep_engine,
             "kernel_config": json.loads(Path(args.kernel_config).read_text())["best"]
@@ -686,7 +691,8 @@ def main(argv: list[str] | None = None) -> None:
         help="sequences per forward, as grpo's micro_batch_size (0 = the whole batch)",
     )
     ap.add_argument("--chunk-size", type=int, default=1024, help="LM-head rows per chunk")
-    ap.add_argument("--no-checkpoint", action="store_true")
+    ap.add_argument("--no-checkpoint", action="store_true", help="recompute no layer")
+    ap.add_argument("--checkpoint-all", action="store_true", help="recompute every layer")
     ap.add_argument("--no-compile", action="store_true", help="eager decoder layers in training")
     ap.add_argument("--keep-engine", action="store_true", help="keep the sampler's memory")
     ap.add_argument("--profile", action="store_true", help="profile one step after the warm-up")

@@ -138,3 +138,70 @@ def test_masked_rows_get_no_gradient(randomize):
     policy.zero_grad(set_to_none=True)
     accumulate_gradients(policy, batch, [3], settings)
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in policy.parameters())
+
+
+@pytest.mark.parametrize("checkpoint, expected", [(True, 2), (False, 0), (0, 0), (1, 1), (2, 2)])
+def test_recomputing_some_layers_gives_the_same_gradient(randomize, checkpoint, expected):
+    """Recomputing every layer, none or the first n (`checkpoint_layers` as planned on a GPU)
+    changes memory, not the loss or the gradient (the packed path, on the CPU here)."""
+    from r1lab.engine import fast_train
+
+    policy = micro_model(0, randomize)
+    batch = rollout_batch(seed=4)
+    pack = fast_train.pack_rollouts(batch.prompt_ids, batch.completion_ids)[0]
+    recomputed = []
+    real = fast_train._checkpoint
+
+    def counting(*args, **kwargs):
+        recomputed.append(1)
+        return real(*args, **kwargs)
+
+    def loss_and_grads(ckpt) -> tuple[torch.Tensor, dict]:
+        policy.zero_grad(set_to_none=True)
+        lp = fast_train.packed_logprobs(policy, pack, checkpoint=ckpt, compile=False)
+        (lp * torch.linspace(-1, 1, lp.numel())).sum().backward()
+        return lp.detach(), gradients(policy)
+
+    lp_plain, g_plain = loss_and_grads(False)
+    fast_train._checkpoint = counting
+    try:
+        lp, g = loss_and_grads(checkpoint)
+    finally:
+        fast_train._checkpoint = real
+    assert len(recomputed) == expected == fast_train.checkpointed_layers(checkpoint, 2)
+    torch.testing.assert_close(lp, lp_plain, atol=1e-6, rtol=0)
+    for name, grad in g_plain.items():
+        torch.testing.assert_close(g[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_activation_plan_keeps_the_layers_that_fit(randomize):
+    """The plan recomputes the fewest layers whose kept activations fit the budget."""
+    from r1lab.engine.fast_train import activation_plan
+
+    model = micro_model(0, randomize)  # 2 layers
+    per_token, inputs, tokens = 1000.0, 100.0, 10
+    floor = 2 * inputs * tokens  # both layers recomputed: their inputs only
+    extra = (per_token - inputs) * tokens  # what keeping one layer whole adds
+    assert activation_plan(model, tokens, floor + 2 * extra, per_token, inputs) == 0
+    assert activation_plan(model, tokens, floor + 2 * extra - 1, per_token, inputs) == 1
+    assert activation_plan(model, tokens, floor + extra, per_token, inputs) == 1
+    assert activation_plan(model, tokens, floor + extra - 1, per_token, inputs) == 2
+    assert activation_plan(model, tokens, -5.0, per_token, inputs) == 2  # nothing fits
+    assert activation_plan(model, tokens, 1e18, per_token, inputs) == 0
+
+
+def test_auto_checkpointing_is_planned_only_on_gpus(randomize):
+    """On the CPU "auto" is left for completion_logprobs (which recomputes nothing there),
+    and the update on it matches an explicit False."""
+    from r1lab.engine.grpo_update import plan_activations, update_on_rollout
+    from r1lab.training import make_optimizer
+
+    results = []
+    for ckpt in ("auto", False):
+        policy = micro_model(0, randomize)
+        optimizer = make_optimizer(policy, 1e-3)
+        settings = UpdateSettings(checkpoint_layers=ckpt, micro_batch_size=4)
+        assert plan_activations(policy, optimizer, rollout_batch(), settings) == settings
+        results.append(update_on_rollout(policy, optimizer, rollout_batch(), settings, step=1))
+    assert results[0]["loss"] == results[1]["loss"]
+    assert "checkpointed_layers" not in results[0] and results[1]["checkpointed_layers"] == 0

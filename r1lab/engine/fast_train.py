@@ -493,17 +493,27 @@ def _compiled_layer_fn(
     return _COMPILED[key]
 
 
+def checkpointed_layers(checkpoint: bool | int, layers: int) -> int:
+    """How many decoder layers, from the first, a `checkpoint` setting recomputes: True =
+    every layer, False = none, an int = that many (`activation_plan` picks one)."""
+    if isinstance(checkpoint, bool):
+        return layers if checkpoint else 0
+    return max(0, min(int(checkpoint), layers))
+
+
 def packed_hidden_states(
     model,
     batch: PackedBatch,
     attention: str = "auto",
-    checkpoint: bool = False,
+    checkpoint: bool | int = False,
     compile: bool | None = None,
 ) -> torch.Tensor:
     """Final-norm hidden states (T, hidden) of a pack; attention stays inside each sequence.
 
     `compile=None` compiles the layer on CUDA (where the launch count bounds the speed
     of the policy, old-policy and reference passes alike) and runs eagerly elsewhere.
+    `checkpoint`: which layers recompute their activations in the backward
+    (`checkpointed_layers`); only when differentiating.
     """
     options = _attention_options(attention, model)
     freqs = batch.position_ids.float()[:, None] * model.inv_freq[None, :]
@@ -519,10 +529,11 @@ def packed_hidden_states(
     layer_fn = _compiled_layer_fn(model, options, batch, lora) if compile else None
     layer_fn = layer_fn or _make_layer_fn(model.config, options, lora)
     rope = _Rope(cos, sin)
+    recomputed = checkpointed_layers(checkpoint, len(model.model.layers)) if grad else 0
     x = model.model.embed_tokens(batch.input_ids)
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
         x = layer.run_with_weights(
-            _run_layer, x, rope, batch, layer_fn, lora is not None, checkpoint and grad
+            _run_layer, x, rope, batch, layer_fn, lora is not None, i < recomputed
         )
     return model.model.norm(x)
 
@@ -559,6 +570,63 @@ def _gathered(module, read):
         module.reshard()
 
 
+# ---- activation memory -------------------------------------------------------------------------
+_ACTIVATION_BYTES: dict[tuple, float] = {}
+
+
+def activation_bytes_per_token(
+    model, attention: str = "auto", compile: bool | None = None, sizes=(1024, 3072)
+) -> float:
+    """Bytes one decoder layer keeps for its backward per token, its output included, as
+    this model's packed layer function runs here (compiled or not, varlen or padded
+    attention, the current autocast). Measured on CUDA, once per model and setting, by
+    running layer 0 over two pack sizes and taking the slope of the memory still
+    allocated while the output is alive (the slope leaves out what does not grow with the
+    tokens: the layer's weights cast to bf16, the concatenated q/k/v and gate/up weights).
+    """
+    key = (id(model.config), attention, compile, torch.is_autocast_enabled("cuda"))
+    if key in _ACTIVATION_BYTES:
+        return _ACTIVATION_BYTES[key]
+    options, lora = _attention_options(attention, model), _lora_spec(model)
+    layer = model.model.layers[0]
+    weights = _gathered(layer, _layer_weights)
+    weights += _layer_adapters(layer) if lora is not None else ()
+    gen = torch.Generator().manual_seed(0)
+    held = []
+    for t in sizes:  # two sequences of t/2 tokens
+        pack = pack_rollouts([[0] * (t // 2), [0] * (t - t // 2)], [[], []], device=model.device)
+        fn = _compiled_layer_fn(model, options, pack, lora) if compile is not False else None
+        fn = fn or _make_layer_fn(model.config, options, lora)
+        freqs = pack.position_ids.float()[:, None] * model.inv_freq[None, :]
+        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        x = torch.randn(t, model.config.hidden_size, generator=gen).to(model.device, model.dtype)
+        torch.cuda.synchronize(model.device)
+        before = torch.cuda.memory_allocated(model.device)
+        with torch.enable_grad():
+            y = fn(x.requires_grad_(), cos, sin, pack.cu_seqlens, pack.max_seqlen, *weights)
+        held.append(torch.cuda.memory_allocated(model.device) - before)
+        del y
+    _ACTIVATION_BYTES[key] = max((held[1] - held[0]) / (sizes[1] - sizes[0]), 1.0)
+    return _ACTIVATION_BYTES[key]
+
+
+def activation_plan(
+    model, tokens: int, budget_bytes: float, per_token: float, input_per_token: float
+) -> int:
+    """How many layers (from the first) to recompute so that a micro-batch of `tokens`
+    keeps its activations within `budget_bytes`.
+
+    A layer run without recomputation keeps `per_token` bytes a token; a recomputed one
+    keeps only its input (`input_per_token`). Every layer is kept when they all fit,
+    every layer recomputed when not even that fits (the budget is then a wish).
+    """
+    layers = len(model.model.layers)
+    floor = layers * input_per_token * tokens
+    extra = max(per_token - input_per_token, 1.0) * tokens
+    kept = int(max(budget_bytes - floor, 0.0) // extra)
+    return layers - min(kept, layers)
+
+
 def autocast(model, amp: bool | torch.dtype | None):
     """Autocast for the forward: `None` = bf16 when the weights are fp32 on CUDA (fp32 master
     weights); True = bf16; a dtype = that dtype (fp32 = none); False = none."""
@@ -579,7 +647,7 @@ def packed_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     attention: str = "auto",
-    checkpoint: bool = False,
+    checkpoint: bool | int = False,
     amp: bool | torch.dtype | None = None,
     compile: bool | None = None,
     with_entropy: bool = False,

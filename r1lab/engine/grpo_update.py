@@ -13,6 +13,7 @@ packed path never builds the padded tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch
 
 from r1lab import distributed
 from r1lab.engine import fast_train
+from r1lab.engine.fallbacks import declined
 from r1lab.engine.logprobs import token_logprobs
 from r1lab.rl import group_advantages, loss_normalizer, policy_loss, truncation_mask
 from r1lab.training import clip_grad
@@ -47,7 +49,10 @@ class UpdateSettings:
     pad_id: int = 0  # the padded path's filler
     lm_head_chunk: int = 1024  # LM-head rows per chunk on the packed path
     attention: str = "auto"  # packed path: "auto" | "varlen" | "sdpa"
-    checkpoint_layers: bool = True  # packed path, on CUDA, when differentiating
+    # packed path, on CUDA, when differentiating: recompute every layer's activations in the
+    # backward (True), none (False), the first n (an int), or as many as this GPU's free
+    # memory needs ("auto": `plan_activations` picks n before the update)
+    checkpoint_layers: bool | int | str = "auto"
     compile_layers: bool | None = None  # packed path: None = on CUDA
 
 
@@ -148,15 +153,18 @@ def completion_logprobs(
     """
     width = mb.mask.shape[1]
     if mb.pack is not None:
+        checkpoint = settings.checkpoint_layers
+        if model.device.type != "cuda" or not torch.is_grad_enabled():
+            checkpoint = False
+        elif checkpoint == "auto":  # not planned (a caller outside update_on_rollout): safe
+            checkpoint = True
         out = fast_train.packed_logprobs(
             model,
             mb.pack,
             settings.temperature,
             chunk_size=settings.lm_head_chunk,
             attention=settings.attention,
-            checkpoint=settings.checkpoint_layers
-            and model.device.type == "cuda"
-            and torch.is_grad_enabled(),
+            checkpoint=checkpoint,
             amp=settings.compute_dtype,
             compile=settings.compile_layers,
             with_entropy=with_entropy,
@@ -355,6 +363,58 @@ def accumulate_gradients(
     return out
 
 
+# ---- activation memory --------------------------------------------------------------------------
+MEMORY_MARGIN = 0.10  # of the GPU's memory, left free: fragmentation, the reference pass
+
+
+def plan_activations(policy, optimizer, batch: TrainBatch, settings: UpdateSettings):
+    """`settings` with `checkpoint_layers="auto"` replaced by how many layers to recompute.
+
+    Recomputing a layer in the backward costs a second forward of it (a quarter of the
+    policy pass's matrix work); keeping its activations costs memory that grows with the
+    micro-batch's tokens. "auto" keeps as many layers as fit: this GPU's free memory (what
+    the allocator holds unused included), less what the update will still allocate (the
+    gradients, AdamW's moments before its first step, the LM head's chunks) and a margin,
+    over the activation bytes a token costs per layer, measured on the model itself
+    (`fast_train.activation_bytes_per_token`). Elsewhere (CPU, padded path) nothing is
+    recomputed or it does not apply, and "auto" stays for `completion_logprobs`.
+    """
+    if settings.checkpoint_layers != "auto" or not settings.packed:
+        return settings
+    device = policy.device
+    if device.type != "cuda":
+        return settings
+    tokens = max(
+        sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in chunk)
+        for chunk in micro_batches(batch, list(range(len(batch))), settings.micro_batch_size)
+    )
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+
+    def local_bytes(p) -> int:  # this rank's share of a (possibly FSDP-sharded) parameter
+        t = p.to_local() if hasattr(p, "to_local") else p
+        return t.numel() * t.element_size()
+
+    still_to_allocate = sum(local_bytes(p) for p in trainable if p.grad is None)
+    if not optimizer.state:  # AdamW's two moments, allocated at its first step
+        still_to_allocate += 2 * sum(local_bytes(p) for p in trainable)
+    vocab = policy.config.vocab_size
+    still_to_allocate += 3 * settings.lm_head_chunk * vocab * 4  # logits, softmax, gradient
+    free, total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    budget = free - still_to_allocate - MEMORY_MARGIN * total
+    try:
+        with fast_train.autocast(policy, settings.compute_dtype):
+            per_token = fast_train.activation_bytes_per_token(
+                policy, settings.attention, settings.compile_layers
+            )
+    except Exception as exc:  # noqa: BLE001 - unmeasured: recompute every layer, and say so
+        declined("activation plan", f"{type(exc).__name__}: {str(exc)[:160]}; every layer")
+        return dataclasses.replace(settings, checkpoint_layers=True)
+    hidden_bytes = policy.config.hidden_size * 4  # a recomputed layer keeps its input
+    n = fast_train.activation_plan(policy, tokens, budget, per_token, hidden_bytes)
+    return dataclasses.replace(settings, checkpoint_layers=n)
+
+
 # ---- the rollout --------------------------------------------------------------------------------
 def update_on_rollout(
     policy, optimizer, batch: TrainBatch, settings: UpdateSettings, *, step: int, ref_model=None
@@ -369,6 +429,7 @@ def update_on_rollout(
     A mini-batch whose loss or gradient is not finite is skipped (no optimizer step);
     `skipped` counts them.
     """
+    settings = plan_activations(policy, optimizer, batch, settings)
     on_policy = settings.mu == 1 and settings.mini_batches == 1
     old = None if on_policy else sequence_logprobs(policy, batch, settings)
     gap = None if on_policy else sampler_gap(batch, list(range(len(batch))), old)
@@ -399,6 +460,10 @@ def update_on_rollout(
             grad_norms.append(norm)
     optimizer.zero_grad(set_to_none=True)
     out: dict[str, Any] = {"skipped": skipped, "optimizer_steps": len(stats)}
+    if isinstance(settings.checkpoint_layers, int):  # the plan, or the count asked for
+        out["checkpointed_layers"] = fast_train.checkpointed_layers(
+            settings.checkpoint_layers, len(policy.model.layers)
+        )
     if stats:
         for key in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "loss"):
             out[key] = sum(s[key] for s in stats) / len(stats)

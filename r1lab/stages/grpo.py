@@ -134,6 +134,11 @@ class Config(StageConfig):
         description="train on the sequences laid end to end without padding "
         "(r1lab.engine.fast_train); false: left/right-padded batches",
     )
+    checkpoint_layers: bool | Literal["auto"] = Field(
+        "auto",
+        description="GPU: recompute layer activations in the backward; auto = only as many "
+        "layers as free memory needs",
+    )
     # objective
     beta: float = Field(0.001, ge=0, description="KL coefficient; 0 skips the reference model")
     eps_low: float = Field(0.2, ge=0)
@@ -202,7 +207,8 @@ class Config(StageConfig):
 
 # Settings that do not change what a run computes: a run may resume under new values.
 RESUME_NEUTRAL = {
-    "max_minutes", "save_every", "log_samples", "max_nan_steps", "device", "rollout_batch_size"
+    "max_minutes", "save_every", "log_samples", "max_nan_steps", "device", "rollout_batch_size",
+    "checkpoint_layers",
 }  # fmt: skip
 
 
@@ -361,6 +367,7 @@ def update_settings(cfg: Config, policy, pad_id: int) -> UpdateSettings:
         micro_batch_size=cfg.micro_batch_size,
         grad_clip=cfg.grad_clip,
         packed=cfg.packed,
+        checkpoint_layers=cfg.checkpoint_layers,
         compute_dtype=compute_dtype(cfg, policy),
         pad_id=pad_id,
     )
@@ -421,7 +428,7 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
             adv_baseline=cfg.adv_baseline,
             mask_truncated=cfg.mask_truncated,
         )
-    batch = gather_batch(batch)  # torchrun: every rank's groups (one process: its own)
+    batch = gather_batch(batch, rollout.groups)  # torchrun: every rank's, in one process's order
     if batch is not None:
         upd = update_on_rollout(
             rs.policy, rs.optimizer, batch, rs.update, step=step, ref_model=rs.ref_model
