@@ -360,6 +360,149 @@ def test_a_failing_rank_ends_the_others_without_a_hang(tmp_path):
     assert time.perf_counter() - start < 30
 
 
+# ---- dynamic sampling ------------------------------------------------------------------------
+DYNAMIC_REWARDS = '''
+def half_flat(prompts, completions, **columns):
+    """No spread for about half the questions (dynamic sampling drops their groups and
+    draws more), a spread by completion length for the others."""
+    return [
+        (len(c) % 5) / 4 if sum(map(ord, p)) % 2 else 0.0 for p, c in zip(prompts, completions)
+    ]
+'''
+
+
+def dynamic_grpo_config(tmp: Path):
+    """The pinned GRPO run with 4 questions a step, dynamic sampling and 2 refill rounds."""
+    import test_recipe_pins as pins
+
+    cfg = pins.grpo_config(tmp / "base", "dsrewards:half_flat")
+    update = {"steps": 3, "questions_per_step": 4, "dynamic_sampling": True, "max_resample": 2}
+    return cfg.model_copy(update=update)
+
+
+def dynamic_inputs(tmp: Path) -> None:
+    import test_recipe_pins as pins
+
+    pins.micro_model_dir(tmp / "base")
+    (tmp / "dsrewards.py").write_text(DYNAMIC_REWARDS)
+
+
+def dynamic_rollouts(tmp: Path, rank: int, world: int, steps: int = 3) -> list[dict]:
+    """With the base weights, steps 1..`steps` of `dynamic_grpo_config`'s rollouts: this
+    rank's groups, by (round, index, prompt, completion ids), and the batch gathered from
+    every rank."""
+    from r1lab.engine.grpo_update import train_batch
+    from r1lab.model.checkpoint import load_model
+    from r1lab.model.tokenizer import load_tokenizer
+    from r1lab.stages import grpo
+    from r1lab.stages.judging import prompt_template
+    from r1lab.stages.rollout import collect_rollout, gather_batch
+
+    cfg = dynamic_grpo_config(tmp)
+    model = load_model(tmp / "base", dtype=torch.float32)
+    tokenizer = load_tokenizer(tmp / "base")
+    _, _, mixture = grpo.task_sets(cfg)
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p}
+    sampling["max_new_tokens"] = cfg.max_new_tokens
+    out = []
+    for step in range(1, steps + 1):
+        rollout = collect_rollout(
+            model, tokenizer, mixture, grpo.reward_sets(cfg)[0], step=step, seed=cfg.seed,
+            questions=cfg.questions_per_step, group_size=cfg.group_size,
+            template=prompt_template(cfg.template)[0], sampling=sampling,
+            dynamic_sampling=True, max_resample=cfg.max_resample, rank=rank, world=world,
+        )  # fmt: skip
+        batch = None
+        if rollout.groups:
+            batch = train_batch(
+                rollout.groups, group_size=cfg.group_size, adv_scale="group",
+                adv_baseline="mean", mask_truncated=False,
+            )  # fmt: skip
+        groups = [
+            (*g.order, g.prompt, [c.token_ids for c in g.completions]) for g in rollout.groups
+        ]
+        sampled = [g.order for g in rollout.sampled]
+        gathered = gather_batch(batch, rollout.groups)
+        out.append(
+            {"groups": groups, "sampled": sampled, "rounds": rollout.rounds, "batch": gathered}
+        )
+    return out
+
+
+def _dynamic_rollout_worker(tmp: Path) -> None:
+    sys.path.insert(0, str(tmp))
+    rank = distributed.rank()
+    torch.save(dynamic_rollouts(tmp, rank, distributed.world_size()), tmp / f"rollout{rank}.pt")
+
+
+def test_dynamic_sampling_rollout_on_two_ranks_is_the_one_process_rollout(tmp_path, monkeypatch):
+    """Every refill round draws the one-process questions with its keys, each rank samples
+    its share: the two ranks' kept groups, and the batch gathered from them, are one
+    process's, in its (round, index) order. The steps cover a rank whose refill share is
+    empty (1 question needed) and groups of two rounds kept on one rank."""
+    dynamic_inputs(tmp_path)
+    spawn(_dynamic_rollout_worker, tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    one = dynamic_rollouts(tmp_path, 0, 1)
+    ranks = [torch.load(tmp_path / f"rollout{r}.pt", weights_only=False) for r in range(WORLD)]
+    assert any(step["rounds"] > 1 for step in one)  # refills happened
+    last_sampled = [max(o for o, _ in r[i]["sampled"]) for r in ranks for i in range(3)]
+    last_round = [r[i]["rounds"] - 1 for r in ranks for i in range(3)]
+    assert any(s < r for s, r in zip(last_sampled, last_round))  # a rank with an empty share
+    rank_by_rank = [[g for r in ranks for g in r[i]["groups"]] for i in range(3)]
+    assert rank_by_rank != [step["groups"] for step in one]  # not one process's order as is
+    for i, step in enumerate(one):
+        two = [r[i] for r in ranks]
+        assert two[0]["rounds"] == two[1]["rounds"] == step["rounds"]
+        assert sorted(two[0]["groups"] + two[1]["groups"]) == step["groups"]
+        for rank in two:  # every rank trains on the one-process batch
+            got, want = rank["batch"], step["batch"]
+            for field in ("prompt_ids", "completion_ids", "counted"):
+                assert getattr(got, field) == getattr(want, field), field
+            torch.testing.assert_close(got.advantages, want.advantages)
+            # a batch of other rows rounds the fp32 logits' sums otherwise, in the last bits
+            for x, y in zip(got.sampler_logprobs, want.sampler_logprobs, strict=True):
+                torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=TOL, rtol=TOL)
+
+
+def _dynamic_grpo_stage_worker(tmp: Path) -> None:
+    from r1lab.stages import grpo
+
+    sys.path.insert(0, str(tmp))
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    grpo.run(dynamic_grpo_config(tmp), tmp / "run2")
+
+
+def test_grpo_stage_with_dynamic_sampling_on_two_ranks_matches_one_process(tmp_path, monkeypatch):
+    """Refill rounds on 2 ranks draw, keep and train on what one process does: the same
+    rewards, losses and kept groups step after step, and the same final weights."""
+    import json
+
+    from r1lab.model.checkpoint import load_model
+    from r1lab.stages import grpo
+
+    dynamic_inputs(tmp_path)
+    spawn(_dynamic_grpo_stage_worker, tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    grpo.run(dynamic_grpo_config(tmp_path), tmp_path / "run1")
+
+    def logged(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines if '"loss"' in x]
+
+    one, two = logged("run1"), logged("run2")
+    assert len(one) == 3 and any(r["dynamic_sampling/rounds"] > 1 for r in one)
+    for a, b in zip(one, two, strict=True):
+        for key in ("dynamic_sampling/rounds", "dynamic_sampling/kept_groups"):
+            assert b[key] == a[key], key
+        for key in ("reward", "reward_std", "frac_reward_zero_std", "loss", "kl", "grad_norm"):
+            assert abs(b[key] - a[key]) <= TOL * max(1.0, abs(a[key])), key
+    one_weights = load_model(tmp_path / "run1" / "model", dtype=torch.float32).state_dict()
+    two_weights = load_model(tmp_path / "run2" / "model", dtype=torch.float32).state_dict()
+    assert_same_weights(two_weights, one_weights)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

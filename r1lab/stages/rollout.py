@@ -9,10 +9,12 @@ Under torchrun (docs/distributed.md) rank r of W draws the same questions as one
 and keeps its contiguous share (a group never straddles ranks), samples and scores them
 where it is, and `gather_batch` hands every rank the whole step's sequences for the
 update. Each question's completions are drawn with its own key, (seed, step, round, the
-question's index in the step's draw) (`r1lab.engine.sampling`), so a question gets the
+question's index in the round's draw) (`r1lab.engine.sampling`), so a question gets the
 same completions on any number of ranks and in any batch: N ranks sample exactly what
-one process samples (tests/test_distributed.py), except in dynamic sampling's refill
-rounds, which draw other questions on N ranks.
+one process samples (tests/test_distributed.py). With dynamic sampling, every rank
+learns after each round how many groups all ranks kept, so every refill round draws the
+one-process questions too, and the gathered batch is put in one process's order,
+(round, index).
 """
 
 from __future__ import annotations
@@ -123,6 +125,9 @@ class Group:
     rewards: list[float | None] = field(default_factory=list)
     by_fn: dict[str, list[float | None]] = field(default_factory=dict)
     reasons: dict[str, list[str | None]] = field(default_factory=dict)
+    # (round, index in that round's draw): one process's order of a step's groups, which
+    # the batch gathered from N ranks is sorted back into
+    order: tuple[int, int] = (0, 0)
 
     @property
     def has_signal(self) -> bool:
@@ -232,64 +237,98 @@ def collect_rollout(
     rounds, until `questions` groups with a signal are found. The batch may end up
     smaller than `questions` when the rounds run out. `warn_context`: report prompts
     beyond the model's context (GRPO asks on the first step of a process).
+
+    Every round draws the questions one process draws (`need` of them, the same on every
+    rank) and rank r samples its contiguous share; the ranks then tell each other what
+    they kept, so all of them know the next round's `need` and make the same collective
+    calls, a rank whose share is empty included.
     """
+    params = SamplingParams(n=group_size, **sampling)
     kept: list[Group] = []
     sampled: list[Group] = []
     scores: list[CombinedRewards] = []
+    everyone_kept: list[tuple[int, int]] = []  # (round, index) of every rank's kept groups
     sample_s = score_s = 0.0
     rounds = 0
-    share = distributed.shard_of(questions, rank, world)
-    quota = len(share)
     for round_ in range(1 + (max_resample if dynamic_sampling else 0)):
-        need = quota - len(kept)
+        need = questions - len(everyone_kept)
         if need <= 0:
             break
         rounds += 1
-        first = 0  # index of this rank's first question in the round's draw
-        if world == 1:
-            drawn = mixture.draw(need, step, round_)
-        elif round_ == 0:  # the one-process questions, cut by rank
-            drawn = mixture.draw(questions, step, round_)[share.start : share.stop]
-            first = share.start
-        else:  # refills: disjoint per rank, in blocks of one draw that every rank makes
-            block = -(-questions // world)  # the largest share; `need` varies by rank
-            first = rank * block
-            drawn = mixture.draw(block * world, step, round_)[first : first + need]
-        # a question's samples depend on (seed, step, round, index) only, not on the rank
-        keys = [sample_key(seed, "grpo", step, round_, first + i) for i in range(len(drawn))]
-        params = SamplingParams(n=group_size, **sampling)
-        t0 = time.perf_counter()
-        groups, completions = sample_groups(
-            model,
-            tokenizer,
-            drawn,
-            template,
-            params,
-            max_batch_size,
-            warn_context and not round_,
-            keys=keys,
-        )
-        t1 = time.perf_counter()
-        scores.append(score_groups(groups, completions, rewards))
-        t2 = time.perf_counter()
-        sample_s += t1 - t0
-        score_s += t2 - t1
+        share = distributed.shard_of(need, rank, world)
+        drawn = mixture.draw(need, step, round_)[share.start : share.stop]
+        groups: list[Group] = []
+        if drawn:  # a refill smaller than the world leaves some ranks without questions
+            t0 = time.perf_counter()
+            # a question's samples depend on (seed, step, round, index) only, not on the rank
+            keys = [sample_key(seed, "grpo", step, round_, i) for i in share]
+            groups, completions = sample_groups(
+                model,
+                tokenizer,
+                drawn,
+                template,
+                params,
+                max_batch_size,
+                warn_context and not round_,
+                keys=keys,
+            )
+            t1 = time.perf_counter()
+            scores.append(score_groups(groups, completions, rewards))
+            sample_s += t1 - t0
+            score_s += time.perf_counter() - t1
+            for g, i in zip(groups, share, strict=True):
+                g.order = (round_, i)
         sampled += groups
-        kept += [g for g in groups if g.has_signal] if dynamic_sampling else groups
-    return Rollout(kept[:quota], sampled, join_scores(scores), rounds, sample_s, score_s)
+        mine = [g for g in groups if g.has_signal] if dynamic_sampling else groups
+        kept += mine
+        everyone_kept += kept_by_all(mine, need, round_, dynamic_sampling)
+    # a round draws only what is still needed, so this cuts nothing today; it holds every
+    # rank to one process's rule should a round ever draw more than it needs
+    chosen = set(everyone_kept[:questions])
+    kept = [g for g in kept if g.order in chosen]
+    return Rollout(kept, sampled, join_scores(scores), rounds, sample_s, score_s)
 
 
-def gather_batch(batch: TrainBatch | None) -> TrainBatch | None:
-    """The step's sequences from every rank, in rank order (= one process's order)."""
-    parts = [b for b in distributed.all_gather_objects(batch) if b is not None and len(b)]
+def kept_by_all(
+    mine: list[Group], need: int, round_: int, dynamic_sampling: bool
+) -> list[tuple[int, int]]:
+    """The (round, index) of the groups all ranks kept in this round, in index order.
+
+    Without dynamic sampling every group is kept, which every rank knows without asking:
+    the step then makes no collective call of its own here.
+    """
+    if not dynamic_sampling:
+        return [(round_, i) for i in range(need)]
+    # rank order is index order: each rank holds a contiguous share of the round's draw
+    return [o for part in distributed.all_gather_objects([g.order for g in mine]) for o in part]
+
+
+def gather_batch(batch: TrainBatch | None, groups: Sequence[Group]) -> TrainBatch | None:
+    """The step's sequences from every rank, in one process's order.
+
+    `batch` is `train_batch(groups)`, a sequence per completion of each group in turn.
+    The ranks' parts are sorted by their groups' (round, index): rank by rank is one
+    process's order only when every rank kept groups of a single round.
+    """
+    keys = [g.order for g in groups for _ in g.completions] if batch is not None else []
+    parts = [
+        (b, k) for b, k in distributed.all_gather_objects((batch, keys)) if b is not None and len(b)
+    ]
     if len(parts) <= 1:
-        return parts[0] if parts else None
+        return parts[0][0] if parts else None
+    everyone = [k for _, part in parts for k in part]
+    order = sorted(range(len(everyone)), key=everyone.__getitem__)  # stable: a group stays whole
+
+    def joined(field_name: str) -> list:
+        items = [x for b, _ in parts for x in getattr(b, field_name)]
+        return [items[i] for i in order]
+
     return TrainBatch(
-        prompt_ids=[x for b in parts for x in b.prompt_ids],
-        completion_ids=[x for b in parts for x in b.completion_ids],
-        advantages=torch.cat([b.advantages for b in parts]),
-        counted=[x for b in parts for x in b.counted],
-        sampler_logprobs=[x for b in parts for x in b.sampler_logprobs],
+        prompt_ids=joined("prompt_ids"),
+        completion_ids=joined("completion_ids"),
+        advantages=torch.cat([b.advantages for b, _ in parts])[order],
+        counted=joined("counted"),
+        sampler_logprobs=joined("sampler_logprobs"),
     )
 
 
