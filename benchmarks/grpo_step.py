@@ -268,7 +268,7 @@ def update(args, model, optimizer, ref, batch, step: int) -> dict:
         lm_head_chunk=args.chunk_size,
         checkpoint_layers=False
         if args.no_checkpoint
-        else (True if getattr(args, "checkpoint_all", False) else "auto"),
+        else ("auto" if getattr(args, "checkpoint_auto", False) else True),
         compile_layers=False if args.no_compile else None,
     )
     return update_on_rollout(model, optimizer, batch, settings, step=step, ref_model=ref)
@@ -604,7 +604,7 @@ def orchestrate(args) -> None:
             "chunk_size": args.chunk_size,
             "checkpoint": "none"
             if args.no_checkpoint
-            else ("all" if args.checkpoint_all else "auto"),
+            else ("auto" if args.checkpoint_auto else "all"),
             "compiled_layers": not args.no_compile,
             "sampler_memory_kept": args.keep_engine,
             "kernel_config": json.loads(Path(args.kernel_config).read_text())["best"]
@@ -692,7 +692,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--chunk-size", type=int, default=1024, help="LM-head rows per chunk")
     ap.add_argument("--no-checkpoint", action="store_true", help="recompute no layer")
-    ap.add_argument("--checkpoint-all", action="store_true", help="recompute every layer")
+    ap.add_argument(
+        "--checkpoint-auto", action="store_true", help="recompute only the layers memory needs"
+    )
     ap.add_argument("--no-compile", action="store_true", help="eager decoder layers in training")
     ap.add_argument("--keep-engine", action="store_true", help="keep the sampler's memory")
     ap.add_argument("--profile", action="store_true", help="profile one step after the warm-up")

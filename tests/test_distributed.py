@@ -391,12 +391,11 @@ def dynamic_rollouts(tmp: Path, rank: int, world: int, steps: int = 3) -> list[d
     """With the base weights, steps 1..`steps` of `dynamic_grpo_config`'s rollouts: this
     rank's groups, by (round, index, prompt, completion ids), and the batch gathered from
     every rank."""
-    from r1lab.engine.grpo_update import train_batch
     from r1lab.model.checkpoint import load_model
     from r1lab.model.tokenizer import load_tokenizer
     from r1lab.stages import grpo
     from r1lab.stages.judging import prompt_template
-    from r1lab.stages.rollout import collect_rollout, gather_batch
+    from r1lab.stages.rollout import collect_rollout, step_batch
 
     cfg = dynamic_grpo_config(tmp)
     model = load_model(tmp / "base", dtype=torch.float32)
@@ -412,17 +411,14 @@ def dynamic_rollouts(tmp: Path, rank: int, world: int, steps: int = 3) -> list[d
             template=prompt_template(cfg.template)[0], sampling=sampling,
             dynamic_sampling=True, max_resample=cfg.max_resample, rank=rank, world=world,
         )  # fmt: skip
-        batch = None
-        if rollout.groups:
-            batch = train_batch(
-                rollout.groups, group_size=cfg.group_size, adv_scale="group",
-                adv_baseline="mean", mask_truncated=False,
-            )  # fmt: skip
         groups = [
             (*g.order, g.prompt, [c.token_ids for c in g.completions]) for g in rollout.groups
         ]
         sampled = [g.order for g in rollout.sampled]
-        gathered = gather_batch(batch, rollout.groups)
+        gathered = step_batch(
+            rollout.groups, group_size=cfg.group_size, adv_scale="batch",
+            adv_baseline="mean", mask_truncated=False,
+        )  # fmt: skip
         out.append(
             {"groups": groups, "sampled": sampled, "rounds": rollout.rounds, "batch": gathered}
         )

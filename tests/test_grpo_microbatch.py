@@ -205,3 +205,18 @@ def test_auto_checkpointing_is_planned_only_on_gpus(randomize):
         results.append(update_on_rollout(policy, optimizer, rollout_batch(), settings, step=1))
     assert results[0]["loss"] == results[1]["loss"]
     assert "checkpointed_layers" not in results[0] and results[1]["checkpointed_layers"] == 0
+
+
+def test_layer_probe_runs_the_packed_layer(randomize):
+    """What the activation measurement runs (on CUDA) works on any model: layer 0 over a
+    pack of random hidden states, with gradients, returning the pack's hidden states."""
+    from r1lab.engine import fast_train
+
+    model = micro_model(0, randomize)
+    weights = fast_train._gathered(model.model.layers[0], fast_train._layer_weights)
+    probe = fast_train.LayerProbe(model, 24, "auto", False, weights)
+    y = probe.forward()
+    assert y.shape == (24, model.config.hidden_size) and y.requires_grad
+    (gx,) = torch.autograd.grad(y.square().sum(), probe.x)
+    assert torch.isfinite(gx).all() and gx.abs().sum() > 0
+    assert probe.pack.cu_seqlens.tolist() == [0, 12, 24]

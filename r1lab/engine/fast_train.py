@@ -587,27 +587,42 @@ def activation_bytes_per_token(
     key = (id(model.config), attention, compile, torch.is_autocast_enabled("cuda"))
     if key in _ACTIVATION_BYTES:
         return _ACTIVATION_BYTES[key]
-    options, lora = _attention_options(attention, model), _lora_spec(model)
-    layer = model.model.layers[0]
-    weights = _gathered(layer, _layer_weights)
-    weights += _layer_adapters(layer) if lora is not None else ()
-    gen = torch.Generator().manual_seed(0)
+    weights = _gathered(model.model.layers[0], _layer_weights)
     held = []
-    for t in sizes:  # two sequences of t/2 tokens
-        pack = pack_rollouts([[0] * (t // 2), [0] * (t - t // 2)], [[], []], device=model.device)
-        fn = _compiled_layer_fn(model, options, pack, lora) if compile is not False else None
-        fn = fn or _make_layer_fn(model.config, options, lora)
-        freqs = pack.position_ids.float()[:, None] * model.inv_freq[None, :]
-        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
-        x = torch.randn(t, model.config.hidden_size, generator=gen).to(model.device, model.dtype)
+    for t in sizes:
+        probe = LayerProbe(model, t, attention, compile, weights)
         torch.cuda.synchronize(model.device)
         before = torch.cuda.memory_allocated(model.device)
-        with torch.enable_grad():
-            y = fn(x.requires_grad_(), cos, sin, pack.cu_seqlens, pack.max_seqlen, *weights)
+        y = probe.forward()
         held.append(torch.cuda.memory_allocated(model.device) - before)
         del y
     _ACTIVATION_BYTES[key] = max((held[1] - held[0]) / (sizes[1] - sizes[0]), 1.0)
     return _ACTIVATION_BYTES[key]
+
+
+class LayerProbe:
+    """Layer 0's function (as the packed pass runs it) over `tokens` random hidden states in
+    two sequences, ready to run with gradients: what `activation_bytes_per_token` measures.
+    The inputs are made here, so that `forward` allocates only what the layer keeps."""
+
+    def __init__(self, model, tokens: int, attention: str, compile: bool | None, weights):
+        options, lora = _attention_options(attention, model), _lora_spec(model)
+        halves = [[0] * (tokens // 2), [0] * (tokens - tokens // 2)]
+        self.pack = pack_rollouts(halves, [[], []], max_tokens=tokens, device=model.device)[0]
+        fn = _compiled_layer_fn(model, options, self.pack, lora) if compile is not False else None
+        self.fn = fn or _make_layer_fn(model.config, options, lora)
+        freqs = self.pack.position_ids.float()[:, None] * model.inv_freq[None, :]
+        self.cos, self.sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        gen = torch.Generator().manual_seed(tokens)
+        x = torch.randn(tokens, model.config.hidden_size, generator=gen)
+        self.x = x.to(model.device, model.dtype).requires_grad_()
+        layer = model.model.layers[0]
+        self.weights = tuple(weights) + (_layer_adapters(layer) if lora is not None else ())
+
+    def forward(self) -> torch.Tensor:
+        with torch.enable_grad():
+            p = self.pack
+            return self.fn(self.x, self.cos, self.sin, p.cu_seqlens, p.max_seqlen, *self.weights)
 
 
 def activation_plan(

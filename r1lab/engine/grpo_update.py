@@ -52,7 +52,7 @@ class UpdateSettings:
     # packed path, on CUDA, when differentiating: recompute every layer's activations in the
     # backward (True), none (False), the first n (an int), or as many as this GPU's free
     # memory needs ("auto": `plan_activations` picks n before the update)
-    checkpoint_layers: bool | int | str = "auto"
+    checkpoint_layers: bool | int | str = True
     compile_layers: bool | None = None  # packed path: None = on CUDA
 
 

@@ -36,7 +36,7 @@ from pydantic import Field, field_validator, model_validator
 from r1lab import distributed
 from r1lab.config import ConfigError, StageConfig, resolve_device, resolve_dtype, write_config
 from r1lab.distributed import NullLog
-from r1lab.engine.grpo_update import UpdateSettings, train_batch, update_on_rollout
+from r1lab.engine.grpo_update import UpdateSettings, update_on_rollout
 from r1lab.model.checkpoint import atomic_write_text, load_model
 from r1lab.model.tokenizer import TemplateName, load_tokenizer, render_prompt
 from r1lab.rundir import check_resumable
@@ -50,11 +50,11 @@ from r1lab.stages.rollout import (
     check_judged,
     collect_rollout,
     console_line,
-    gather_batch,
     merge_metrics,
     question_key,
     rollout_metrics,
     sample_records,
+    step_batch,
     warn_zero_variance,
 )
 from r1lab.stages.task_spec import TaskMixtureList, TaskSpec
@@ -135,9 +135,9 @@ class Config(StageConfig):
         "(r1lab.engine.fast_train); false: left/right-padded batches",
     )
     checkpoint_layers: bool | Literal["auto"] = Field(
-        "auto",
+        True,
         description="GPU: recompute layer activations in the backward; auto = only as many "
-        "layers as free memory needs",
+        "layers as free memory needs (not yet measured on a GPU)",
     )
     # objective
     beta: float = Field(0.001, ge=0, description="KL coefficient; 0 skips the reference model")
@@ -419,16 +419,13 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
 
     t_train = time.perf_counter()
     upd: dict[str, Any] = {"skipped": 0, "optimizer_steps": 0}
-    batch = None
-    if rollout.groups:
-        batch = train_batch(
-            rollout.groups,
-            group_size=cfg.group_size,
-            adv_scale=cfg.adv_scale,
-            adv_baseline=cfg.adv_baseline,
-            mask_truncated=cfg.mask_truncated,
-        )
-    batch = gather_batch(batch, rollout.groups)  # torchrun: every rank's, in one process's order
+    batch = step_batch(  # torchrun: every rank's groups, in one process's order
+        rollout.groups,
+        group_size=cfg.group_size,
+        adv_scale=cfg.adv_scale,
+        adv_baseline=cfg.adv_baseline,
+        mask_truncated=cfg.mask_truncated,
+    )
     if batch is not None:
         upd = update_on_rollout(
             rs.policy, rs.optimizer, batch, rs.update, step=step, ref_model=rs.ref_model

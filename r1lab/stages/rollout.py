@@ -7,7 +7,7 @@ what the uninterrupted run would have.
 
 Under torchrun (docs/distributed.md) rank r of W draws the same questions as one process
 and keeps its contiguous share (a group never straddles ranks), samples and scores them
-where it is, and `gather_batch` hands every rank the whole step's sequences for the
+where it is, and `step_batch` hands every rank the whole step's sequences for the
 update. Each question's completions are drawn with its own key, (seed, step, round, the
 question's index in the round's draw) (`r1lab.engine.sampling`), so a question gets the
 same completions on any number of ranks and in any batch: N ranks sample exactly what
@@ -28,11 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from r1lab import distributed
 from r1lab.engine.generate import Completion, SamplingParams
-from r1lab.engine.grpo_update import TrainBatch
+from r1lab.engine.grpo_update import TrainBatch, train_batch
 from r1lab.engine.sampling import sample_key
 from r1lab.metrics import is_self_check
 from r1lab.model.tokenizer import PromptTemplate
@@ -303,33 +301,30 @@ def kept_by_all(
     return [o for part in distributed.all_gather_objects([g.order for g in mine]) for o in part]
 
 
-def gather_batch(batch: TrainBatch | None, groups: Sequence[Group]) -> TrainBatch | None:
-    """The step's sequences from every rank, in one process's order.
+def step_batch(groups: Sequence[Group], **advantage_options) -> TrainBatch | None:
+    """The step's sequences from every rank's groups, in one process's order, with their
+    advantages (`train_batch`'s options: group_size, adv_scale, adv_baseline, mask_truncated).
 
-    `batch` is `train_batch(groups)`, a sequence per completion of each group in turn.
-    The ranks' parts are sorted by their groups' (round, index): rank by rank is one
-    process's order only when every rank kept groups of a single round.
+    The ranks' groups are gathered first (prompt and completion tokens, log-probs, rewards)
+    and sorted by (round, index); rank by rank is one process's order only when every rank
+    kept groups of a single round. Advantages are computed on the whole step's groups, as
+    one process computes them, so `adv_scale: batch` takes the std over every rank's groups.
     """
-    keys = [g.order for g in groups for _ in g.completions] if batch is not None else []
-    parts = [
-        (b, k) for b, k in distributed.all_gather_objects((batch, keys)) if b is not None and len(b)
-    ]
-    if len(parts) <= 1:
-        return parts[0][0] if parts else None
-    everyone = [k for _, part in parts for k in part]
-    order = sorted(range(len(everyone)), key=everyone.__getitem__)  # stable: a group stays whole
+    if distributed.world_size() > 1:
+        mine = [_Gathered(g.order, g.prompt_ids, g.completions, g.rewards) for g in groups]
+        everyone = [x for part in distributed.all_gather_objects(mine) for x in part]
+        groups = sorted(everyone, key=lambda g: g.order)
+    return train_batch(groups, **advantage_options) if groups else None
 
-    def joined(field_name: str) -> list:
-        items = [x for b, _ in parts for x in getattr(b, field_name)]
-        return [items[i] for i in order]
 
-    return TrainBatch(
-        prompt_ids=joined("prompt_ids"),
-        completion_ids=joined("completion_ids"),
-        advantages=torch.cat([b.advantages for b, _ in parts])[order],
-        counted=joined("counted"),
-        sampler_logprobs=joined("sampler_logprobs"),
-    )
+@dataclass
+class _Gathered:
+    """What the update needs of a group, sent between ranks (not its task or example)."""
+
+    order: tuple[int, int]
+    prompt_ids: list[int]
+    completions: list[Completion]
+    rewards: list[float | None]
 
 
 SUMMED_METRICS = {"rollout/tokens_per_s", "dynamic_sampling/kept_groups"}
