@@ -191,6 +191,23 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def all_reduce_grads(model: torch.nn.Module) -> None:
+    """Sum the gradients of `model`'s trainable parameters over ranks, in place, in one
+    collective: data parallelism for a model every rank holds whole (a LoRA run: a frozen
+    base and small adapters, where sharding would save little). Summed, not averaged: each
+    rank's loss already carries the global normaliser."""
+    if not active():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    for p, part in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = part.view_as(p).to(p.dtype)
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

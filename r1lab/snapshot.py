@@ -19,7 +19,9 @@ Under torchrun (`r1lab.distributed`), `model/` is written once, by rank 0, from 
 weights gathered there, and `state/` holds `dcp/`: the parts' state dicts saved by every
 rank through `torch.distributed.checkpoint`, which reshards on load. Such a `state/`
 resumes on any number of ranks, one process included; a one-process `state/` resumes on
-N ranks too (each rank reads the whole file and keeps its shards).
+N ranks too (each rank reads the whole file and keeps its shards). Where no part is sharded
+(a LoRA run under torchrun: every rank holds the same base and adapters), rank 0 writes the
+one-process checkpoint and every rank reads it back whole.
 """
 
 from __future__ import annotations
@@ -92,10 +94,13 @@ def save_checkpoint(
     reward model: its decoder and its head), from its whole weights by name (gathered to
     rank 0 under torchrun), atomically as `save_model` does.
     """
-    if distributed.active():
+    if distributed.active() and _sharded(snapshot):
         _save_distributed(
             out, snapshot, model, tokenizer, step, data_position, extra, export_dtype, export
         )
+        return
+    if not distributed.is_main():  # every rank holds the same whole parts (LoRA): rank 0's
+        distributed.barrier()
         return
     if export is not None:
         export(model.state_dict(), Path(out) / "model")
@@ -108,6 +113,7 @@ def save_checkpoint(
         data_position=data_position,
         extra=extra,
     )
+    distributed.barrier()  # the other ranks go on once it is written
 
 
 def saved_state(out: Path) -> dict | None:
@@ -125,10 +131,16 @@ def restore_checkpoint(out: Path, snapshot: TrainingSnapshot) -> dict:
     if (folder / DCP_DIR).is_dir():
         _load_dcp(folder / DCP_DIR, snapshot)
         return load_training_state(folder)
-    if distributed.active():
+    if distributed.active() and _sharded(snapshot):
         _load_full(folder / OPTIMIZER_NAME, snapshot)
         return load_training_state(folder)
-    return load_training_state(folder, optimizer=snapshot)
+    return load_training_state(folder, optimizer=snapshot)  # every rank reads it whole
+
+
+def _sharded(snapshot: TrainingSnapshot) -> bool:
+    """Whether a part is FSDP-sharded; if not, every rank holds the same whole parts (a
+    LoRA run under torchrun) and rank 0 saves them as one process does."""
+    return any(distributed.is_sharded(p) for p in snapshot.parts.values() if p is not None)
 
 
 # ---- under torchrun ------------------------------------------------------------------------

@@ -515,3 +515,71 @@ def test_grpo_step_on_two_gpus_matches_one(tmp_path, packed):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---- LoRA: data parallel, every rank holding the base and adapters whole ----------------------
+LORA = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}
+
+
+def lora_grpo_config(tmp: Path):
+    import test_recipe_pins as pins
+
+    from r1lab.config import build_config
+    from r1lab.stages import grpo
+
+    cfg = pins.grpo_config(tmp / "base", "pinrewards:spread").model_dump()
+    cfg.update(lora=LORA, lr=2e-2, save_every=2, questions_per_step=4)
+    return build_config(grpo.Config, cfg)
+
+
+def _lora_grpo_worker(tmp: Path) -> None:
+    """The LoRA grpo stage on 2 ranks, killed (on both) as step 3 is logged; step 2 was saved."""
+    import test_recipe_pins as pins
+
+    from r1lab.stages import grpo
+
+    sys.path.insert(0, str(tmp))
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    die_when_logged(3)
+    try:
+        grpo.run(lora_grpo_config(tmp), tmp / "run2")
+    except pins.Killed:
+        Path(tmp, f"killed{distributed.rank()}").touch()
+
+
+def test_lora_grpo_on_two_ranks_matches_one_process_and_resumes_on_one(tmp_path, monkeypatch):
+    """LoRA GRPO under torchrun: each rank trains its share and the adapters' gradients are
+    summed over ranks, so 2 ranks log the one-process losses step by step; killed after its
+    step-2 checkpoint, the run resumes on one process and ends with the adapters of a
+    one-process run never killed."""
+    import json
+
+    import test_recipe_pins as pins
+    from safetensors.torch import load_file
+
+    from r1lab.stages import grpo
+
+    pins.micro_model_dir(tmp_path / "base")
+    (tmp_path / "pinrewards.py").write_text(pins.REWARDS_MODULE)
+    spawn(_lora_grpo_worker, tmp_path)
+    assert (tmp_path / "killed0").exists() and (tmp_path / "killed1").exists()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    grpo.run(lora_grpo_config(tmp_path), tmp_path / "run2")  # resumes on one process
+    grpo.run(lora_grpo_config(tmp_path), tmp_path / "run1")
+
+    def logged(run: str) -> dict[int, dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
+
+    two, one = logged("run2"), logged("run1")
+    assert sorted(two) == sorted(one) == list(range(1, pins.STEPS + 1))
+    assert any(abs(r["loss"]) > 1e-6 for r in one.values())  # the adapters do get a gradient
+    for step, want in one.items():
+        for key in ("reward", "loss", "kl", "grad_norm"):
+            assert two[step][key] == pytest.approx(want[key], abs=1e-5), (step, key)
+    a = load_file(tmp_path / "run2" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "run1" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=TOL, rtol=TOL, msg=k)

@@ -453,3 +453,51 @@ def test_supervised_ranks_whose_clocks_differ_stop_together(tmp_path):
     spawn(_sft_clock_worker, tmp_path)
     stopped = [(tmp_path / f"steps{r}").read_text() for r in range(WORLD)]
     assert stopped == ["0 max_minutes", "0 max_minutes"]
+
+
+LORA = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]}
+
+
+def lora_sft_config(tmp: Path):
+    import test_recipe_pins as pins
+
+    from r1lab.config import build_config
+    from r1lab.stages import sft
+
+    cfg = pins.sft_config(tmp / "base", tmp / "sft.jsonl").model_dump()
+    cfg.update(lora=LORA, lr=2e-2)
+    return build_config(sft.Config, cfg)
+
+
+def _lora_sft_worker(tmp: Path) -> None:
+    from r1lab.stages import sft
+
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    note_mark_done(sft, tmp)
+    sft.run(lora_sft_config(tmp), tmp / "run2")
+
+
+def test_lora_sft_on_two_ranks_matches_one_process(tmp_path, monkeypatch):
+    """LoRA SFT under torchrun: each rank holds the base and adapters whole, trains on its
+    share of the rows, and the adapters' gradients are summed over ranks: the one-process
+    losses and adapters, with rank 0 alone writing the run dir."""
+    import test_recipe_pins as pins
+    from safetensors.torch import load_file
+
+    from r1lab.stages import sft
+
+    pins.micro_model_dir(tmp_path / "base")
+    pins.write_jsonl(tmp_path / "sft.jsonl", pins.worked_examples(80))
+    spawn(_lora_sft_worker, tmp_path)
+    monkeypatch.setenv("R1LAB_NO_PROGRESS", "1")
+    sft.run(lora_sft_config(tmp_path), tmp_path / "run1")
+    one, two = (pins.logged(tmp_path / run, "loss") for run in ("run1", "run2"))
+    assert len(one) == len(two) > 1 and one[0] != one[-1]
+    assert two == pytest.approx(one, abs=1e-5)
+    assert sorted(p.name for p in tmp_path.glob("marked*")) == ["marked0"]
+    a, b = (
+        load_file(tmp_path / r / "adapter" / "adapter_model.safetensors") for r in ("run2", "run1")
+    )
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)

@@ -297,16 +297,23 @@ def accumulate_gradients(
     a micro-batch loss is NaN or infinite.
     """
     normalizer = minibatch_normalizer(batch, indices, settings)  # of the whole mini-batch
-    scale = distributed.grad_scale() if distributed.is_sharded(policy) else 1.0
+    # under torchrun each rank trains on its share: an FSDP-sharded policy averages its
+    # gradients over ranks (so the loss is scaled up by the world size); a policy every
+    # rank holds whole (LoRA) sums them after the loop (`distributed.all_reduce_grads`)
+    sharded = distributed.is_sharded(policy)
+    split = distributed.active()
+    scale = distributed.grad_scale() if sharded else 1.0
     sums: Counter = Counter()
     use_ref = ref_model is not None and settings.beta > 0
-    for chunk in rank_chunks(batch, indices, settings.micro_batch_size, split=scale != 1.0):
-        if chunk is None:  # this rank's share ran out: a forward FSDP needs, adding nothing
-            mb = micro_batch(batch, indices[:1], settings, policy.device)
-            lp, _ = completion_logprobs(policy, mb, settings)
+    for chunk in rank_chunks(batch, indices, settings.micro_batch_size, split=split):
+        if chunk is None:  # this rank's share ran out: the collectives the others make
+            if sharded:  # a forward FSDP needs, adding nothing
+                mb = micro_batch(batch, indices[:1], settings, policy.device)
+                lp, _ = completion_logprobs(policy, mb, settings)
             if distributed.all_reduce_max(0.0):
                 return {"finite": False}
-            (lp.sum() * 0.0).backward()
+            if sharded:
+                (lp.sum() * 0.0).backward()
             continue
         mb = micro_batch(batch, chunk, settings, policy.device)
         lp, ent = completion_logprobs(policy, mb, settings, with_entropy=True)
@@ -334,7 +341,7 @@ def accumulate_gradients(
             normalizer=normalizer,
         )
         bad = not bool(torch.isfinite(loss))
-        if distributed.all_reduce_max(float(bad)) if scale != 1.0 else bad:
+        if distributed.all_reduce_max(float(bad)) if split else bad:
             return {"finite": False}  # on every rank, so none waits in a backward
         (loss * scale if scale != 1.0 else loss).backward()
         if old_logprobs is None:
@@ -347,7 +354,9 @@ def accumulate_gradients(
         for key in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean"):
             sums[key] += float(stats[key]) * n_tok
         sums["train_tokens"] += float(mb.train_tokens)
-    if scale != 1.0:  # the mini-batch's numbers, not this rank's share of them
+    if split and not sharded:
+        distributed.all_reduce_grads(policy)
+    if split:  # the mini-batch's numbers, not this rank's share of them
         for key in SUMMED:  # a fixed list: every rank makes the same calls
             sums[key] = distributed.all_reduce_sum(sums[key])
         sums["logprob_diff"] = distributed.all_reduce_max(sums["logprob_diff"])

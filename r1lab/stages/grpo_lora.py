@@ -15,8 +15,11 @@
   folder's; a resume reloads it from `model` and restores adapters and optimizer exactly);
 - `save_adapter`: `adapter/` in PEFT's layout beside the merged `model/`, as SFT saves.
 
-Under torchrun a LoRA run is refused (FSDP over a frozen base with small adapters, and
-the views of it, are not built).
+Under torchrun a LoRA run is data-parallel without FSDP: every rank holds the frozen base
+and the adapters whole (the base is not trained, so sharding it would save only its one
+bf16 copy), trains on its share of each mini-batch, and the adapters' gradients are summed
+over ranks in one collective (`r1lab.distributed.all_reduce_grads`) before clipping, so
+every rank takes the one-process optimizer step and the replicas stay equal.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from r1lab import distributed
-from r1lab.config import ConfigError, resolve_dtype
+from r1lab.config import resolve_dtype
 from r1lab.model.checkpoint import atomic_dir, load_model, resolve_model_dir
 from r1lab.model.lora import (
     AdapterState,
@@ -60,11 +63,6 @@ def load_models(cfg: Config, device: str):
     The policy is the base in the compute dtype with fp32 adapters; the reference (when
     beta > 0) and the sampler are views sharing its tensors (see the module docstring).
     """
-    if distributed.active():
-        raise ConfigError(
-            "grpo config: field 'lora': LoRA runs in one process only for now (the FSDP "
-            "path shards full weights); drop --nproc, or train every weight"
-        )
     folder = resolve_model_dir(cfg.model)
     dtype = resolve_dtype(cfg.dtype, str(device))
     policy = load_model(folder, dtype=dtype, device=device)  # frozen: no fp32 master copy

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from r1lab import distributed
-from r1lab.config import ConfigError, resolve_device, resolve_dtype
+from r1lab.config import resolve_device, resolve_dtype
 from r1lab.model.checkpoint import atomic_dir, load_model, resolve_model_dir
 from r1lab.model.config import ModelConfig
 from r1lab.model.lora import LoraSettings, apply_lora, write_adapter
@@ -187,11 +187,6 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
     # torchrun: this rank's GPU by index ("cuda" alone loads safetensors onto cuda:0)
     device = distributed.local_device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.lora is not None and distributed.active():
-        raise ConfigError(
-            "sft config: field 'lora': LoRA runs in one process only for now (the FSDP "
-            "path shards full weights); drop --nproc, or train every weight"
-        )
     record = supervised.open_checkpoint(STAGE, cfg, out, resume, RESUME_NEUTRAL)
 
     # data first: a bad source fails before anything is written
@@ -232,7 +227,7 @@ def run(cfg: Config, out_dir: str | Path, resume: bool = True) -> dict:
         f"{stats['dropped']} dropped), {cfg.epochs} epochs",
     )
     numbers = supervised.train(job)
-    if cfg.lora is not None:
+    if cfg.lora is not None and distributed.is_main():
         with atomic_dir(out / "adapter") as folder:
             write_adapter(model, folder, base_model=cfg.model)
     if numbers["stopped_by"] == "max_steps" and total_steps == epochs_steps:

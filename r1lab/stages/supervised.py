@@ -20,6 +20,7 @@ import torch
 
 from r1lab import distributed
 from r1lab.config import write_config
+from r1lab.model.lora import lora_modules
 from r1lab.rundir import check_resumable
 from r1lab.snapshot import TrainingSnapshot, restore_checkpoint, save_checkpoint, saved_state
 from r1lab.stages.budget import Budget, Clock, scheduled_lr
@@ -131,13 +132,15 @@ def weights_finite(model: torch.nn.Module) -> str | None:
 
 
 def sharded_train_step(model, optimizer, batch: Rows, micro_batch_size, grad_clip, autocast):
-    """`lm_loss.train_step` for an FSDP2 model: the same loss, gradient and grad norm.
+    """`lm_loss.train_step` under torchrun: the same loss, gradient and grad norm.
 
     Every rank holds the whole batch and trains on its contiguous share of the rows; the
     normaliser is the target count of the whole batch (an all-reduce of the shares'
-    counts) and the loss is multiplied by the world size, since FSDP averages gradients.
-    Every rank runs the same number of forwards (a rank whose share ran out runs one with
-    a zero loss). Returns (the whole batch's mean target loss, grad norm).
+    counts). An FSDP2 model averages gradients over ranks, so its loss is multiplied by
+    the world size; a model every rank holds whole (LoRA) has its gradients summed over
+    ranks before clipping (`distributed.all_reduce_grads`). Every rank runs the same number
+    of forwards (a rank whose share ran out runs one with a zero loss). Returns (the whole
+    batch's mean target loss, grad norm).
     """
     ids, pos, mask = batch
     world = distributed.world_size()
@@ -145,7 +148,8 @@ def sharded_train_step(model, optimizer, batch: Rows, micro_batch_size, grad_cli
     n_targets = max(1.0, distributed.all_reduce_sum(float(mask[mine.start : mine.stop, 1:].sum())))
     size = micro_batch_size or max(1, len(distributed.shard_of(len(ids), 0, world)))
     chunks = -(-len(distributed.shard_of(len(ids), 0, world)) // size)  # rank 0 has the most
-    scale, total = distributed.grad_scale(), 0.0
+    sharded = distributed.is_sharded(model)
+    scale, total = (distributed.grad_scale() if sharded else 1.0), 0.0
     for k in range(chunks):
         start = mine.start + k * size
         part = slice(start, min(start + size, mine.stop))
@@ -155,6 +159,8 @@ def sharded_train_step(model, optimizer, batch: Rows, micro_batch_size, grad_cli
             loss = masked_nll(model, ids[part], pos[part], mask[part], normalizer=n_targets)
         (loss * (0.0 if empty else scale)).backward()
         total += 0.0 if empty else float(loss.detach())
+    if not sharded:
+        distributed.all_reduce_grads(model)
     grad_norm = clip_grad(model, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -219,8 +225,9 @@ def train(job: SupervisedJob) -> dict:
     model.train()
     if distributed.active():  # torchrun: shard before the optimizer sees the parameters
         distributed.check_agreement(cfg.fingerprint())
-        distributed.shard_model(model)
-    step_fn = sharded_train_step if distributed.is_sharded(model) else train_step
+        if not lora_modules(model):  # LoRA: every rank holds base and adapters whole
+            distributed.shard_model(model)
+    step_fn = sharded_train_step if distributed.active() else train_step
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     snapshot = TrainingSnapshot(model=model, optimizer=optimizer)
     progress, extra, position = _prepare_run_dir(job, snapshot)
