@@ -237,17 +237,23 @@ def sequence_logprobs(model, batch: TrainBatch, settings: UpdateSettings) -> lis
     """Per-sequence completion log-probs under `model`'s current weights, without gradients.
 
     The old-policy pass before a rollout's first update (and any other frozen pass): the
-    same micro-batches, layout and kernels as the policy pass. Under FSDP every rank runs
-    it over the whole batch (the same forwards on every rank).
+    same micro-batches, layout and kernels as the policy pass. Under torchrun each rank
+    runs its contiguous share (an FSDP rank whose share ran out runs a forward for the
+    collectives the others make) and the ranks exchange their log-probs.
     """
-    out: list[torch.Tensor] = [torch.empty(0)] * len(batch)
-    for chunk in micro_batches(batch, list(range(len(batch))), settings.micro_batch_size):
-        lp, _ = completion_logprobs(
-            model, micro_batch(batch, chunk, settings, model.device), settings
-        )
-        for row, i in enumerate(chunk):
-            out[i] = lp[row, : len(batch.completion_ids[i])].detach()
-    return out
+    everything = list(range(len(batch)))
+    mine: dict[int, torch.Tensor] = {}
+    for chunk in rank_chunks(batch, everything, settings.micro_batch_size):
+        if chunk is None and not distributed.is_sharded(model):
+            continue
+        mb = micro_batch(batch, chunk or everything[:1], settings, model.device)
+        lp, _ = completion_logprobs(model, mb, settings)
+        for row, i in enumerate(chunk or []):
+            mine[i] = lp[row, : len(batch.completion_ids[i])].detach()
+    if distributed.active():  # a float a token, through the CPU
+        shares = distributed.all_gather_objects({i: t.cpu() for i, t in mine.items()})
+        mine = {i: t for share in shares for i, t in share.items()}
+    return [mine[i] for i in everything]
 
 
 def _pad_rows(rows: list[torch.Tensor], width: int, device) -> torch.Tensor:
