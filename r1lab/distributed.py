@@ -270,6 +270,25 @@ def shard_model(
     return model
 
 
+def copy_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """`src`'s current weights into `dst` (the GRPO reference refresh), cast to `dst`'s
+    dtype. Two models sharded alike (same architecture, same mesh) copy shard to shard,
+    with no gather; otherwise `dst` loads `src`'s whole state dict."""
+    if is_sharded(dst) and is_sharded(src):
+        from torch.distributed.fsdp import FSDPModule
+
+        # a root unit keeps its weights gathered after a forward without a backward (the
+        # reference's): shards again first, so every parameter is its DTensor
+        for unit in [*dst.modules(), *src.modules()]:
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
+        with torch.no_grad():
+            for d, s in zip(dst.parameters(), src.parameters(), strict=True):
+                d.to_local().copy_(s.to_local())
+        return
+    dst.load_state_dict(full_state_dict(src))
+
+
 def grad_scale() -> float:
     """Multiply a globally normalised loss by this: FSDP divides the summed gradient by it."""
     return float(world_size())

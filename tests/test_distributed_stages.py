@@ -20,11 +20,13 @@ from r1lab import distributed
 
 
 def sampling_grpo_config(tmp: Path):
-    """The pinned GRPO run with more questions than ranks, nucleus sampling at T=1."""
+    """The pinned GRPO run with more questions than ranks, nucleus sampling at T=1, and the
+    reference (sharded like the policy under torchrun) refreshed before step 3."""
     import test_recipe_pins as pins
 
     cfg = pins.grpo_config(tmp / "base", "pinrewards:spread")
-    return cfg.model_copy(update={"steps": 3, "questions_per_step": 4, "top_p": 0.9})
+    update = {"steps": 3, "questions_per_step": 4, "top_p": 0.9, "ref_refresh_every": 2}
+    return cfg.model_copy(update=update)
 
 
 def record_completions(grpo_module, seen: list) -> None:
@@ -85,7 +87,9 @@ def test_grpo_stage_on_two_ranks_samples_what_one_process_samples(tmp_path, monk
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
         return [json.loads(x) for x in lines if '"loss"' in x]
 
-    for a, b in zip(logged("run1"), logged("run2"), strict=True):
+    steps = list(zip(logged("run1"), logged("run2"), strict=True))
+    assert steps[2][0]["kl"] < steps[1][0]["kl"]  # the refreshed reference is the policy
+    for a, b in steps:
         assert b["reward"] == a["reward"]  # the same completions, the same scores
         for key in ("loss", "kl", "grad_norm", "entropy"):
             assert abs(b[key] - a[key]) <= TOL * max(1.0, abs(a[key])), key

@@ -316,6 +316,9 @@ def accumulate_gradients(
             if sharded:  # a forward FSDP needs, adding nothing
                 mb = micro_batch(batch, indices[:1], settings, policy.device)
                 lp, _ = completion_logprobs(policy, mb, settings)
+                if use_ref and distributed.is_sharded(ref_model):
+                    with torch.no_grad():
+                        completion_logprobs(ref_model, mb, settings)
             if distributed.all_reduce_max(0.0):
                 return {"finite": False}
             if sharded:

@@ -235,6 +235,8 @@ def load_models(cfg: Config):
     if distributed.active():
         sampler = copy.deepcopy(policy).to(compute_dtype(cfg, policy)).eval()
         distributed.shard_model(policy.requires_grad_(True))
+        if ref_model is not None:  # sharded too: its whole copy is 15 GB a rank at 7B
+            distributed.shard_model(ref_model, ref_model.dtype)
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=cfg.weight_decay)
     return policy, tokenizer, ref_model, optimizer, sampler
 
@@ -382,7 +384,7 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
         torch.cuda.reset_peak_memory_stats(rs.policy.device)
     refresh = cfg.ref_refresh_every and step > 1 and (step - 1) % cfg.ref_refresh_every == 0
     if rs.ref_model is not None and refresh:
-        rs.ref_model.load_state_dict(distributed.full_state_dict(rs.policy))
+        distributed.copy_weights(rs.ref_model, rs.policy)
         rs.ref_synced_at, rs.snapshot.parts["ref"] = step, rs.ref_model
     lr = lr_at(step - 1, cfg.steps, cfg.lr, cfg.warmup_steps, schedule=cfg.lr_schedule)
     set_lr(rs.optimizer, lr)
