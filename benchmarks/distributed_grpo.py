@@ -13,12 +13,13 @@ means over the steps after the first (compilation, autotuning, CUDA graphs).
     # issue 15's comparison: 256 completions on one GPU, 512 on two
     python benchmarks/distributed_grpo.py --shape 1.5b --runs 1:32 2:64 --out d15.json
     python benchmarks/distributed_grpo.py --shape 7b --runs 2:32 --steps 3 --out d7.json
-    python benchmarks/distributed_grpo.py --shape small --device cpu --runs 1:4 2:8 --steps 2
+    python benchmarks/distributed_grpo.py --shape tiny --device cpu --runs 1:4 2:8 --steps 2
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -28,24 +29,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-# Qwen2.5 dimensions (hidden, ffn, layers, heads, kv heads, vocabulary, tied embeddings)
-SHAPES = {
-    "1.5b": dict(hidden=1536, ffn=8960, layers=28, heads=12, kv=2, vocab=151936, tied=True),
-    "7b": dict(hidden=3584, ffn=18944, layers=28, heads=28, kv=4, vocab=152064, tied=False),
-    "small": dict(hidden=384, ffn=1024, layers=6, heads=6, kv=2, vocab=4096, tied=True),
-}
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 
 def base_model(folder: Path, shape: dict, device: str) -> Path:
-    """A seeded random decoder of `shape`, saved in bf16 (fp32 on the CPU) with the tests'
-    tokenizer; built on `device` (a 7B model is initialised in seconds on a GPU)."""
+    """A seeded random decoder of `shape` (grpo_step.py's Qwen2.5 shapes), saved in bf16
+    (fp32 on the CPU) with the tests' tokenizer; built on `device` (a 7B model is
+    initialised in seconds on a GPU)."""
     import torch
+    from grpo_step import model_config
     from test_recipe_pins import worked_examples
 
     from r1lab.model.checkpoint import save_model
-    from r1lab.model.config import ModelConfig
     from r1lab.model.tokenizer import train_tokenizer
     from r1lab.model.transformer import Transformer
 
@@ -53,18 +48,8 @@ def base_model(folder: Path, shape: dict, device: str) -> Path:
         return folder
     texts = [r["prompt"] + r["response"] for r in worked_examples(200, seed=1)]
     tokenizer = train_tokenizer(texts, vocab_size=300)
-    cfg = ModelConfig(
-        model_type="qwen2",
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["ffn"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv"],
-        max_position_embeddings=4096,
-        rope_theta=1e6,
-        attention_bias=True,
-        tie_word_embeddings=shape["tied"],
+    cfg = dataclasses.replace(
+        model_config(shape),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -169,10 +154,11 @@ def run_stage(args, work: Path, nproc: int, questions: int) -> dict:
 
 
 def main() -> int:
+    from grpo_step import SHAPES
     from test_recipe_pins import REWARDS_MODULE
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="1.5b")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1.5b", help="grpo_step.SHAPES")
     ap.add_argument(
         "--runs", nargs="+", default=["1:32", "2:64"], help="NPROC:QUESTIONS, one run each"
     )

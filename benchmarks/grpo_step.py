@@ -38,6 +38,8 @@ SHAPES = {
     # Qwen2.5-0.5B and -1.5B dimensions; "tiny" is a CPU smoke test of the script itself.
     "0.5b": dict(hidden=896, ffn=4864, layers=24, heads=14, kv=2, vocab=151936),
     "1.5b": dict(hidden=1536, ffn=8960, layers=28, heads=12, kv=2, vocab=151936),
+    # Qwen2.5-7B: an untied LM head (distributed_grpo.py; too large for one GPU's GRPO step)
+    "7b": dict(hidden=3584, ffn=18944, layers=28, heads=28, kv=4, vocab=152064, tied=False),
     "tiny": dict(hidden=64, ffn=128, layers=2, heads=4, kv=2, vocab=1024),
 }
 WORKLOADS = {
@@ -128,7 +130,7 @@ def model_config(shape: dict, layers: int | None = None):
         num_key_value_heads=shape["kv"],
         max_position_embeddings=4096,
         rope_theta=1e6,
-        tie_word_embeddings=True,
+        tie_word_embeddings=shape.get("tied", True),
         bos_token_id=BOS,
         eos_token_id=None,
         pad_token_id=PAD,

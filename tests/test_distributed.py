@@ -247,6 +247,19 @@ def die_when_logged(step: int) -> None:
     distributed.NullLog.write = dies(distributed.NullLog.write)
 
 
+def killed_when_logged(step: int, tmp: Path, run) -> None:
+    """`run()` in this worker, killed on every rank as `step` is logged: each rank leaves
+    `killed<rank>` in tmp when the kill came."""
+    import test_recipe_pins as pins
+
+    os.environ["R1LAB_NO_PROGRESS"] = "1"
+    die_when_logged(step)
+    try:
+        run()
+    except pins.Killed:
+        Path(tmp, f"killed{distributed.rank()}").touch()
+
+
 def _grpo_stage_worker(tmp: Path) -> None:
     """The grpo stage on 2 ranks, killed (on both) as step 3 is logged; step 2 was saved."""
     import test_recipe_pins as pins
@@ -254,12 +267,8 @@ def _grpo_stage_worker(tmp: Path) -> None:
     from r1lab.stages import grpo
 
     sys.path.insert(0, str(tmp))
-    os.environ["R1LAB_NO_PROGRESS"] = "1"
-    die_when_logged(3)
-    try:
-        grpo.run(pins.grpo_config(tmp / "base", "pinrewards:spread"), tmp / "run")
-    except pins.Killed:
-        Path(tmp, f"killed{distributed.rank()}").touch()
+    config = pins.grpo_config(tmp / "base", "pinrewards:spread")
+    killed_when_logged(3, tmp, lambda: grpo.run(config, tmp / "run"))
 
 
 def test_grpo_stage_killed_on_two_ranks_resumes_on_one(tmp_path):
@@ -534,17 +543,10 @@ def lora_grpo_config(tmp: Path):
 
 def _lora_grpo_worker(tmp: Path) -> None:
     """The LoRA grpo stage on 2 ranks, killed (on both) as step 3 is logged; step 2 was saved."""
-    import test_recipe_pins as pins
-
     from r1lab.stages import grpo
 
     sys.path.insert(0, str(tmp))
-    os.environ["R1LAB_NO_PROGRESS"] = "1"
-    die_when_logged(3)
-    try:
-        grpo.run(lora_grpo_config(tmp), tmp / "run2")
-    except pins.Killed:
-        Path(tmp, f"killed{distributed.rank()}").touch()
+    killed_when_logged(3, tmp, lambda: grpo.run(lora_grpo_config(tmp), tmp / "run2"))
 
 
 def test_lora_grpo_on_two_ranks_matches_one_process_and_resumes_on_one(tmp_path, monkeypatch):

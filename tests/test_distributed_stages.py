@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import TOL, WORLD, assert_same_weights, die_when_logged, spawn
+from test_distributed import TOL, WORLD, assert_same_weights, killed_when_logged, spawn
 
 from r1lab import distributed
 
@@ -230,16 +230,10 @@ def test_reward_model_stage_on_two_ranks_matches_one_process(tmp_path, monkeypat
 
 def _reward_model_resume_worker(tmp: Path) -> None:
     """Resume the run killed on one process, on 2 ranks; die as step 5 is logged."""
-    import test_recipe_pins as pins
-
     from r1lab.stages import reward_model
 
-    os.environ["R1LAB_NO_PROGRESS"] = "1"
-    die_when_logged(5)
-    try:
-        reward_model.run(reward_model_config(tmp), tmp / "killed")
-    except pins.Killed:
-        Path(tmp, f"killed{distributed.rank()}").touch()
+    run = lambda: reward_model.run(reward_model_config(tmp), tmp / "killed")  # noqa: E731
+    killed_when_logged(5, tmp, run)
 
 
 def test_reward_model_resumes_across_world_sizes(tmp_path, monkeypatch):

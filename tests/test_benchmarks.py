@@ -1,0 +1,42 @@
+"""The GPU benchmarks' scripts run on the CPU at their smallest shape, so they do not rot
+between the sessions that have a GPU (their figures come from GPU runs only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str, timeout: float = 300) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def test_grpo_step_benchmark_runs_the_stage_update(tmp_path):
+    out = tmp_path / "t.json"
+    run_script("benchmarks/grpo_step.py", "--shape", "tiny", "--tools", "r1lab", "--steps", "1",
+               "--out", str(out), "--workdir", str(tmp_path))  # fmt: skip
+    steps = json.loads(out.with_suffix(".r1lab.json").read_text())["steps"]
+    assert len(steps) == 2 and all(s["train_s"] > 0 and s["rollout_s"] > 0 for s in steps)
+    assert all(s["mean_completion_len"] == 32 for s in steps)  # forced full length
+
+
+def test_distributed_grpo_benchmark_reads_the_stage_metrics(tmp_path):
+    out = tmp_path / "d.json"
+    run_script("benchmarks/distributed_grpo.py", "--shape", "tiny", "--device", "cpu",
+               "--runs", "1:2", "2:4", "--steps", "2", "--max-new-tokens", "8",
+               "--micro-batch-size", "4", "--group-size", "4", "--work", str(tmp_path),
+               "--out", str(out))  # fmt: skip
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["nproc"] for r in runs] == [1, 2] and all(r["status"] == "ok" for r in runs)
+    assert [r["completions_per_step"] for r in runs] == [8, 16]
+    for r in runs:
+        assert len(r["step_s"]) == 2 and r["completions_per_s"] > 0
+        assert all(a + b <= s + 1e-3 for a, b, s in zip(r["rollout_s"], r["train_s"], r["step_s"]))
