@@ -176,7 +176,7 @@ def test_recomputing_some_layers_gives_the_same_gradient(randomize, checkpoint, 
 
 def test_activation_plan_keeps_the_layers_that_fit(randomize):
     """The plan recomputes the fewest layers whose kept activations fit the budget."""
-    from r1lab.engine.fast_train import activation_plan
+    from r1lab.engine.activation_memory import activation_plan
 
     model = micro_model(0, randomize)  # 2 layers
     per_token, inputs, tokens = 1000.0, 100.0, 10
@@ -211,10 +211,11 @@ def test_layer_probe_runs_the_packed_layer(randomize):
     """What the activation measurement runs (on CUDA) works on any model: layer 0 over a
     pack of random hidden states, with gradients, returning the pack's hidden states."""
     from r1lab.engine import fast_train
+    from r1lab.engine.activation_memory import LayerProbe
 
     model = micro_model(0, randomize)
     weights = fast_train._gathered(model.model.layers[0], fast_train._layer_weights)
-    probe = fast_train.LayerProbe(model, 24, "auto", False, weights)
+    probe = LayerProbe(model, 24, "auto", False, weights)
     y = probe.forward()
     assert y.shape == (24, model.config.hidden_size) and y.requires_grad
     (gx,) = torch.autograd.grad(y.square().sum(), probe.x)

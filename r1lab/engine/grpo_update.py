@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from r1lab import distributed
-from r1lab.engine import fast_train
+from r1lab.engine import activation_memory, fast_train
 from r1lab.engine.fallbacks import declined
 from r1lab.engine.logprobs import token_logprobs
 from r1lab.rl import group_advantages, loss_normalizer, policy_loss, truncation_mask
@@ -394,7 +394,7 @@ def plan_activations(policy, optimizer, batch: TrainBatch, settings: UpdateSetti
     the allocator holds unused included), less what the update will still allocate (the
     gradients, AdamW's moments before its first step, the LM head's chunks) and a margin,
     over the activation bytes a token costs per layer, measured on the model itself
-    (`fast_train.activation_bytes_per_token`). Elsewhere (CPU, padded path) nothing is
+    (`activation_memory.activation_bytes_per_token`). Elsewhere (CPU, padded path) nothing is
     recomputed or it does not apply, and "auto" stays for `completion_logprobs`.
     """
     if settings.checkpoint_layers != "auto" or not settings.packed:
@@ -422,14 +422,14 @@ def plan_activations(policy, optimizer, batch: TrainBatch, settings: UpdateSetti
     budget = free - still_to_allocate - MEMORY_MARGIN * total
     try:
         with fast_train.autocast(policy, settings.compute_dtype):
-            per_token = fast_train.activation_bytes_per_token(
+            per_token = activation_memory.activation_bytes_per_token(
                 policy, settings.attention, settings.compile_layers
             )
     except Exception as exc:  # noqa: BLE001 - unmeasured: recompute every layer, and say so
         declined("activation plan", f"{type(exc).__name__}: {str(exc)[:160]}; every layer")
         return dataclasses.replace(settings, checkpoint_layers=True)
     hidden_bytes = policy.config.hidden_size * 4  # a recomputed layer keeps its input
-    n = fast_train.activation_plan(policy, tokens, budget, per_token, hidden_bytes)
+    n = activation_memory.activation_plan(policy, tokens, budget, per_token, hidden_bytes)
     return dataclasses.replace(settings, checkpoint_layers=n)
 
 

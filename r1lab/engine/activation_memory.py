@@ -1,0 +1,98 @@
+"""How much memory a decoder layer's activations take, and how many layers to recompute.
+
+The packed training pass (`r1lab.engine.fast_train`) can recompute any number of its
+layers in the backward (`checkpointed_layers`). Recomputing costs a second forward of the
+layer; keeping costs memory that grows with the micro-batch's tokens. Here:
+
+- `activation_bytes_per_token`: what one layer keeps per token, measured on the model
+  itself on CUDA (layer 0 run over two pack sizes, the slope of the memory still held);
+- `activation_plan`: the fewest layers to recompute within a memory budget.
+
+`r1lab.engine.grpo_update.plan_activations` turns `checkpoint_layers: auto` into a count
+with these, from the GPU's free memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from r1lab.engine.fast_train import (
+    _attention_options,
+    _compiled_layer_fn,
+    _gathered,
+    _layer_adapters,
+    _layer_weights,
+    _lora_spec,
+    _make_layer_fn,
+    pack_rollouts,
+)
+
+_ACTIVATION_BYTES: dict[tuple, float] = {}
+
+
+def activation_bytes_per_token(
+    model, attention: str = "auto", compile: bool | None = None, sizes=(1024, 3072)
+) -> float:
+    """Bytes one decoder layer keeps for its backward per token, its output included, as
+    this model's packed layer function runs here (compiled or not, varlen or padded
+    attention, the current autocast). Measured on CUDA, once per model and setting, by
+    running layer 0 over two pack sizes and taking the slope of the memory still
+    allocated while the output is alive (the slope leaves out what does not grow with the
+    tokens: the layer's weights cast to bf16, the concatenated q/k/v and gate/up weights).
+    """
+    key = (id(model.config), attention, compile, torch.is_autocast_enabled("cuda"))
+    if key in _ACTIVATION_BYTES:
+        return _ACTIVATION_BYTES[key]
+    weights = _gathered(model.model.layers[0], _layer_weights)
+    held = []
+    for t in sizes:
+        probe = LayerProbe(model, t, attention, compile, weights)
+        torch.cuda.synchronize(model.device)
+        before = torch.cuda.memory_allocated(model.device)
+        y = probe.forward()
+        held.append(torch.cuda.memory_allocated(model.device) - before)
+        del y
+    _ACTIVATION_BYTES[key] = max((held[1] - held[0]) / (sizes[1] - sizes[0]), 1.0)
+    return _ACTIVATION_BYTES[key]
+
+
+class LayerProbe:
+    """Layer 0's function (as the packed pass runs it) over `tokens` random hidden states in
+    two sequences, ready to run with gradients: what `activation_bytes_per_token` measures.
+    The inputs are made here, so that `forward` allocates only what the layer keeps."""
+
+    def __init__(self, model, tokens: int, attention: str, compile: bool | None, weights):
+        options, lora = _attention_options(attention, model), _lora_spec(model)
+        halves = [[0] * (tokens // 2), [0] * (tokens - tokens // 2)]
+        self.pack = pack_rollouts(halves, [[], []], max_tokens=tokens, device=model.device)[0]
+        fn = _compiled_layer_fn(model, options, self.pack, lora) if compile is not False else None
+        self.fn = fn or _make_layer_fn(model.config, options, lora)
+        freqs = self.pack.position_ids.float()[:, None] * model.inv_freq[None, :]
+        self.cos, self.sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        gen = torch.Generator().manual_seed(tokens)
+        x = torch.randn(tokens, model.config.hidden_size, generator=gen)
+        self.x = x.to(model.device, model.dtype).requires_grad_()
+        layer = model.model.layers[0]
+        self.weights = tuple(weights) + (_layer_adapters(layer) if lora is not None else ())
+
+    def forward(self) -> torch.Tensor:
+        with torch.enable_grad():
+            p = self.pack
+            return self.fn(self.x, self.cos, self.sin, p.cu_seqlens, p.max_seqlen, *self.weights)
+
+
+def activation_plan(
+    model, tokens: int, budget_bytes: float, per_token: float, input_per_token: float
+) -> int:
+    """How many layers (from the first) to recompute so that a micro-batch of `tokens`
+    keeps its activations within `budget_bytes`.
+
+    A layer run without recomputation keeps `per_token` bytes a token; a recomputed one
+    keeps only its input (`input_per_token`). Every layer is kept when they all fit,
+    every layer recomputed when not even that fits (the budget is then a wish).
+    """
+    layers = len(model.model.layers)
+    floor = layers * input_per_token * tokens
+    extra = max(per_token - input_per_token, 1.0) * tokens
+    kept = int(max(budget_bytes - floor, 0.0) // extra)
+    return layers - min(kept, layers)
