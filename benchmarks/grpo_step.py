@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -44,7 +45,11 @@ SHAPES = {
 }
 WORKLOADS = {
     "full": dict(prompts=32, prompt_len=128, group=8, new_tokens=512),
+    # completions end at the stop token after about 40% of the maximum on average, as in
+    # real RL where most answers stop early (`stop_fraction`, see calibrate_stop)
+    "varlen": dict(prompts=32, prompt_len=128, group=8, new_tokens=1024, stop_fraction=0.4),
     "tiny": dict(prompts=4, prompt_len=16, group=4, new_tokens=32),
+    "tiny-varlen": dict(prompts=4, prompt_len=16, group=4, new_tokens=32, stop_fraction=0.4),
 }
 BOS, EOS, PAD, FIRST_ID = 0, 1, 2, 4
 
@@ -72,6 +77,56 @@ def prompt_ids(count: int, length: int, vocab: int, seed: int = 0) -> list[list[
 def steady(values: list[float], warmup: int) -> float:
     rest = values[warmup:] or values
     return sum(rest) / len(rest)
+
+
+# ---- the variable-length workload ---------------------------------------------------------------
+def stop_probability(max_new: int, fraction: float) -> float:
+    """The per-token stop probability p whose completions, cut at `max_new`, average
+    `fraction * max_new` tokens: E[min(G, N)] = (1 - (1 - p)^N) / p for a geometric G."""
+    lo, hi = 1e-9, 1.0
+    for _ in range(100):  # the mean length falls as p grows
+        mid = (lo + hi) / 2
+        mean = (1 - (1 - mid) ** max_new) / mid
+        lo, hi = (mid, hi) if mean > fraction * max_new else (lo, mid)
+    return (lo + hi) / 2
+
+
+@torch.no_grad()
+def calibrate_stop(hidden: torch.Tensor, weight: torch.Tensor, stop_id: int, p: float) -> dict:
+    """Scale the stop token's row of the output weight (tied: its embedding too) so that at
+    temperature 1 it is sampled with mean probability `p` over `hidden`'s positions.
+
+    A random model's next-token distribution is close to uniform (about 1 / vocab for the
+    stop token); scaling its row by a widens its logit's spread, and the mean probability
+    grows with a. `hidden` are final hidden states of random tokens (never the stop token,
+    so the scaled embedding does not move them). Each tool's model is calibrated on its
+    own weights to the same p, so both sample completions of the same expected length.
+    """
+    h = hidden.float()
+    row = weight[stop_id].float()
+    rest = torch.cat((weight[:stop_id], weight[stop_id + 1 :])).float()
+    others = torch.logsumexp(h @ rest.T, dim=-1)  # the other tokens' normaliser, per position
+    own = h @ row
+
+    def mean_p(a: float) -> float:
+        logit = a * own
+        return float(torch.exp(logit - torch.logaddexp(logit, others)).mean())
+
+    lo, hi = 0.0, 1.0
+    while mean_p(hi) < p and hi < 1e4:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_p(mid) < p else (lo, mid)
+    scale = (lo + hi) / 2
+    weight[stop_id].mul_(scale)
+    return {"stop_id": stop_id, "row_scale": round(scale, 4), "p": p, "p_reached": mean_p(scale)}
+
+
+def calibration_ids(vocab: int, stop_id: int, rows: int = 8, length: int = 256) -> torch.Tensor:
+    """Random token ids for the calibration's hidden states, without the stop token."""
+    ids = torch.tensor(prompt_ids(rows, length, vocab, seed=1))
+    return torch.where(ids == stop_id, ids + 1, ids)
 
 
 # ---- r1lab ------------------------------------------------------------------------------------
@@ -151,7 +206,15 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
             setattr(decode_ops, name, value)
     torch.manual_seed(0)
     cfg = model_config(shape)
+    stop = None
+    if "stop_fraction" in work:  # completions end at EOS, calibrated to the mean length
+        cfg = dataclasses.replace(cfg, eos_token_id=EOS)
     model = Transformer(cfg).to(dev)  # fp32 master weights
+    if "stop_fraction" in work:
+        ids = calibration_ids(cfg.vocab_size, EOS).to(dev)
+        p_stop = stop_probability(work["new_tokens"], work["stop_fraction"])
+        stop = calibrate_stop(model.hidden_states(ids).flatten(0, 1), model.lm_head.weight.data,
+                              EOS, p_stop)  # fmt: skip
     ref = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
     optimizer = make_optimizer(model, lr=3e-6, weight_decay=0.0, betas=(0.9, 0.999))
     p, g, n = work["prompts"], work["group"], work["new_tokens"]
@@ -163,6 +226,7 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
         "completions_per_step": p * g,
         "completion_len": n,
         "prompt_len": work["prompt_len"],
+        "stop_calibration": stop,
         "steps": [],
     }
     if dev.type == "cuda":
@@ -380,7 +444,13 @@ def run_trl(args, shape: dict, work: dict) -> dict:
     tok.padding_side = "left"
     folder = Path(args.workdir) / f"trl_model_{args.shape}"
     torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    hf_model, stop = Qwen2ForCausalLM(cfg), None
+    if "stop_fraction" in work:  # the same calibration as r1lab's, on this model's weights
+        with torch.no_grad():
+            hidden = hf_model.model(calibration_ids(vocab, EOS)).last_hidden_state
+        p_stop = stop_probability(work["new_tokens"], work["stop_fraction"])
+        stop = calibrate_stop(hidden.flatten(0, 1), hf_model.lm_head.weight.data, EOS, p_stop)
+    hf_model.save_pretrained(folder)
     tok.save_pretrained(folder)
     p, g, n = work["prompts"], work["group"], work["new_tokens"]
     total_steps = args.warmup + args.steps
@@ -394,7 +464,8 @@ def run_trl(args, shape: dict, work: dict) -> dict:
         gradient_accumulation_steps=g,  # one generation batch of p * g per optimizer step
         num_generations=g,
         max_completion_length=n,
-        generation_kwargs={"min_new_tokens": n},  # full-length completions, as r1lab
+        # full-length completions, as r1lab's (none on the variable-length workload)
+        generation_kwargs={} if "stop_fraction" in work else {"min_new_tokens": n},
         beta=args.beta,
         learning_rate=3e-6,
         temperature=1.0,
@@ -415,6 +486,7 @@ def run_trl(args, shape: dict, work: dict) -> dict:
         "completions_per_step": p * g,
         "completion_len": n,
         "prompt_len": work["prompt_len"],
+        "stop_calibration": stop,
         "gradient_checkpointing": config.gradient_checkpointing,
         "steps": [],
     }
@@ -639,8 +711,13 @@ def append_results(path: str) -> None:
         f"- model: random weights, vocab {shape['vocab']}, {shape['layers']} layers, hidden "
         f"{shape['hidden']}, ffn {shape['ffn']}, heads {shape['heads']}/{shape['kv']} (GQA)",
         f"- workload: {w['prompts']} prompts x {w['prompt_len']} tokens, G={w['group']}, "
-        f"{w['prompts'] * w['group']} completions x {w['new_tokens']} new tokens (forced full "
-        f"length), beta {w['beta']}, one optimizer step per rollout",
+        f"{w['prompts'] * w['group']} completions x {w['new_tokens']} new tokens "
+        + (
+            f"(stop token calibrated to a mean of {w['stop_fraction']:.0%} of the maximum)"
+            if "stop_fraction" in w
+            else "(forced full length)"
+        )
+        + f", beta {w['beta']}, one optimizer step per rollout",
         f"- settings: {json.dumps(data.get('settings', {}))}",
         "",
         "| per step (steady state) | r1lab | TRL GRPOTrainer |",

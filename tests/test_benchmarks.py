@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,3 +42,25 @@ def test_distributed_grpo_benchmark_reads_the_stage_metrics(tmp_path):
     for r in runs:
         assert len(r["step_s"]) == 2 and r["completions_per_s"] > 0
         assert all(a + b <= s + 1e-3 for a, b, s in zip(r["rollout_s"], r["train_s"], r["step_s"]))
+
+
+def test_variable_length_workload_stops_early_at_the_calibrated_rate(tmp_path):
+    """The stop token's row is scaled until its mean probability is the per-token rate
+    whose cut geometric lengths average 40% of the maximum; completions then stop early."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from grpo_step import stop_probability
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    p = stop_probability(1024, 0.4)
+    assert (1 - (1 - p) ** 1024) / p == pytest.approx(0.4 * 1024, rel=1e-6)
+    assert 1 / 470 < p < 1 / 450
+    out = tmp_path / "v.json"
+    run_script("benchmarks/grpo_step.py", "--shape", "tiny", "--workload", "tiny-varlen",
+               "--tools", "r1lab", "--steps", "3", "--out", str(out),
+               "--workdir", str(tmp_path))  # fmt: skip
+    data = json.loads(out.with_suffix(".r1lab.json").read_text())
+    stop = data["stop_calibration"]
+    assert stop["p_reached"] == pytest.approx(stop["p"], rel=1e-3) and stop["row_scale"] > 1
+    lengths = [s["mean_completion_len"] for s in data["steps"]]  # 16 completions a step
+    assert 0.2 * 32 < sum(lengths) / len(lengths) < 0.7 * 32
