@@ -237,7 +237,10 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def shard_model(
-    model: torch.nn.Module, compute_dtype: torch.dtype = torch.float32, layers=None
+    model: torch.nn.Module,
+    compute_dtype: torch.dtype = torch.float32,
+    layers=None,
+    reshard_root: bool = False,
 ) -> torch.nn.Module:
     """FSDP2 (`fully_shard`) of each decoder layer and of the root, in place; returns it.
 
@@ -245,7 +248,10 @@ def shard_model(
     state built after this call); forwards run in `compute_dtype`, gradients are reduced in
     fp32. The optimizer must be created after sharding. `layers`: the decoder layers, each
     its own FSDP unit (default `model.model.layers`; a module that wraps a decoder, such as
-    the reward model, passes its decoder's), the rest of `model` is the root's unit.
+    the reward model, passes its decoder's), the rest of `model` is the root's unit. The
+    root keeps its weights gathered from its forward to its backward; `reshard_root` shards
+    them again after each forward instead (a model that never runs a backward: GRPO's
+    reference).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import (
@@ -263,7 +269,7 @@ def shard_model(
         fully_shard(layer, mesh=mesh, mp_policy=policy)
         if hasattr(layer, "run_with_weights"):  # the packed training path calls layers so
             register_fsdp_forward_method(layer, "run_with_weights")
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_root)
     for method in ("hidden_states", "run_with_weights"):  # a decoder's other forwards
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)

@@ -221,3 +221,25 @@ def test_layer_probe_runs_the_packed_layer(randomize):
     (gx,) = torch.autograd.grad(y.square().sum(), probe.x)
     assert torch.isfinite(gx).all() and gx.abs().sum() > 0
     assert probe.pack.cu_seqlens.tolist() == [0, 12, 24]
+
+
+def test_activation_plan_counts_what_a_kept_layer_holds_whatever_its_tokens(randomize):
+    from r1lab.engine.activation_memory import activation_plan
+
+    model = micro_model(0, randomize)  # 2 layers
+    floor, extra = 2 * 100.0 * 10, (1000.0 - 100.0) * 10
+    assert activation_plan(model, 10, floor + 2 * extra, 1000.0, 100.0) == 0
+    assert activation_plan(model, 10, floor + 2 * extra, 1000.0, 100.0, per_layer=1.0) == 1
+
+
+def test_fewer_sequences_than_mini_batches_steps_on_each_nonempty_one(randomize):
+    """A small kept batch (dynamic sampling) with more mini-batches than sequences: the
+    empty mini-batches are skipped, the others step."""
+    from r1lab.engine.grpo_update import update_on_rollout
+    from r1lab.training import make_optimizer
+
+    policy = micro_model(0, randomize)
+    batch = rollout_batch(n=2)
+    settings = UpdateSettings(mini_batches=4)
+    stats = update_on_rollout(policy, make_optimizer(policy, 1e-3), batch, settings, step=1)
+    assert stats["optimizer_steps"] == 2 and stats["skipped"] == 0

@@ -27,32 +27,34 @@ from r1lab.engine.fast_train import (
     pack_rollouts,
 )
 
-_ACTIVATION_BYTES: dict[tuple, float] = {}
+_ACTIVATION_BYTES: dict[tuple, tuple[float, float]] = {}
 
 
 def activation_bytes_per_token(
     model, attention: str = "auto", compile: bool | None = None, sizes=(1024, 3072)
-) -> float:
-    """Bytes one decoder layer keeps for its backward per token, its output included, as
-    this model's packed layer function runs here (compiled or not, varlen or padded
-    attention, the current autocast). Measured on CUDA, once per model and setting, by
-    running layer 0 over two pack sizes and taking the slope of the memory still
-    allocated while the output is alive (the slope leaves out what does not grow with the
-    tokens: the layer's weights cast to bf16, the concatenated q/k/v and gate/up weights).
+) -> tuple[float, float]:
+    """(bytes a token, bytes a call) one decoder layer keeps for its backward, its output
+    included, as this model's packed layer function runs here (compiled or not, varlen or
+    padded attention, the current autocast). Measured on CUDA, once per model and setting:
+    layer 0 runs once to warm up (autocast's cached weight casts, compilation), then over
+    two pack sizes; the slope of the memory still held while the output is alive is the
+    per-token part, the intercept what a kept layer holds whatever its tokens (the
+    concatenated q/k/v and gate/up weights it saves).
     """
     key = (id(model.config), attention, compile, torch.is_autocast_enabled("cuda"))
     if key in _ACTIVATION_BYTES:
         return _ACTIVATION_BYTES[key]
     weights = _gathered(model.model.layers[0], _layer_weights)
     held = []
-    for t in sizes:
+    for t in (sizes[0], *sizes):  # the first run warms up and is not counted
         probe = LayerProbe(model, t, attention, compile, weights)
         torch.cuda.synchronize(model.device)
         before = torch.cuda.memory_allocated(model.device)
         y = probe.forward()
         held.append(torch.cuda.memory_allocated(model.device) - before)
         del y
-    _ACTIVATION_BYTES[key] = max((held[1] - held[0]) / (sizes[1] - sizes[0]), 1.0)
+    slope = max((held[2] - held[1]) / (sizes[1] - sizes[0]), 1.0)
+    _ACTIVATION_BYTES[key] = (slope, max(held[1] - slope * sizes[0], 0.0))
     return _ACTIVATION_BYTES[key]
 
 
@@ -82,17 +84,23 @@ class LayerProbe:
 
 
 def activation_plan(
-    model, tokens: int, budget_bytes: float, per_token: float, input_per_token: float
+    model,
+    tokens: int,
+    budget_bytes: float,
+    per_token: float,
+    input_per_token: float,
+    per_layer: float = 0.0,
 ) -> int:
     """How many layers (from the first) to recompute so that a micro-batch of `tokens`
     keeps its activations within `budget_bytes`.
 
-    A layer run without recomputation keeps `per_token` bytes a token; a recomputed one
-    keeps only its input (`input_per_token`). Every layer is kept when they all fit,
-    every layer recomputed when not even that fits (the budget is then a wish).
+    A layer run without recomputation keeps `per_token` bytes a token plus `per_layer`
+    whatever its tokens; a recomputed one keeps only its input (`input_per_token`).
+    Every layer is kept when they all fit, every layer recomputed when not even that fits
+    (the budget is then a wish).
     """
     layers = len(model.model.layers)
     floor = layers * input_per_token * tokens
-    extra = max(per_token - input_per_token, 1.0) * tokens
+    extra = max(per_token - input_per_token, 1.0) * tokens + per_layer
     kept = int(max(budget_bytes - floor, 0.0) // extra)
     return layers - min(kept, layers)

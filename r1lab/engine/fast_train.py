@@ -564,8 +564,11 @@ def _gathered(module, read):
     if not isinstance(module, FSDPModule):
         return read(module)
     module.unshard()
-    try:
-        return tuple(t.detach().clone() if t is not None else None for t in read(module))
+    try:  # clones that need gradients as the weights do: autograd saves what training saves
+        return tuple(
+            t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None
+            for t in read(module)
+        )
     finally:
         module.reshard()
 

@@ -392,44 +392,52 @@ def plan_activations(policy, optimizer, batch: TrainBatch, settings: UpdateSetti
     policy pass's matrix work); keeping its activations costs memory that grows with the
     micro-batch's tokens. "auto" keeps as many layers as fit: this GPU's free memory (what
     the allocator holds unused included), less what the update will still allocate (the
-    gradients, AdamW's moments before its first step, the LM head's chunks) and a margin,
-    over the activation bytes a token costs per layer, measured on the model itself
-    (`activation_memory.activation_bytes_per_token`). Elsewhere (CPU, padded path) nothing is
-    recomputed or it does not apply, and "auto" stays for `completion_logprobs`.
+    gradients, AdamW's moments before its first step, autocast's bf16 copies of the
+    weights, the LM head's chunks) and a margin, over what a layer keeps per token and per
+    call, measured on the model itself (`activation_memory.activation_bytes_per_token`).
+    The largest micro-batch is bounded by the longest sequences that can share one.
+    Elsewhere (CPU, padded path) nothing is recomputed or it does not apply, and "auto"
+    stays for `completion_logprobs`. An FSDP2-sharded policy is not planned (its gathered
+    root, layer prefetches and unsharded gradients are not in this budget): every layer.
     """
     if settings.checkpoint_layers != "auto" or not settings.packed:
         return settings
-    device = policy.device
-    if device.type != "cuda":
+    if policy.device.type != "cuda":
         return settings
-    tokens = max(
-        sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in chunk)
-        for chunk in micro_batches(batch, list(range(len(batch))), settings.micro_batch_size)
-    )
-    trainable = [p for p in policy.parameters() if p.requires_grad]
+    if distributed.is_sharded(policy):
+        declined("activation plan", "the policy is sharded by FSDP2 (not planned); every layer")
+        return dataclasses.replace(settings, checkpoint_layers=True)
+    lengths = sorted((len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)))
+    share = -(-len(batch) // (settings.mini_batches * distributed.world_size()))
+    tokens = sum(lengths[-(settings.micro_batch_size or share) :])
+    params = list(policy.parameters())
+    trainable = [p for p in params if p.requires_grad]
 
-    def local_bytes(p) -> int:  # this rank's share of a (possibly FSDP-sharded) parameter
-        t = p.to_local() if hasattr(p, "to_local") else p
-        return t.numel() * t.element_size()
+    def nbytes(ps) -> int:
+        return sum(p.numel() * p.element_size() for p in ps)
 
-    still_to_allocate = sum(local_bytes(p) for p in trainable if p.grad is None)
+    still_to_allocate = nbytes(p for p in trainable if p.grad is None)
     if not optimizer.state:  # AdamW's two moments, allocated at its first step
-        still_to_allocate += 2 * sum(local_bytes(p) for p in trainable)
+        still_to_allocate += 2 * nbytes(trainable)
+    if settings.compute_dtype != torch.float32:  # autocast keeps its casts through the pass
+        still_to_allocate += sum(p.numel() for p in params if p.dtype == torch.float32) * 2
     vocab = policy.config.vocab_size
     still_to_allocate += 3 * settings.lm_head_chunk * vocab * 4  # logits, softmax, gradient
-    free, total = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(policy.device)
+    free += torch.cuda.memory_reserved(policy.device) - torch.cuda.memory_allocated(policy.device)
     budget = free - still_to_allocate - MEMORY_MARGIN * total
     try:
         with fast_train.autocast(policy, settings.compute_dtype):
-            per_token = activation_memory.activation_bytes_per_token(
+            per_token, per_layer = activation_memory.activation_bytes_per_token(
                 policy, settings.attention, settings.compile_layers
             )
     except Exception as exc:  # noqa: BLE001 - unmeasured: recompute every layer, and say so
         declined("activation plan", f"{type(exc).__name__}: {str(exc)[:160]}; every layer")
         return dataclasses.replace(settings, checkpoint_layers=True)
     hidden_bytes = policy.config.hidden_size * 4  # a recomputed layer keeps its input
-    n = activation_memory.activation_plan(policy, tokens, budget, per_token, hidden_bytes)
+    n = activation_memory.activation_plan(
+        policy, tokens, budget, per_token, hidden_bytes, per_layer
+    )
     return dataclasses.replace(settings, checkpoint_layers=n)
 
 
@@ -464,6 +472,8 @@ def update_on_rollout(
         )
         for part in range(settings.mini_batches):
             indices = order[part :: settings.mini_batches]
+            if not indices:  # fewer sequences than mini-batches (a small kept batch)
+                continue
             optimizer.zero_grad(set_to_none=True)
             result = accumulate_gradients(
                 policy, batch, indices, settings, old_logprobs=old, ref_model=ref_model

@@ -134,10 +134,11 @@ class Config(StageConfig):
         description="train on the sequences laid end to end without padding "
         "(r1lab.engine.fast_train); false: left/right-padded batches",
     )
-    checkpoint_layers: bool | Literal["auto"] = Field(
+    checkpoint_layers: bool | int | Literal["auto"] = Field(
         True,
-        description="GPU: recompute layer activations in the backward; auto = only as many "
-        "layers as free memory needs (not yet measured on a GPU)",
+        description="GPU: recompute layer activations in the backward (true: every layer, "
+        "n: the first n); auto = only as many layers as free memory needs (not yet measured "
+        "on a GPU)",
     )
     # objective
     beta: float = Field(0.001, ge=0, description="KL coefficient; 0 skips the reference model")
@@ -236,7 +237,7 @@ def load_models(cfg: Config):
         sampler = copy.deepcopy(policy).to(compute_dtype(cfg, policy)).eval()
         distributed.shard_model(policy.requires_grad_(True))
         if ref_model is not None:  # sharded too: its whole copy is 15 GB a rank at 7B
-            distributed.shard_model(ref_model, ref_model.dtype)
+            distributed.shard_model(ref_model, ref_model.dtype, reshard_root=True)
     optimizer = make_optimizer(policy, cfg.lr, weight_decay=cfg.weight_decay)
     return policy, tokenizer, ref_model, optimizer, sampler
 
@@ -453,6 +454,8 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
             "skipped_updates": upd["skipped"],
         }
     )
+    if "checkpointed_layers" in upd:  # on a GPU: the layers the update recomputed
+        record["checkpointed_layers"] = upd["checkpointed_layers"]
     if on_gpu:  # the most any rank's GPU held during the step
         peak = torch.cuda.max_memory_allocated(rs.policy.device) / 2**30
         record["peak_memory_gb"] = distributed.all_reduce_max(peak)
