@@ -3,7 +3,11 @@
 #   bash benchmarks/gpu_call.sh tests paths smoke bench15-profile bench
 # Steps: tests (the GPU tests), paths (benchmarks/train_paths.py), smoke (the tiny shape,
 # both tools: TRL imports and runs), bench15-profile (1.5b, r1lab, one profiled step),
-# bench (1.5b then 0.5b, r1lab and TRL side by side, STEPS timed steps after one warm-up).
+# bench (1.5b then 0.5b, r1lab and TRL side by side, STEPS timed steps after one warm-up),
+# varlen (the same on the variable-length workload), auto (1.5b, r1lab, checkpoint_layers
+# auto against every layer), stage (`r1lab grpo` on a random 0.5b-shaped checkpoint twice:
+# steady step time, and the first step with a cold and a warm compile cache), two-gpus
+# (issue 15's comparison: 1.5b on one GPU and on two, micro-batches of 64).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -30,6 +34,22 @@ for step in "$@"; do
           --out "$OUT/b$s.json" 2>&1 \
           | grep -v '^{"tool"' | tail -25
       done ;;
+    varlen)
+      for s in 1.5b 0.5b; do
+        python3 benchmarks/grpo_step.py --shape $s --workload varlen --steps ${STEPS:-2} \
+          --tool-timeout 240 --out "$OUT/v$s.json" 2>&1 | grep -v '^{"tool"' | tail -12
+      done ;;
+    auto)
+      python3 benchmarks/grpo_step.py --shape 1.5b --tools r1lab --steps 2 --checkpoint-auto \
+        --micro-batch-size 32 --out "$OUT/auto15.json" 2>&1 | grep -v '^{"tool"' | tail -10 ;;
+    stage)
+      for run in cold warm; do
+        python3 benchmarks/distributed_grpo.py --shape 0.5b --runs 1:32 --steps 4 \
+          --work /tmp/stage_$run --out "$OUT/stage_$run.json" 2>&1 | cut -c1-600
+      done ;;
+    two-gpus)
+      python3 benchmarks/distributed_grpo.py --shape 1.5b --runs 1:32 2:64 --steps 4 \
+        --micro-batch-size 64 --out "$OUT/two.json" 2>&1 | cut -c1-900 ;;
     *) echo "unknown step $step" ;;
   esac
 done
