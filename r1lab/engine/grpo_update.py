@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +94,7 @@ class MicroBatch:
     mask: torch.Tensor  # (n, width) bool: completion tokens that count in the loss
     advantages: torch.Tensor  # (n,)
     train_tokens: int  # prompt + completion tokens the forward runs over
+    counted_tokens: int  # tokens in the loss (the mask's count, known without a device sync)
     pack: fast_train.PackedBatch | None = None  # packed path
     padded: dict[str, Any] | None = None  # padded path: input_ids, attention_mask, prompt_width
 
@@ -109,7 +109,9 @@ def micro_batch(
         mask[row, : len(batch.completion_ids[i])] = True
     mask = truncation_mask(torch.tensor([not batch.counted[i] for i in indices]), mask)
     tokens = sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in indices)
-    mb = MicroBatch(indices, mask.to(device), batch.advantages[indices].to(device), tokens)
+    mb = MicroBatch(
+        indices, mask.to(device), batch.advantages[indices].to(device), tokens, int(mask.sum())
+    )
     if settings.packed:
         mb.pack = fast_train.pack_rollouts(
             [batch.prompt_ids[i] for i in indices],
@@ -279,6 +281,10 @@ def sampler_gap(batch: TrainBatch, indices: list[int], logprobs: list[torch.Tens
     return gap
 
 
+# the device-side sums of a mini-batch's loop, in order (the three ratio statistics are
+# weighted by the micro-batch's counted tokens; logprob_diff is a maximum, bad a count)
+STATS = ("loss", "entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean")
+STATS += ("logprob_diff", "bad")
 SUMMED = ("loss", "tokens", "entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean")
 SUMMED += ("train_tokens",)
 
@@ -299,8 +305,9 @@ def accumulate_gradients(
     one of a single pass over the mini-batch for any `micro_batch_size`.
     `old_logprobs=None` means on-policy: the current log-probs, detached. `ref_model` is
     needed when `settings.beta` > 0.
-    Returns token-weighted stats; `finite` is False (and nothing more is added) as soon as
-    a micro-batch loss is NaN or infinite.
+    Returns token-weighted stats; `finite` is False when a micro-batch loss was NaN or
+    infinite (on any rank): the gradient added is then not to be stepped on (the caller
+    zeroes it). The statistics are summed on the device and read once, after the loop.
     """
     normalizer = minibatch_normalizer(batch, indices, settings)  # of the whole mini-batch
     # under torchrun each rank trains on its share: an FSDP-sharded policy averages its
@@ -309,19 +316,19 @@ def accumulate_gradients(
     sharded = distributed.is_sharded(policy)
     split = distributed.active()
     scale = distributed.grad_scale() if sharded else 1.0
-    sums: Counter = Counter()
     use_ref = ref_model is not None and settings.beta > 0
+    # The statistics stay on the device until the mini-batch is done: one host sync for
+    # the whole loop, so the host queues the next micro-batch while the device works.
+    acc = torch.zeros(len(STATS), dtype=torch.float32, device=policy.device)
+    tokens = train_tokens = 0
     for chunk in rank_chunks(batch, indices, settings.micro_batch_size, split=split):
-        if chunk is None:  # this rank's share ran out: the collectives the others make
-            if sharded:  # a forward FSDP needs, adding nothing
+        if chunk is None:  # this rank's share ran out: the forwards FSDP needs, adding nothing
+            if sharded:
                 mb = micro_batch(batch, indices[:1], settings, policy.device)
                 lp, _ = completion_logprobs(policy, mb, settings)
                 if use_ref and distributed.is_sharded(ref_model):
                     with torch.no_grad():
                         completion_logprobs(ref_model, mb, settings)
-            if distributed.all_reduce_max(0.0):
-                return {"finite": False}
-            if sharded:
                 (lp.sum() * 0.0).backward()
             continue
         mb = micro_batch(batch, chunk, settings, policy.device)
@@ -349,36 +356,58 @@ def accumulate_gradients(
             aggregation=settings.aggregation,
             normalizer=normalizer,
         )
-        bad = not bool(torch.isfinite(loss))
-        if distributed.all_reduce_max(float(bad)) if split else bad:
-            return {"finite": False}  # on every rank, so none waits in a backward
+        # a NaN or infinite loss is found after the loop: its gradient is never stepped on
         (loss * scale if scale != 1.0 else loss).backward()
-        if old_logprobs is None:
-            rows = [lp[r, : len(batch.completion_ids[i])] for r, i in enumerate(chunk)]
-            sums["logprob_diff"] = max(sums["logprob_diff"], sampler_gap(batch, chunk, rows))
-        n_tok = float(mb.mask.sum())
-        sums["loss"] += float(loss.detach())
-        sums["tokens"] += n_tok
-        sums["entropy"] += float((ent * mb.mask).sum())
-        for key in ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean"):
-            sums[key] += float(stats[key]) * n_tok
-        sums["train_tokens"] += float(mb.train_tokens)
+        n_tok = mb.counted_tokens
+        gap = _sampler_gap_on_device(batch, chunk, lp) if old_logprobs is None else None
+        acc += torch.stack(
+            [
+                loss.detach().float(),
+                (ent * mb.mask).sum().float(),
+                *(stats[k].float() * n_tok for k in STATS[2:5]),
+                torch.zeros((), device=lp.device),  # the gap is a maximum: below
+                (~torch.isfinite(loss)).float(),
+            ]
+        )
+        if gap is not None:
+            acc[5] = torch.maximum(acc[5], gap)
+        tokens += n_tok
+        train_tokens += mb.train_tokens
+    sums = dict(zip(STATS, acc.tolist()))  # the loop's one host sync
+    bad = sums["bad"] > 0
+    if distributed.all_reduce_max(float(bad)) if split else bad:
+        return {"finite": False}  # on every rank, so none sums or steps on it
     if split and not sharded:
         distributed.all_reduce_grads(policy)
+    sums.update(tokens=float(tokens), train_tokens=float(train_tokens))
     if split:  # the mini-batch's numbers, not this rank's share of them
-        for key in SUMMED:  # a fixed list: every rank makes the same calls
-            sums[key] = distributed.all_reduce_sum(sums[key])
+        for key, total in zip(SUMMED, distributed.all_reduce_sums([sums[k] for k in SUMMED])):
+            sums[key] = total
         sums["logprob_diff"] = distributed.all_reduce_max(sums["logprob_diff"])
-    tokens = max(sums["tokens"], 1.0)
-    out = {
-        key: sums[key] / tokens
-        for key in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean")
-    }
+    n = max(sums["tokens"], 1.0)
+    out = {key: sums[key] / n for key in ("entropy", *STATS[2:5])}
     out.update(
         loss=sums["loss"], tokens=sums["tokens"], train_tokens=sums["train_tokens"], finite=True
     )
     out["logprob_diff"] = sums["logprob_diff"]
     return out
+
+
+def _sampler_gap_on_device(batch: TrainBatch, chunk: list[int], lp: torch.Tensor):
+    """`sampler_gap` of a micro-batch as a device scalar (no host sync): the largest
+    |training log-prob - sampler log-prob| over the tokens the sampler gave log-probs for."""
+    sampled = [batch.sampler_logprobs[i] for i in chunk]
+    width = lp.shape[1]
+    values = torch.zeros((len(chunk), width))
+    valid = torch.zeros((len(chunk), width), dtype=torch.bool)
+    for r, row in enumerate(sampled):
+        n = min(len(row), width)
+        values[r, :n] = torch.tensor(row[:n])
+        valid[r, :n] = True
+    values = values.to(lp.device, non_blocking=True)
+    valid = valid.to(lp.device, non_blocking=True)
+    diff = (lp.detach().float() - values).abs()
+    return torch.where(valid, diff, torch.zeros((), device=lp.device)).max()
 
 
 # ---- activation memory --------------------------------------------------------------------------
