@@ -132,8 +132,8 @@ def _pack(prompts, completions, rows: list[int], width: int, device) -> PackedBa
         col += range(len(c))
     lengths = [b - a for a, b in zip(cu, cu[1:])]
 
-    def t(x, dtype=torch.long):
-        return torch.tensor(x, dtype=dtype, device=device)
+    def t(x, dtype=torch.long):  # built on the host, copied without waiting for the device
+        return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
 
     return PackedBatch(
         input_ids=t(ids),

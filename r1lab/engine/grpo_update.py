@@ -109,8 +109,13 @@ def micro_batch(
         mask[row, : len(batch.completion_ids[i])] = True
     mask = truncation_mask(torch.tensor([not batch.counted[i] for i in indices]), mask)
     tokens = sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in indices)
+    # copies that do not wait for the device (a blocking one syncs the stream)
     mb = MicroBatch(
-        indices, mask.to(device), batch.advantages[indices].to(device), tokens, int(mask.sum())
+        indices,
+        mask.to(device, non_blocking=True),
+        batch.advantages[indices].to(device, non_blocking=True),
+        tokens,
+        int(mask.sum()),
     )
     if settings.packed:
         mb.pack = fast_train.pack_rollouts(
