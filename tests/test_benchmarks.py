@@ -41,7 +41,8 @@ def test_distributed_grpo_benchmark_reads_the_stage_metrics(tmp_path):
     assert [r["completions_per_step"] for r in runs] == [8, 16]
     for r in runs:
         assert len(r["step_s"]) == 2 and r["completions_per_s"] > 0
-        assert all(a + b <= s + 1e-3 for a, b, s in zip(r["rollout_s"], r["train_s"], r["step_s"]))
+        parts = zip(r["rollout_s"], r["train_s"], r["step_s"])  # each rounded to 1 ms
+        assert all(a + b <= s + 2e-3 for a, b, s in parts)
 
 
 def test_variable_length_workload_stops_early_at_the_calibrated_rate(tmp_path):
