@@ -270,26 +270,32 @@ def _pad_rows(rows: list[torch.Tensor], width: int, device) -> torch.Tensor:
     return out
 
 
-def sampler_gap(batch: TrainBatch, indices: list[int], logprobs: list[torch.Tensor]) -> float:
-    """Largest |training log-prob - sampler log-prob| over the tokens of `indices`.
+def sampler_gap(batch: TrainBatch, indices: list[int], logprobs: torch.Tensor) -> torch.Tensor:
+    """Largest |training log-prob - sampler log-prob| over the tokens of `indices`, whose
+    training log-probs are the rows of `logprobs` (n, width), as a scalar on their device
+    (read without a host sync when the caller wants).
 
     Both are log p(token) under softmax(logits / T) from the same weights; they differ
     only by the numerics of the two paths (KV cache vs full forward, dtype). About 1e-6 on
     CPU in fp32; a large value means the ratio of the first update is not 1 where it
     should be, e.g. a dtype or temperature mismatch.
     """
-    gap = 0.0
-    for i, lp in zip(indices, logprobs):
-        sampled = torch.tensor(batch.sampler_logprobs[i], dtype=torch.float32)
-        if sampled.numel():
-            gap = max(gap, float((lp.detach().float().cpu() - sampled).abs().max()))
-    return gap
+    width = logprobs.shape[1]
+    values = torch.zeros((len(indices), width))
+    valid = torch.zeros((len(indices), width), dtype=torch.bool)
+    for r, i in enumerate(indices):
+        row = batch.sampler_logprobs[i][:width]
+        values[r, : len(row)] = torch.tensor(row)
+        valid[r, : len(row)] = True
+    device = logprobs.device
+    diff = (logprobs.detach().float() - values.to(device, non_blocking=True)).abs()
+    return torch.where(valid.to(device, non_blocking=True), diff, 0.0).max()
 
 
-# the device-side sums of a mini-batch's loop, in order (the three ratio statistics are
-# weighted by the micro-batch's counted tokens; logprob_diff is a maximum, bad a count)
-STATS = ("loss", "entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean")
-STATS += ("logprob_diff", "bad")
+# what a mini-batch's loop adds up on the device (the ratio statistics weighted by each
+# micro-batch's counted tokens; `bad` counts NaN or infinite losses)
+ADDED = ("loss", "entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "bad")
+RATIOS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean")
 SUMMED = ("loss", "tokens", "entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean")
 SUMMED += ("train_tokens",)
 
@@ -324,7 +330,8 @@ def accumulate_gradients(
     use_ref = ref_model is not None and settings.beta > 0
     # The statistics stay on the device until the mini-batch is done: one host sync for
     # the whole loop, so the host queues the next micro-batch while the device works.
-    acc = torch.zeros(len(STATS), dtype=torch.float32, device=policy.device)
+    added = torch.zeros(len(ADDED), dtype=torch.float32, device=policy.device)
+    gap = torch.zeros((), dtype=torch.float32, device=policy.device)
     tokens = train_tokens = 0
     for chunk in rank_chunks(batch, indices, settings.micro_batch_size, split=split):
         if chunk is None:  # this rank's share ran out: the forwards FSDP needs, adding nothing
@@ -364,21 +371,20 @@ def accumulate_gradients(
         # a NaN or infinite loss is found after the loop: its gradient is never stepped on
         (loss * scale if scale != 1.0 else loss).backward()
         n_tok = mb.counted_tokens
-        gap = _sampler_gap_on_device(batch, chunk, lp) if old_logprobs is None else None
-        acc += torch.stack(
+        if old_logprobs is None:
+            gap = torch.maximum(gap, sampler_gap(batch, chunk, lp))
+        added += torch.stack(
             [
                 loss.detach().float(),
                 (ent * mb.mask).sum().float(),
-                *(stats[k].float() * n_tok for k in STATS[2:5]),
-                torch.zeros((), device=lp.device),  # the gap is a maximum: below
+                *(stats[k].float() * n_tok for k in RATIOS),
                 (~torch.isfinite(loss)).float(),
             ]
         )
-        if gap is not None:
-            acc[5] = torch.maximum(acc[5], gap)
         tokens += n_tok
         train_tokens += mb.train_tokens
-    sums = dict(zip(STATS, acc.tolist()))  # the loop's one host sync
+    *values, largest_gap = torch.cat((added, gap[None])).tolist()  # the loop's one host sync
+    sums = dict(zip(ADDED, values), logprob_diff=largest_gap)
     bad = sums["bad"] > 0
     if distributed.all_reduce_max(float(bad)) if split else bad:
         return {"finite": False}  # on every rank, so none sums or steps on it
@@ -390,29 +396,12 @@ def accumulate_gradients(
             sums[key] = total
         sums["logprob_diff"] = distributed.all_reduce_max(sums["logprob_diff"])
     n = max(sums["tokens"], 1.0)
-    out = {key: sums[key] / n for key in ("entropy", *STATS[2:5])}
+    out = {key: sums[key] / n for key in ("entropy", *RATIOS)}
     out.update(
         loss=sums["loss"], tokens=sums["tokens"], train_tokens=sums["train_tokens"], finite=True
     )
     out["logprob_diff"] = sums["logprob_diff"]
     return out
-
-
-def _sampler_gap_on_device(batch: TrainBatch, chunk: list[int], lp: torch.Tensor):
-    """`sampler_gap` of a micro-batch as a device scalar (no host sync): the largest
-    |training log-prob - sampler log-prob| over the tokens the sampler gave log-probs for."""
-    sampled = [batch.sampler_logprobs[i] for i in chunk]
-    width = lp.shape[1]
-    values = torch.zeros((len(chunk), width))
-    valid = torch.zeros((len(chunk), width), dtype=torch.bool)
-    for r, row in enumerate(sampled):
-        n = min(len(row), width)
-        values[r, :n] = torch.tensor(row[:n])
-        valid[r, :n] = True
-    values = values.to(lp.device, non_blocking=True)
-    valid = valid.to(lp.device, non_blocking=True)
-    diff = (lp.detach().float() - values).abs()
-    return torch.where(valid, diff, torch.zeros((), device=lp.device)).max()
 
 
 # ---- activation memory --------------------------------------------------------------------------
@@ -492,7 +481,11 @@ def update_on_rollout(
     settings = plan_activations(policy, optimizer, batch, settings)
     on_policy = settings.mu == 1 and settings.mini_batches == 1
     old = None if on_policy else sequence_logprobs(policy, batch, settings)
-    gap = None if on_policy else sampler_gap(batch, list(range(len(batch))), old)
+    gap = None
+    if not on_policy:
+        width = max(max(len(c) for c in batch.completion_ids), 1)
+        rows = _pad_rows(old, width, policy.device)
+        gap = float(sampler_gap(batch, list(range(len(batch))), rows))
     gen = torch.Generator().manual_seed(step)
     stats: list[dict] = []
     grad_norms: list[float] = []
