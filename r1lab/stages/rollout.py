@@ -280,10 +280,8 @@ def collect_rollout(
         mine = [g for g in groups if g.has_signal] if dynamic_sampling else groups
         kept += mine
         everyone_kept += kept_by_all(mine, need, round_, dynamic_sampling)
-    # a round draws only what is still needed, so this cuts nothing today; it holds every
-    # rank to one process's rule should a round ever draw more than it needs
-    chosen = set(everyone_kept[:questions])
-    kept = [g for g in kept if g.order in chosen]
+    # a round draws only what is still needed, so all ranks together keep at most
+    # `questions` groups: one process's kept[:questions] with nothing to cut
     return Rollout(kept, sampled, join_scores(scores), rounds, sample_s, score_s)
 
 
