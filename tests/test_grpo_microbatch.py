@@ -210,12 +210,10 @@ def test_auto_checkpointing_is_planned_only_on_gpus(randomize):
 def test_layer_probe_runs_the_packed_layer(randomize):
     """What the activation measurement runs (on CUDA) works on any model: layer 0 over a
     pack of random hidden states, with gradients, returning the pack's hidden states."""
-    from r1lab.engine import fast_train
     from r1lab.engine.activation_memory import LayerProbe
 
     model = micro_model(0, randomize)
-    weights = fast_train._gathered(model.model.layers[0], fast_train._layer_weights)
-    probe = LayerProbe(model, 24, "auto", False, weights)
+    probe = LayerProbe(model, 24, "auto", False)
     y = probe.forward()
     assert y.shape == (24, model.config.hidden_size) and y.requires_grad
     (gx,) = torch.autograd.grad(y.square().sum(), probe.x)

@@ -19,12 +19,11 @@ import torch
 from r1lab.engine.fast_train import (
     _attention_options,
     _compiled_layer_fn,
-    _gathered,
-    _layer_adapters,
-    _layer_weights,
     _lora_spec,
     _make_layer_fn,
+    _run_layer,
     pack_rollouts,
+    pack_rope,
 )
 
 _ACTIVATION_BYTES: dict[tuple, tuple[float, float]] = {}
@@ -44,10 +43,9 @@ def activation_bytes_per_token(
     key = (id(model.config), attention, compile, torch.is_autocast_enabled("cuda"))
     if key in _ACTIVATION_BYTES:
         return _ACTIVATION_BYTES[key]
-    weights = _gathered(model.model.layers[0], _layer_weights)
     held = []
     for t in (sizes[0], *sizes):  # the first run warms up and is not counted
-        probe = LayerProbe(model, t, attention, compile, weights)
+        probe = LayerProbe(model, t, attention, compile)
         torch.cuda.synchronize(model.device)
         before = torch.cuda.memory_allocated(model.device)
         y = probe.forward()
@@ -59,28 +57,26 @@ def activation_bytes_per_token(
 
 
 class LayerProbe:
-    """Layer 0's function (as the packed pass runs it) over `tokens` random hidden states in
-    two sequences, ready to run with gradients: what `activation_bytes_per_token` measures.
-    The inputs are made here, so that `forward` allocates only what the layer keeps."""
+    """Layer 0 as the packed pass runs it (`fast_train._run_layer`: its function, compiled
+    or not, over the layer's own weights) on `tokens` random hidden states in two
+    sequences, ready to run with gradients: what `activation_bytes_per_token` measures. The
+    inputs are made here, so that `forward` allocates only what the layer keeps."""
 
-    def __init__(self, model, tokens: int, attention: str, compile: bool | None, weights):
+    def __init__(self, model, tokens: int, attention: str, compile: bool | None):
         options, lora = _attention_options(attention, model), _lora_spec(model)
         halves = [[0] * (tokens // 2), [0] * (tokens - tokens // 2)]
         self.pack = pack_rollouts(halves, [[], []], max_tokens=tokens, device=model.device)[0]
         fn = _compiled_layer_fn(model, options, self.pack, lora) if compile is not False else None
         self.fn = fn or _make_layer_fn(model.config, options, lora)
-        freqs = self.pack.position_ids.float()[:, None] * model.inv_freq[None, :]
-        self.cos, self.sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        self.rope, self.lora = pack_rope(model, self.pack.position_ids), lora is not None
         gen = torch.Generator().manual_seed(tokens)
         x = torch.randn(tokens, model.config.hidden_size, generator=gen)
         self.x = x.to(model.device, model.dtype).requires_grad_()
-        layer = model.model.layers[0]
-        self.weights = tuple(weights) + (_layer_adapters(layer) if lora is not None else ())
+        self.layer = model.model.layers[0]
 
     def forward(self) -> torch.Tensor:
         with torch.enable_grad():
-            p = self.pack
-            return self.fn(self.x, self.cos, self.sin, p.cu_seqlens, p.max_seqlen, *self.weights)
+            return _run_layer(self.layer, self.x, self.rope, self.pack, self.fn, self.lora, False)
 
 
 def activation_plan(

@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from r1lab.engine.lm_head import chunked_logprobs, report_decline
 from r1lab.model.lora import LoraLinear
+from r1lab.model.transformer import rope_tables
 
 ATTENTION_BACKENDS = ("auto", "varlen", "sdpa")
 
@@ -436,8 +437,8 @@ def _compiled_layer_fn(
         n = min(48, sample_batch.num_tokens)
         cu = torch.tensor([0, n // 3, n], dtype=torch.int32, device=model.device)
         pos = torch.cat((torch.arange(n // 3), torch.arange(n - n // 3))).to(model.device)
-        freqs = pos.float()[:, None] * model.inv_freq[None, :]
-        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        rope = pack_rope(model, pos)
+        cos, sin = rope.cos, rope.sin
         gen = torch.Generator().manual_seed(0)
         x0 = torch.randn(n, model.config.hidden_size, generator=gen).to(model.device, model.dtype)
         weights = _gathered(layer, _layer_weights)
@@ -516,8 +517,6 @@ def packed_hidden_states(
     (`checkpointed_layers`); only when differentiating.
     """
     options = _attention_options(attention, model)
-    freqs = batch.position_ids.float()[:, None] * model.inv_freq[None, :]
-    cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
     grad = torch.is_grad_enabled()
     if compile is None:
         compile = model.device.type == "cuda"
@@ -528,7 +527,7 @@ def packed_hidden_states(
     lora = _lora_spec(model)
     layer_fn = _compiled_layer_fn(model, options, batch, lora) if compile else None
     layer_fn = layer_fn or _make_layer_fn(model.config, options, lora)
-    rope = _Rope(cos, sin)
+    rope = pack_rope(model, batch.position_ids)
     recomputed = checkpointed_layers(checkpoint, len(model.model.layers)) if grad else 0
     x = model.model.embed_tokens(batch.input_ids)
     for i, layer in enumerate(model.model.layers):
@@ -544,6 +543,12 @@ class _Rope:
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
         self.cos, self.sin = cos, sin
+
+
+def pack_rope(model, positions: torch.Tensor) -> _Rope:
+    """The RoPE tables of a pack's positions (T,), shaped (T, 1, D/2) for every head."""
+    cos, sin = rope_tables(positions, model.inv_freq)
+    return _Rope(cos[:, None, :], sin[:, None, :])
 
 
 def _run_layer(layer, x, rope: _Rope, batch: PackedBatch, layer_fn, lora: bool, checkpoint: bool):
