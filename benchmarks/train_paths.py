@@ -35,7 +35,7 @@ def timed(fn, repeats: int = 3) -> float:
 
 
 def probe(shape: str, layers: int, seqs: int) -> dict:
-    from r1lab.engine import fallbacks, fast_train
+    from r1lab.engine import fallbacks, fast_train, pack_attention
     from r1lab.model.transformer import Transformer
 
     fallbacks.forget()
@@ -49,7 +49,7 @@ def probe(shape: str, layers: int, seqs: int) -> dict:
     pack = fast_train.pack_rollouts(prompts, completions, max_tokens=2**62, device="cuda")[0]
     out: dict = {"shape": shape, "layers": layers, "tokens": pack.num_tokens}
     out["varlen"] = repr(
-        fast_train._varlen_options(
+        pack_attention._varlen_options(
             torch.device("cuda"), torch.bfloat16, cfg.num_attention_heads,
             cfg.num_key_value_heads, cfg.head_dim,
         )

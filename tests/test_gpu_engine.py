@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from r1lab.engine import fallbacks, fast_generate, fast_train
+from r1lab.engine import fallbacks, fast_generate, fast_train, pack_attention
 from r1lab.engine.decode_ops import TritonOps
 from r1lab.engine.generate import SamplingParams, sample
 from r1lab.engine.grpo_update import (
@@ -370,7 +370,7 @@ def test_packed_bf16_varlen_matches_simple(device):
     cuda_only()
     model = make_model(device, vocab=300).train()
     cfg = model.config
-    opts = fast_train._varlen_options(
+    opts = pack_attention._varlen_options(
         device, torch.bfloat16, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     )
     assert opts is not None, "varlen attention unavailable"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from r1lab.engine.fast_train import (
-    _attention_options,
     _compiled_layer_fn,
     _lora_spec,
     _make_layer_fn,
@@ -25,6 +24,7 @@ from r1lab.engine.fast_train import (
     pack_rollouts,
     pack_rope,
 )
+from r1lab.engine.pack_attention import _attention_options
 
 _ACTIVATION_BYTES: dict[tuple, tuple[float, float]] = {}
 
