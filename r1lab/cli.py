@@ -174,7 +174,7 @@ def _config(args) -> int:
     module_name, section, _ = STAGES[args.stage]
     module = importlib.import_module(f"r1lab.stages.{module_name}")
     cfg, missing = resolved_config(module.Config, section, args.preset, args.overrides)
-    text = config_yaml(cfg, missing)
+    text = config_yaml(cfg, missing, name=module_name)
     # a file passed back with --preset is read by stage section
     print(
         f"{section}:\n" + "".join(f"  {line}\n" if line else "\n" for line in text.splitlines()),

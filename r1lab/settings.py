@@ -88,11 +88,12 @@ def settings_help(cls: type[BaseModel]) -> str:
     return "\n".join(out)
 
 
-def config_yaml(cfg: BaseModel, missing: set[str] = frozenset()) -> str:
-    """`cfg` as YAML, each field under a comment with its type and description."""
+def config_yaml(cfg: BaseModel, missing: set[str] = frozenset(), name: str | None = None) -> str:
+    """`cfg` as YAML, each field under a comment with its type and description, headed by
+    `name` (default: the name of the module that defines the config)."""
     comments = _source_comments(type(cfg))
     data = {n: to_jsonable_python(getattr(cfg, n), fallback=str) for n in type(cfg).model_fields}
-    parts = [f"# {type(cfg).__module__.rsplit('.', 1)[-1]} settings\n"]
+    parts = [f"# {name or type(cfg).__module__.rsplit('.', 1)[-1]} settings\n"]
     for name, field in type(cfg).model_fields.items():
         note = field.description or comments.get(name) or FALLBACK.get(name, "")
         required = " (required: fill it in)" if name in missing else ""

@@ -44,7 +44,7 @@ from r1lab.model.tokenizer import load_tokenizer
 from r1lab.training import console, make_optimizer
 
 if TYPE_CHECKING:
-    from r1lab.stages.grpo import Config
+    from r1lab.stages.grpo_config import Config
 
 __all__ = [
     "LoraSettings",
