@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: TRL's wheels installed, then the given steps, logs to $OUT.
-#   bash benchmarks/gpu_call.sh tests paths smoke bench15-profile bench
+#   bash benchmarks/gpu_call.sh tests profile bench
 # Steps: tests (the GPU tests), paths (benchmarks/train_paths.py), smoke (the tiny shape,
-# both tools: TRL imports and runs), bench15-profile (1.5b, r1lab, one profiled step),
+# both tools: TRL imports and runs), profile (1.5b then 0.5b, r1lab, one profiled step),
 # bench (1.5b then 0.5b, r1lab and TRL side by side, STEPS timed steps after one warm-up),
-# varlen (the same on the variable-length workload), auto (1.5b, r1lab, checkpoint_layers
-# auto against every layer), stage (`r1lab grpo` on a random 0.5b-shaped checkpoint twice:
+# varlen (the same on the variable-length workload), auto (1.5b then 0.5b, r1lab,
+# checkpoint_layers auto), stage (`r1lab grpo` on a random 0.5b-shaped checkpoint twice:
 # steady step time, and the first step with a cold and a warm compile cache), two-gpus
 # (issue 15's comparison: 1.5b on one GPU and on two, micro-batches of 64).
 set -u
@@ -25,9 +25,11 @@ for step in "$@"; do
     tests) timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py 2>&1 | tee "$OUT/tests.log" ;;
     paths) python3 benchmarks/train_paths.py --out "$OUT/paths.json" 2>&1 | tail -20 ;;
     smoke) python3 benchmarks/grpo_step.py --shape tiny --steps 1 --out /tmp/tiny.json 2>&1 | tail -15 ;;
-    bench15-profile)
-      python3 benchmarks/grpo_step.py --shape 1.5b --tools r1lab --steps 1 --profile \
-        --out "$OUT/p15.json" 2>&1 | grep -v '^{"tool"' | tail -30 ;;
+    profile)
+      for s in 1.5b 0.5b; do
+        python3 benchmarks/grpo_step.py --shape $s --tools r1lab --steps 1 --profile \
+          --out "$OUT/p$s.json" 2>&1 | grep -v '^{"tool"' | tail -80
+      done ;;
     bench)
       for s in 1.5b 0.5b; do
         python3 benchmarks/grpo_step.py --shape $s --steps ${STEPS:-2} --tool-timeout 200 \
@@ -40,8 +42,10 @@ for step in "$@"; do
           --tool-timeout 240 --out "$OUT/v$s.json" 2>&1 | grep -v '^{"tool"' | tail -12
       done ;;
     auto)
-      python3 benchmarks/grpo_step.py --shape 1.5b --tools r1lab --steps 2 --checkpoint-auto \
-        --micro-batch-size 32 --out "$OUT/auto15.json" 2>&1 | grep -v '^{"tool"' | tail -10 ;;
+      for s in 1.5b 0.5b; do
+        python3 benchmarks/grpo_step.py --shape $s --tools r1lab --steps 2 --checkpoint-auto \
+          --out "$OUT/auto$s.json" 2>&1 | grep -v '^{"tool"' | tail -10
+      done ;;
     stage)
       for run in cold warm; do
         python3 benchmarks/distributed_grpo.py --shape 0.5b --runs 1:32 --steps 4 \

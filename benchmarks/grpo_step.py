@@ -254,7 +254,10 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
         summarise(result, args.warmup)
         write_json(args.out, result)
         if args.profile and step == args.warmup:
-            profile_step(args, model, optimizer, ref, prompts, params, batch, step)
+            result["profile"] = profile_step(
+                args, model, optimizer, ref, prompts, params, batch, step
+            )
+            write_json(args.out, result)
     return result
 
 
@@ -341,7 +344,9 @@ def update(args, model, optimizer, ref, batch, step: int) -> dict:
 
 
 def profile_step(args, model, optimizer, ref, prompts, params, batch, step: int):
-    """Where the time of one step goes: the top GPU kernels of each phase, to a text file.
+    """Where the time of one step goes, to a text file and the JSON's "profile": the device
+    time of each labelled range of the update (`grpo/reference`, `grpo/policy_forward`,
+    `grpo/backward`, `grpo/optimizer`) and the GPU kernels that take the most of each phase.
 
     The profiled update is a real one (an optimizer step more than the timed steps)."""
     from torch.profiler import ProfilerActivity, profile
@@ -353,20 +358,50 @@ def profile_step(args, model, optimizer, ref, prompts, params, batch, step: int)
         "rollout": lambda: sample(model, prompts, params),
         "update": lambda: update(args, model, optimizer, ref, batch, step),
     }
-    lines = []
+    lines, summary = [], {}
     for name, fn in phases.items():
         sync()
+        t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fn()
             sync()
-        table = prof.key_averages().table(
-            sort_by="cuda_time_total", row_limit=25, max_name_column_width=70
-        )
-        lines += [f"==== {name}", table]
+        wall = time.perf_counter() - t0
+        ranges, kernels = device_times(prof)
+        total = sum(kernels.values())
+        top = sorted(kernels.items(), key=lambda kv: -kv[1])[:30]
+        summary[name] = {
+            "wall_s": round(wall, 3),
+            "kernel_s": round(total / 1e6, 3),
+            "ranges_s": {k: round(v / 1e6, 3) for k, v in sorted(ranges.items())},
+            "top_kernels_ms": {k[:90]: round(v / 1e3, 2) for k, v in top},
+        }
+        lines.append(f"==== {name}: wall {wall:.3f} s, kernels {total / 1e6:.3f} s")
+        lines += [f"  range {k}: {v / 1e6:.3f} s" for k, v in sorted(ranges.items())]
+        lines += [f"  {v / 1e3:9.2f} ms {100 * v / total:5.1f}%  {k[:110]}" for k, v in top]
         if name == "rollout" and not args.keep_engine:
             fast_generate.release(model)
     model.zero_grad(set_to_none=True)
     Path(args.out).with_suffix(".profile.txt").write_text("\n".join(lines))
+    print("\n".join(lines), file=sys.stderr)
+    return summary
+
+
+def device_times(prof) -> tuple[dict[str, float], dict[str, float]]:
+    """Microseconds of device time: per labelled `grpo/` range (the kernels launched inside
+    it, as the profiler attributes them to the host range), and per kernel name."""
+    ranges: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            if not evt.name.startswith("grpo/"):  # the range's own device copy is not a kernel
+                us = evt.time_range.elapsed_us()
+                kernels[evt.name] = kernels.get(evt.name, 0.0) + us
+        elif evt.name.startswith("grpo/"):
+            us = getattr(evt, "device_time_total", None)
+            if us is None:
+                us = getattr(evt, "cuda_time_total", 0.0)
+            ranges[evt.name] = ranges.get(evt.name, 0.0) + us
+    return ranges, kernels
 
 
 def summarise(result: dict, warmup: int) -> None:
