@@ -227,6 +227,7 @@ def run_r1lab(args, shape: dict, work: dict) -> dict:
         "completion_len": n,
         "prompt_len": work["prompt_len"],
         "stop_calibration": stop,
+        "checkpoint_layers": checkpoint_setting(args),  # as this process ran it
         "steps": [],
     }
     if dev.type == "cuda":
@@ -322,6 +323,11 @@ def dynamo_counters() -> dict:
     }
 
 
+def checkpoint_setting(args) -> bool | str:
+    """`checkpoint_layers` as the options ask: none, as memory allows, or every layer."""
+    return False if args.no_checkpoint else ("auto" if args.checkpoint_auto else True)
+
+
 def update(args, model, optimizer, ref, batch, step: int) -> dict:
     """The update of `r1lab grpo` itself (reference pass, policy forward and backward,
     clipping, optimizer step), with the stage's defaults and the options asked for."""
@@ -335,9 +341,7 @@ def update(args, model, optimizer, ref, batch, step: int) -> dict:
         packed=True,
         compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
         lm_head_chunk=args.chunk_size,
-        checkpoint_layers=False
-        if args.no_checkpoint
-        else ("auto" if getattr(args, "checkpoint_auto", False) else True),
+        checkpoint_layers=checkpoint_setting(args),
         compile_layers=False if args.no_compile else None,
     )
     return update_on_rollout(model, optimizer, batch, settings, step=step, ref_model=ref)
@@ -613,6 +617,11 @@ def environment() -> dict:
     return env
 
 
+# the on/off options a worker acts on, passed on to its subprocess (one left out here would
+# be silently ignored there: the settings recorded would not be the ones run)
+WORKER_FLAGS = ("no_checkpoint", "checkpoint_auto", "no_compile", "keep_engine", "profile")
+
+
 def run_worker_subprocess(tool: str, args, out: Path) -> dict | None:
     cmd = [
         sys.executable,
@@ -640,7 +649,7 @@ def run_worker_subprocess(tool: str, args, out: Path) -> dict | None:
     ]
     if args.kernel_config:
         cmd += ["--kernel-config", args.kernel_config]
-    for flag in ("no_checkpoint", "no_compile", "keep_engine", "profile"):
+    for flag in WORKER_FLAGS:
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

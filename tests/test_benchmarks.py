@@ -24,8 +24,10 @@ def run_script(*args: str, timeout: float = 300) -> str:
 def test_grpo_step_benchmark_runs_the_stage_update(tmp_path):
     out = tmp_path / "t.json"
     run_script("benchmarks/grpo_step.py", "--shape", "tiny", "--tools", "r1lab", "--steps", "1",
-               "--out", str(out), "--workdir", str(tmp_path))  # fmt: skip
-    steps = json.loads(out.with_suffix(".r1lab.json").read_text())["steps"]
+               "--checkpoint-auto", "--out", str(out), "--workdir", str(tmp_path))  # fmt: skip
+    worker = json.loads(out.with_suffix(".r1lab.json").read_text())
+    assert worker["checkpoint_layers"] == "auto"  # the option reached the worker process
+    steps = worker["steps"]
     assert len(steps) == 2 and all(s["train_s"] > 0 and s["rollout_s"] > 0 for s in steps)
     assert all(s["mean_completion_len"] == 32 for s in steps)  # forced full length
 
