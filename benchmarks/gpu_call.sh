@@ -47,8 +47,11 @@ for step in "$@"; do
           --out "$OUT/auto$s.json" 2>&1 | grep -v '^{"tool"' | tail -10
       done ;;
     stage)
+      # cold: empty Inductor and Triton caches; warm: the same caches, a second process
+      rm -rf /tmp/stage_cache
       for run in cold warm; do
-        python3 benchmarks/distributed_grpo.py --shape 0.5b --runs 1:32 --steps 4 \
+        TORCHINDUCTOR_CACHE_DIR=/tmp/stage_cache/inductor TRITON_CACHE_DIR=/tmp/stage_cache/triton \
+          python3 benchmarks/distributed_grpo.py --shape 0.5b --runs 1:32 --steps 5 \
           --work /tmp/stage_$run --out "$OUT/stage_$run.json" 2>&1 | cut -c1-600
       done ;;
     two-gpus)

@@ -77,12 +77,29 @@ class PackedBatch:
 
     def to(self, device) -> PackedBatch:
         moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            f.name: host_to_device(getattr(self, f.name), device)
             if isinstance(getattr(self, f.name), torch.Tensor)
             else getattr(self, f.name)
             for f in fields(self)
         }
         return PackedBatch(**moved)
+
+
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """`t` on `device`, without making the host wait for the device's queued work.
+
+    A copy from pageable host memory to a GPU waits for every kernel already queued on the
+    stream (CUDA's documented behaviour for pageable transfers), so a training loop that
+    copies each micro-batch's indices that way can never run ahead of the GPU: the GPU
+    idles while the host builds and launches the next micro-batch. Staged in pinned
+    memory the copy is queued like a kernel (torch's pinned allocator keeps the staging
+    buffer until the copy is done). Elsewhere a plain copy.
+    """
+    if device is None or t.device == torch.device(device) or torch.device(device).type != "cuda":
+        return t.to(device) if device is not None else t
+    if t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def pack_rollouts(
@@ -133,7 +150,7 @@ def _pack(prompts, completions, rows: list[int], width: int, device) -> PackedBa
     lengths = [b - a for a, b in zip(cu, cu[1:])]
 
     def t(x, dtype=torch.long):  # built on the host, copied without waiting for the device
-        return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
+        return host_to_device(torch.tensor(x, dtype=dtype), device)
 
     return PackedBatch(
         input_ids=t(ids),

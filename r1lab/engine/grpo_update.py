@@ -115,11 +115,11 @@ def micro_batch(
         mask[row, : len(batch.completion_ids[i])] = True
     mask = truncation_mask(torch.tensor([not batch.counted[i] for i in indices]), mask)
     tokens = sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for i in indices)
-    # copies that do not wait for the device (a blocking one syncs the stream)
+    # copies that do not wait for the device (a pageable one syncs the stream)
     mb = MicroBatch(
         indices,
-        mask.to(device, non_blocking=True),
-        batch.advantages[indices].to(device, non_blocking=True),
+        fast_train.host_to_device(mask, device),
+        fast_train.host_to_device(batch.advantages[indices], device),
         tokens,
         int(mask.sum()),
     )
@@ -294,8 +294,8 @@ def sampler_gap(batch: TrainBatch, indices: list[int], logprobs: torch.Tensor) -
         values[r, : len(row)] = torch.tensor(row)
         valid[r, : len(row)] = True
     device = logprobs.device
-    diff = (logprobs.detach().float() - values.to(device, non_blocking=True)).abs()
-    return torch.where(valid.to(device, non_blocking=True), diff, 0.0).max()
+    diff = (logprobs.detach().float() - fast_train.host_to_device(values, device)).abs()
+    return torch.where(fast_train.host_to_device(valid, device), diff, 0.0).max()
 
 
 # what a mini-batch's loop adds up on the device (the ratio statistics weighted by each
