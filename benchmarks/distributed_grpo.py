@@ -165,7 +165,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4, help="logged steps per run (first = warm-up)")
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--micro-batch-size", type=int, default=16)
+    ap.add_argument("--micro-batch-size", type=int, default=32, help="as grpo_step.py's")
     ap.add_argument("--beta", type=float, default=0.001)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--work", default="/tmp/distributed_grpo")

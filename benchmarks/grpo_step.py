@@ -810,8 +810,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--micro-batch-size",
         type=int,
-        default=16,
-        help="sequences per forward, as grpo's micro_batch_size (0 = the whole batch)",
+        default=32,
+        help="r1lab's sequences per forward, as grpo's micro_batch_size (0 = the whole "
+        "batch); 32 = TRL's here (per_device_train_batch_size is the prompts per step)",
     )
     ap.add_argument("--chunk-size", type=int, default=1024, help="LM-head rows per chunk")
     ap.add_argument("--no-checkpoint", action="store_true", help="recompute no layer")
