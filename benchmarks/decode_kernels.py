@@ -1,12 +1,14 @@
 """Launch shapes of the decode engine's two heaviest kernels, timed on the GPU.
 
-The decode step's attention (RoPE + cache write + grouped-query attention) and its sampler
-(one pass over the vocabulary) are the Triton kernels whose launch shapes matter most. This
-times each over a grid of shapes at the benchmark's workload (Qwen2.5-0.5B dimensions,
-256 rows, the cache filled to the mean position of a 128 + 512 token rollout) and prints
-microseconds per call and the bytes each call must move, so the launch-shape constants at
-the top of `r1lab/engine/decode_ops.py` can be set from a measurement; the fastest shapes
-go to the JSON's "best", which `grpo_step.py --kernel-config` applies:
+The decode step's attention (RoPE + cache write + grouped-query attention, split over the
+cache and combined, or in one pass) and its sampler (one pass over the vocabulary) are the
+Triton kernels whose launch shapes matter most. This times each over a grid of shapes at
+the benchmark's workload (Qwen2.5-0.5B dimensions, or --shape 1.5b; 256 rows, the cache
+filled to the mean position of a 128 + 512 token rollout) and prints microseconds per call
+and the bytes of KV cache each call must read, so the launch-shape constants at the top of
+`r1lab/engine/decode_ops.py` can be set from a measurement. The attention's grid is keys
+per split (0: the single pass) x keys per loop step x warps; the fastest shapes go to the
+JSON's "best", which `grpo_step.py --kernel-config` applies:
 
     python benchmarks/decode_kernels.py --out kernels.json
 """
@@ -52,6 +54,7 @@ def time_us(fn, calls: int = 20, reps: int = 20) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=("0.5b", "1.5b"), default="0.5b")
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=512)
@@ -65,7 +68,7 @@ def main() -> None:
     from r1lab.model.transformer import Transformer
 
     dev = torch.device("cuda")
-    cfg = model_config(SHAPES["0.5b"], layers=1)
+    cfg = model_config(SHAPES[args.shape], layers=1)
     torch.manual_seed(0)
     model = Transformer(cfg).to(dev)
     rows, width = args.rows, args.prompt_len
@@ -86,19 +89,26 @@ def main() -> None:
     kv_bytes = 2 * rows * cfg.num_key_value_heads * cfg.head_dim * (mean_slot + 1) * 2
     report: dict = {"attention": [], "sample": [], "kv_bytes_per_layer": kv_bytes}
     defaults = (
+        decode_ops.ATTN_SPLIT_KEYS,
         decode_ops.ATTN_BLOCK_N,
         decode_ops.ATTN_WARPS,
         decode_ops.SAMPLE_BLOCK,
         decode_ops.SAMPLE_SPLITS,
     )
-    for block_n, warps in itertools.product((32, 64, 128), (2, 4, 8)):
-        decode_ops.ATTN_BLOCK_N, decode_ops.ATTN_WARPS = block_n, warps
-        try:
+    for split_keys, block_n, warps in itertools.product(
+        (0, 64, 128, 256), (32, 64, 128), (2, 4, 8)
+    ):
+        if split_keys and block_n > split_keys:  # most of every block would be masked out
+            continue
+        decode_ops.ATTN_SPLIT_KEYS, decode_ops.ATTN_BLOCK_N = split_keys, block_n
+        decode_ops.ATTN_WARPS = warps
+        shape = f"split_keys={split_keys} block_n={block_n} warps={warps}"
+        try:  # a new split size reallocates the engine's scratch in the warm-up calls
             us = time_us(lambda: ops.rope_attention(engine, qkv, out, 0))
         except Exception as err:  # noqa: BLE001 - a shape that does not build
-            print(f"attention block_n={block_n} warps={warps}: {err!r}")
+            print(f"attention {shape}: {err!r}")
             continue
-        rec = {"block_n": block_n, "warps": warps, "us": round(us, 2)}
+        rec = {"split_keys": split_keys, "block_n": block_n, "warps": warps, "us": round(us, 2)}
         rec["gb_per_s"] = round(kv_bytes / us / 1e3)
         report["attention"].append(rec)
         print("attention", json.dumps(rec), flush=True)
@@ -115,6 +125,7 @@ def main() -> None:
         report["sample"].append(rec)
         print("sample", json.dumps(rec), flush=True)
     (
+        decode_ops.ATTN_SPLIT_KEYS,
         decode_ops.ATTN_BLOCK_N,
         decode_ops.ATTN_WARPS,
         decode_ops.SAMPLE_BLOCK,
@@ -125,7 +136,11 @@ def main() -> None:
     print("fastest attention:", best_a, " fastest sampler:", best_s)
     report["best"] = {}
     if best_a:
-        report["best"].update(ATTN_BLOCK_N=best_a["block_n"], ATTN_WARPS=best_a["warps"])
+        report["best"].update(
+            ATTN_SPLIT_KEYS=best_a["split_keys"],
+            ATTN_BLOCK_N=best_a["block_n"],
+            ATTN_WARPS=best_a["warps"],
+        )
     if best_s:
         report["best"].update(SAMPLE_BLOCK=best_s["block"], SAMPLE_SPLITS=best_s["splits"])
     if args.out:

@@ -8,12 +8,13 @@ TRITON_INTERPRET=1), to check the logic on a machine without a GPU.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from r1lab.engine import fallbacks, fast_generate, fast_train, pack_attention
-from r1lab.engine.decode_ops import TritonOps
+from r1lab.engine import decode_ops, fallbacks, fast_generate, fast_train, pack_attention
+from r1lab.engine.decode_ops import TorchOps, TritonOps
 from r1lab.engine.generate import SamplingParams, sample
 from r1lab.engine.grpo_update import (
     TrainBatch,
@@ -24,7 +25,7 @@ from r1lab.engine.grpo_update import (
 )
 from r1lab.engine.logprobs import token_logprobs
 from r1lab.model.config import ModelConfig
-from r1lab.model.transformer import Transformer
+from r1lab.model.transformer import Transformer, rope_tables
 from r1lab.rl.losses import policy_loss
 
 pytestmark = pytest.mark.gpu
@@ -88,8 +89,11 @@ def engine_options(device) -> dict:
 
 
 # ---- the sampler ---------------------------------------------------------------------------------
-def test_greedy_equals_reference_fp32(device, monkeypatch):
-    """fp32 engine: the same greedy tokens, stop reasons and log-probs as the reference."""
+@pytest.mark.parametrize("split_keys", [0, 16], ids=["one-pass", "split-16"])
+def test_greedy_equals_reference_fp32(device, monkeypatch, split_keys):
+    """fp32 engine: the same greedy tokens, stop reasons and log-probs as the reference,
+    with the attention in one pass over the cache or split into 16-key slices."""
+    monkeypatch.setattr(decode_ops, "ATTN_SPLIT_KEYS", split_keys)
     model = make_model(device)
     prompts = random_prompts(5, 512)
     base = reference_sample(monkeypatch, model, prompts[:1], SamplingParams(0, max_new_tokens=8))
@@ -184,6 +188,61 @@ def test_top_k_restricts_support(device):
     with torch.no_grad():
         top3 = model(torch.tensor([[1, 2, 3]], device=device))[0, -1].topk(3).indices.tolist()
     assert {c.token_ids[0] for c in out} <= set(top3)
+
+
+# ---- the attention kernel -------------------------------------------------------------------------
+def _attention_state(device, dtype, rep, head_dim, slot, max_len, rows=3, kv=2):
+    """What `rope_attention` reads of an engine: random q/k/v, cache and positions. Of the
+    cached keys, row 0 masks out those of the first two splits (a split with no valid key
+    at all), row 1 a random fifth, row 2 none."""
+    g = torch.Generator().manual_seed(slot)
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    cos, sin = rope_tables(torch.arange(max_len), inv_freq)
+    key_ok = torch.ones(rows, max_len, dtype=torch.bool)
+    key_ok[0, : 2 * (decode_ops.ATTN_SPLIT_KEYS or 32)] = False
+    key_ok[1] = torch.rand(max_len, generator=g) > 0.2
+    key_ok[:, slot:] = True  # as the engine holds it: the generated tokens are all keys
+    cache = [torch.randn(rows, kv, max_len, head_dim, generator=g) for _ in range(2)]
+    e = SimpleNamespace(
+        n_heads=rep * kv, n_kv=kv, head_dim=head_dim, rows=rows, max_len=max_len, dtype=dtype,
+        device=device, cos=cos.to(device), sin=sin.to(device), key_ok=key_ok.to(device),
+        k_cache=[cache[0].to(device, dtype)], v_cache=[cache[1].to(device, dtype)],
+        positions=torch.randint(0, max_len, (rows,), generator=g).to(device),
+        slot=torch.tensor([slot], device=device), attn_partials=None,
+    )  # fmt: skip
+    qkv = 2 * torch.randn(rows, (rep + 2) * kv * head_dim, generator=g)  # peaky softmax
+    return e, qkv.to(device, dtype)
+
+
+@pytest.mark.parametrize("rep,head_dim", [(6, 128), (7, 64)])  # Qwen2.5-1.5B's and 0.5B's
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("split_keys", [0, 32, 24])
+def test_rope_attention_kernel_equals_torch_op(
+    device, monkeypatch, rep, head_dim, dtype, split_keys
+):
+    """The fused kernel, single pass (0) or split-K, against the torch op: the output and
+    the new key and value in the cache, with the cache shorter than a split, ending on a
+    split's boundary, spanning several splits (24: splits end mid-block), or full."""
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the kernel needs CUDA or TRITON_INTERPRET=1")
+        if dtype == torch.bfloat16:  # it takes tl.dot of bf16 on the raw bits, as integers
+            pytest.skip("Triton's interpreter does not multiply bf16")
+    monkeypatch.setattr(decode_ops, "ATTN_BLOCK_N", 16)
+    monkeypatch.setattr(decode_ops, "ATTN_SPLIT_KEYS", split_keys)
+    max_len, k = 100, split_keys or 32
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=3e-2)
+    for slot in (5, k, 2 * k, 2 * k + 7, max_len - 1):
+        ref, qkv = _attention_state(device, dtype, rep, head_dim, slot, max_len)
+        fused, _ = _attention_state(device, dtype, rep, head_dim, slot, max_len)
+        want = torch.empty(qkv.shape[0], ref.n_heads * head_dim, device=device, dtype=dtype)
+        got = torch.empty_like(want)
+        TorchOps().rope_attention(ref, qkv, want, 0)
+        TritonOps().rope_attention(fused, qkv, got, 0)
+        assert (fused.attn_partials is not None) == bool(split_keys)
+        torch.testing.assert_close(got.float(), want.float(), **tol, msg=f"slot {slot}")
+        torch.testing.assert_close(fused.k_cache[0], ref.k_cache[0])  # to an ulp (FMA)
+        assert torch.equal(fused.v_cache[0], ref.v_cache[0])
 
 
 # Qwen2.5-0.5B and -1.5B widths, as in benchmarks/grpo_step.py's SHAPES (full vocabulary,

@@ -32,7 +32,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from r1lab.engine.decode_ops import HAS_TRITON, MAX_STOP_IDS, TorchOps, TritonOps
+from r1lab.engine.decode_ops import (
+    HAS_TRITON,
+    MAX_STOP_IDS,
+    TorchOps,
+    TritonOps,
+    attention_partials,
+)
 from r1lab.engine.fallbacks import declined
 from r1lab.engine.sampling import SamplingParams, filter_logits
 from r1lab.model.transformer import (
@@ -140,6 +146,11 @@ class DecodeEngine:
         self.h = empty(rows, self.hidden)
         self.sample_stats = self.sample_index = None  # the sampler's per-slice results
         self.attn = empty(rows, self.n_heads * self.head_dim)
+        self.attn_partials = (  # the split-K attention's per-split results, for every layer
+            attention_partials(rows, self.n_heads, self.n_kv, self.head_dim, max_len, dev)
+            if use_triton
+            else None
+        )
         self.act = empty(rows, self.ffn)
         self.graphs: dict[_Mode, torch.cuda.CUDAGraph] = {}
         self.pool = None

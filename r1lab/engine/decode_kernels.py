@@ -2,10 +2,12 @@
 
 Each kernel fuses what would be several eager launches at the GRPO decode shape (hundreds
 of rows, one new token each): residual add + RMSNorm; RoPE + the KV-cache write +
-grouped-query attention; SiLU * up; sampling in two passes over the vocabulary; recording
-the pick and embedding the next input; advancing the step state. `decode_ops.TritonOps`
-launches them (launch shapes live there); `decode_ops.TorchOps` is the same step in plain
-torch, the reference they are checked against. Only kernels here: no launch logic, no state.
+grouped-query attention, in one pass over the cache or split over it (flash decoding: more
+programs to stream the cache, then a kernel that combines their partial softmaxes); SiLU *
+up; sampling in two passes over the vocabulary; recording the pick and embedding the next
+input; advancing the step state. `decode_ops.TritonOps` launches them (launch shapes live
+there); `decode_ops.TorchOps` is the same step in plain torch, the reference they are
+checked against. Only kernels here: no launch logic, no state.
 
 Importable without Triton (the CPU build of torch has none): `HAS_TRITON` says whether the
 kernels exist.
@@ -61,6 +63,9 @@ if HAS_TRITON:
         ok_ptr,
         slot_ptr,
         out_ptr,
+        part_m_ptr,
+        part_l_ptr,
+        part_acc_ptr,
         scale,
         L,
         H: tl.constexpr,
@@ -69,53 +74,80 @@ if HAS_TRITON:
         REP: tl.constexpr,
         QB: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        SPLIT_KEYS: tl.constexpr,
         IEEE: tl.constexpr,
     ):
-        """One row, one KV head: RoPE, the new key and value into the cache, then attention.
+        """One row, one KV head, one split of the cache: RoPE, the new key and value into
+        the cache, then attention over the split's keys.
 
         The REP query heads that share a KV head are the rows of one small matrix, so the
         cached keys and values are read once for all of them and never expanded. Rotated
         vectors stay as two halves (dot products add the halves), so nothing is re-joined.
         The new token's key is used from registers, not read back from the cache, so the
         cache write needs no barrier; the cached keys are slots 0 .. slot - 1.
+
+        SPLIT_KEYS == 0: one split (grid axis 2 of size 1) over all the cached keys, and the
+        output is written here. Otherwise split s takes the cached keys [s * SPLIT_KEYS,
+        (s + 1) * SPLIT_KEYS) below slot and writes its partial softmax (running max m,
+        sum l, unnormalised fp32 acc) for `attn_combine_kernel`; splits past the cache's
+        end return at once. Split 0 alone writes the new key and value into the cache at
+        `slot` and counts the new token as a key, so no program reads the slot being
+        written. Every split rotates the query itself: that is cheaper than a launch.
         """
         row = tl.program_id(0)
         kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        slot = tl.load(slot_ptr)
+        if SPLIT_KEYS == 0:
+            lo = 0
+            hi = slot
+        else:
+            lo = split.to(tl.int64) * SPLIT_KEYS
+            hi = tl.minimum(lo + SPLIT_KEYS, slot)
+            if split > 0 and lo >= slot:
+                return
+        first = split == 0
         half = tl.arange(0, D // 2)
         d = tl.arange(0, D)
         qi = tl.arange(0, QB)
         qmask = qi < REP
         stride = (H + 2 * KV) * D
         pos = tl.load(pos_ptr + row)
-        slot = tl.load(slot_ptr)
         cos = tl.load(cos_ptr + pos * (D // 2) + half)
         sin = tl.load(sin_ptr + pos * (D // 2) + half)
         dt = kc_ptr.dtype.element_ty
-        # the new key (rotated, rounded as the cache holds it) and value, into the cache
+        # the new key (rotated, rounded as the cache holds it) and value
         k_src = qkv_ptr + row * stride + (H + kvh) * D
         k1 = tl.load(k_src + half).to(tl.float32)
         k2 = tl.load(k_src + D // 2 + half).to(tl.float32)
         k1, k2 = (k1 * cos - k2 * sin).to(dt), (k2 * cos + k1 * sin).to(dt)
         v_new = tl.load(qkv_ptr + row * stride + (H + KV + kvh) * D + d)
         base = (row * KV + kvh) * L * D
-        tl.store(kc_ptr + base + slot * D + half, k1)
-        tl.store(kc_ptr + base + slot * D + D // 2 + half, k2)
-        tl.store(vc_ptr + base + slot * D + d, v_new)
+        if first:  # into the cache, by one split only
+            tl.store(kc_ptr + base + slot * D + half, k1)
+            tl.store(kc_ptr + base + slot * D + D // 2 + half, k2)
+            tl.store(vc_ptr + base + slot * D + d, v_new)
         # the REP query heads, rotated, as two (QB, D/2) halves
         q_src = qkv_ptr + row * stride + (kvh * REP + qi[:, None]) * D
         q1 = tl.load(q_src + half[None, :], mask=qmask[:, None], other=0.0).to(tl.float32)
         q2 = tl.load(q_src + D // 2 + half[None, :], mask=qmask[:, None], other=0.0).to(tl.float32)
         q1, q2 = (q1 * cos - q2 * sin).to(dt), (q2 * cos + q1 * sin).to(dt)
-        # the new key first: every row's own token is a valid key
-        m_i = (
+        # split 0 starts from the new token (every row's own token is a valid key); the
+        # others from nothing, with a finite max so a split whose keys are all masked out
+        # stays 0 instead of NaN (exp(-inf - -inf))
+        s_new = (
             tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], 1)
             + tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], 1)
         ) * scale
-        l_i = tl.full([QB], 1.0, dtype=tl.float32)
-        acc = tl.zeros([QB, D], dtype=tl.float32) + v_new.to(tl.float32)[None, :]
-        for start in range(0, slot, BLOCK_N):
+        m_i = tl.where(first, s_new, -1.0e30)
+        l_i = tl.zeros([QB], dtype=tl.float32) + tl.where(first, 1.0, 0.0)
+        acc = (
+            tl.zeros([QB, D], dtype=tl.float32)
+            + tl.where(first, v_new.to(tl.float32), 0.0)[None, :]
+        )
+        for start in range(lo, hi, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
-            in_range = j < slot
+            in_range = j < hi
             ok = tl.load(ok_ptr + row * L + j, mask=in_range, other=0) != 0
             k_off = base + j[:, None] * D
             ka = tl.load(kc_ptr + k_off + half[None, :], mask=in_range[:, None], other=0.0)
@@ -137,7 +169,56 @@ if HAS_TRITON:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        out = acc / l_i[:, None]
+        if SPLIT_KEYS == 0:
+            out = acc / l_i[:, None]
+            o_off = (row * H + kvh * REP + qi[:, None]) * D + d[None, :]
+            tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
+        else:
+            part = ((row * KV + kvh) * tl.num_programs(2) + split) * QB + qi
+            tl.store(part_m_ptr + part, m_i, mask=qmask)
+            tl.store(part_l_ptr + part, l_i, mask=qmask)
+            tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=qmask[:, None])
+
+    @triton.jit
+    def attn_combine_kernel(
+        part_m_ptr,
+        part_l_ptr,
+        part_acc_ptr,
+        slot_ptr,
+        out_ptr,
+        SPLITS,
+        H: tl.constexpr,
+        KV: tl.constexpr,
+        D: tl.constexpr,
+        REP: tl.constexpr,
+        QB: tl.constexpr,
+        SPLIT_KEYS: tl.constexpr,
+        SPLITS_P2: tl.constexpr,
+    ):
+        """One row, one KV head: merge the partials of the splits that hold keys (split 0,
+        with the new token, at least), each rescaled to the largest max, into the output."""
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        d = tl.arange(0, D)
+        qi = tl.arange(0, QB)
+        qmask = qi < REP
+        n = tl.maximum((tl.load(slot_ptr) + SPLIT_KEYS - 1) // SPLIT_KEYS, 1)
+        base = (row * KV + kvh) * SPLITS  # the first partial of this row and head
+        sp = tl.arange(0, SPLITS_P2)
+        idx = (base + sp[:, None]) * QB + qi[None, :]
+        live = (sp < n)[:, None] & qmask[None, :]
+        m = tl.load(part_m_ptr + idx, mask=live, other=float("-inf"))
+        top = tl.where(qmask, tl.max(m, 0), 0.0)  # padding rows of the query block: no partials
+        denom = tl.sum(tl.load(part_l_ptr + idx, mask=live, other=0.0) * tl.exp(m - top), 0)
+        acc = tl.zeros([QB, D], dtype=tl.float32)
+        for s in range(0, n):
+            part = (base + s) * QB + qi
+            w = tl.exp(tl.load(part_m_ptr + part, mask=qmask, other=0.0) - top)
+            a = tl.load(
+                part_acc_ptr + part[:, None] * D + d[None, :], mask=qmask[:, None], other=0.0
+            )
+            acc += a * w[:, None]
+        out = acc / denom[:, None]
         o_off = (row * H + kvh * REP + qi[:, None]) * D + d[None, :]
         tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
 

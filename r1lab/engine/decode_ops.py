@@ -25,10 +25,41 @@ from r1lab.model.transformer import apply_rope, rms_norm, swiglu
 
 MAX_STOP_IDS = 16  # stop tokens held in a fixed-size device buffer
 # Launch shapes of the decode kernels (measured on an H200: benchmarks/RESULTS.md).
-ATTN_BLOCK_N, ATTN_WARPS = 64, 2  # cached keys per loop step; warps per (row, KV head)
+ATTN_BLOCK_N, ATTN_WARPS = 64, 2  # cached keys per loop step; warps per attention program
+# Cached keys per split-K attention program; 0 (or a cache no longer than one split): one
+# program per (row, KV head) over the whole cache. At GRPO's 256 rows x 2 KV heads that is
+# 512 programs, under 4 per SM of an H200, too few loads in flight to stream the cache at
+# full bandwidth. 128 keys per split gives 3 live splits at the benchmark's mean cache (384
+# keys: 1,536 programs, over 11 per SM) and 5 at its end, while each split's fp32 partial
+# (REP x D, written once and read once by the combine) stays under a tenth of the 64 KB of
+# keys and values it reads at D = 128. benchmarks/decode_kernels.py sweeps it.
+ATTN_SPLIT_KEYS = 128
 SAMPLE_BLOCK, SAMPLE_SPLITS = 1024, 32  # vocabulary columns per loop step; slices per row
 
-__all__ = ["HAS_TRITON", "MAX_STOP_IDS", "TorchOps", "TritonOps"]
+__all__ = ["HAS_TRITON", "MAX_STOP_IDS", "TorchOps", "TritonOps", "attention_partials"]
+
+
+def _split_keys(max_len: int) -> int:
+    """Cached keys per attention split; 0: the single pass (also for a cache of one split)."""
+    return ATTN_SPLIT_KEYS if 0 < ATTN_SPLIT_KEYS < max_len else 0
+
+
+def _query_block(rep: int) -> int:
+    """Rows of the query matrix of one KV head: REP, padded to a power of two of 16 or more
+    (the smallest `tl.dot` operand)."""
+    return max(16, 1 << (rep - 1).bit_length())
+
+
+def attention_partials(rows, n_heads, n_kv, head_dim, max_len, device):
+    """Scratch of the split-K attention at the current `ATTN_SPLIT_KEYS`: each (row, KV
+    head, split, query head)'s running max m, sum l and unnormalised output acc, in fp32;
+    None for the single pass. One set serves every layer (they run one after the other)."""
+    split_keys = _split_keys(max_len)
+    if not split_keys:
+        return None
+    shape = (rows, n_kv, -(-max_len // split_keys), _query_block(n_heads // n_kv))
+    m = torch.empty(shape, device=device, dtype=torch.float32)
+    return m, torch.empty_like(m), torch.empty(*shape, head_dim, device=device, dtype=m.dtype)
 
 
 class TritonOps:
@@ -48,8 +79,22 @@ class TritonOps:
         )
 
     def rope_attention(self, e, qkv, out, layer):
+        """One program per (row, KV head) over the whole cache, or one per (row, KV head,
+        split of ATTN_SPLIT_KEYS keys) and then their combine: a grid fixed by max_len,
+        whatever the slot, so one captured graph serves every step."""
         rep = e.n_heads // e.n_kv
-        kernels.rope_decode_attn_kernel[(qkv.shape[0], e.n_kv)](
+        split_keys = _split_keys(e.max_len)
+        splits = triton.cdiv(e.max_len, split_keys) if split_keys else 1
+        parts = e.attn_partials
+        if split_keys and (parts is None or parts[0].shape[2] != splits):
+            # the split size changed since the engine was built (a benchmark's sweep):
+            # reallocated in the warm-up steps, before any graph capture
+            parts = e.attn_partials = attention_partials(
+                e.rows, e.n_heads, e.n_kv, e.head_dim, e.max_len, e.device
+            )
+        part_m, part_l, part_acc = parts if split_keys else (out, out, out)  # unused if 0
+        heads = dict(H=e.n_heads, KV=e.n_kv, D=e.head_dim, REP=rep, QB=_query_block(rep))
+        kernels.rope_decode_attn_kernel[(qkv.shape[0], e.n_kv, splits)](
             qkv,
             e.k_cache[layer],
             e.v_cache[layer],
@@ -59,17 +104,22 @@ class TritonOps:
             e.key_ok,
             e.slot,
             out,
+            part_m,
+            part_l,
+            part_acc,
             1.0 / math.sqrt(e.head_dim),
             e.max_len,
-            H=e.n_heads,
-            KV=e.n_kv,
-            D=e.head_dim,
-            REP=rep,
-            QB=max(16, triton.next_power_of_2(rep)),
+            **heads,
             BLOCK_N=ATTN_BLOCK_N,
+            SPLIT_KEYS=split_keys,
             IEEE=e.dtype == torch.float32,
             num_warps=ATTN_WARPS,
         )
+        if split_keys:
+            kernels.attn_combine_kernel[(qkv.shape[0], e.n_kv)](
+                part_m, part_l, part_acc, e.slot, out, splits, **heads, SPLIT_KEYS=split_keys,
+                SPLITS_P2=triton.next_power_of_2(splits), num_warps=ATTN_WARPS,
+            )  # fmt: skip
 
     def record_and_embed(self, e):
         kernels.record_embed_kernel[(e.rows,)](
