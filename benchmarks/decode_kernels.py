@@ -52,6 +52,9 @@ def time_us(fn, calls: int = 20, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+SPLIT_ALWAYS = 1 << 30  # an ATTN_SPLIT_BELOW that splits at any number of rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=("0.5b", "1.5b"), default="0.5b")
@@ -91,6 +94,7 @@ def main() -> None:
     report: dict = {"attention": [], "sample": [], "kv_bytes_per_layer": kv_bytes}
     defaults = (
         decode_ops.ATTN_SPLIT_KEYS,
+        decode_ops.ATTN_SPLIT_BELOW,
         decode_ops.ATTN_BLOCK_N,
         decode_ops.ATTN_WARPS,
         decode_ops.SAMPLE_BLOCK,
@@ -101,11 +105,12 @@ def main() -> None:
     decode_ops.ATTN_SPLIT_KEYS = 0
     ops.rope_attention(engine, qkv, out, 0)
     truth = out.float().clone()
-    for split_keys, block_n, warps in itertools.product((0, 64, 128, 256), (32, 64), (2, 4, 8)):
+    for split_keys, block_n, warps in itertools.product((0, 128, 256), (16, 32, 64), (2, 4, 8)):
         if split_keys and block_n > split_keys:  # most of every block would be masked out
             continue
         decode_ops.ATTN_SPLIT_KEYS, decode_ops.ATTN_BLOCK_N = split_keys, block_n
         decode_ops.ATTN_WARPS = warps
+        decode_ops.ATTN_SPLIT_BELOW = SPLIT_ALWAYS if split_keys else 0  # as asked, whatever rows
         shape = f"split_keys={split_keys} block_n={block_n} warps={warps}"
         try:  # a new split size reallocates the engine's scratch in the warm-up calls
             us = time_us(lambda: ops.rope_attention(engine, qkv, out, 0))
@@ -136,6 +141,7 @@ def main() -> None:
         print("sample", json.dumps(rec), flush=True)
     (
         decode_ops.ATTN_SPLIT_KEYS,
+        decode_ops.ATTN_SPLIT_BELOW,
         decode_ops.ATTN_BLOCK_N,
         decode_ops.ATTN_WARPS,
         decode_ops.SAMPLE_BLOCK,
@@ -148,6 +154,7 @@ def main() -> None:
     if best_a:
         report["best"].update(
             ATTN_SPLIT_KEYS=best_a["split_keys"],
+            ATTN_SPLIT_BELOW=SPLIT_ALWAYS if best_a["split_keys"] else 0,
             ATTN_BLOCK_N=best_a["block_n"],
             ATTN_WARPS=best_a["warps"],
         )

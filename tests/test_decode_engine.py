@@ -131,3 +131,31 @@ def test_head_dim_and_stop_token_reasons(model, monkeypatch):
     assert "head_dim 48" in fast_generate.why_not(OnCuda(odd), SamplingParams())
     many = SamplingParams(stop_token_ids=tuple(range(40, 60)))
     assert "21 stop tokens" in fast_generate.why_not(OnCuda(cfg), many)  # 20 + the EOS
+
+
+def test_attention_is_split_only_when_the_single_pass_cannot_fill_the_gpu(monkeypatch):
+    """One program per (row, KV head) over the whole cache was measured faster than any
+    split at GRPO's 512 programs; with fewer programs than SMs the cache is split."""
+    from r1lab.engine import decode_ops
+
+    monkeypatch.setattr(decode_ops, "ATTN_SPLIT_KEYS", 256)
+    monkeypatch.setattr(decode_ops, "ATTN_SPLIT_BELOW", 132)  # an H200's SMs
+    assert decode_ops._split_keys(256, 2, 640, "cpu") == 0  # 512 programs: one pass
+    assert decode_ops._split_keys(16, 2, 4096, "cpu") == 256  # 32 programs: split
+    assert decode_ops._split_keys(16, 2, 200, "cpu") == 0  # the cache fits one split
+    monkeypatch.setattr(decode_ops, "ATTN_SPLIT_KEYS", 0)
+    assert decode_ops._split_keys(16, 2, 4096, "cpu") == 0  # splitting turned off
+    assert decode_ops.attention_partials(16, 12, 2, 128, 4096, "cpu") is None
+    monkeypatch.setattr(decode_ops, "ATTN_SPLIT_KEYS", 256)
+    maxes, sums, acc = decode_ops.attention_partials(16, 12, 2, 128, 4096, "cpu")
+    assert maxes.shape == sums.shape == (16, 2, 16, 16) and acc.shape == (16, 2, 16, 16, 128)
+
+
+def test_attention_launch_shape_follows_the_head_dim(monkeypatch):
+    from r1lab.engine import decode_ops
+
+    assert decode_ops._attention_launch(128) == decode_ops.ATTN_SHAPES[128]
+    assert decode_ops._attention_launch(64) == decode_ops.ATTN_SHAPES[64]
+    assert decode_ops._attention_launch(80) == (64, 2)
+    monkeypatch.setattr(decode_ops, "ATTN_WARPS", 8)  # a sweep's override, at every head dim
+    assert decode_ops._attention_launch(128)[1] == 8 and decode_ops._attention_launch(64)[1] == 8

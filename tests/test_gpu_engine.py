@@ -94,6 +94,7 @@ def test_greedy_equals_reference_fp32(device, monkeypatch, split_keys):
     """fp32 engine: the same greedy tokens, stop reasons and log-probs as the reference,
     with the attention in one pass over the cache or split into 16-key slices."""
     monkeypatch.setattr(decode_ops, "ATTN_SPLIT_KEYS", split_keys)
+    monkeypatch.setattr(decode_ops, "ATTN_SPLIT_BELOW", 1 << 30)  # split at any batch
     model = make_model(device)
     prompts = random_prompts(5, 512)
     base = reference_sample(monkeypatch, model, prompts[:1], SamplingParams(0, max_new_tokens=8))
@@ -230,6 +231,7 @@ def test_rope_attention_kernel_equals_torch_op(
             pytest.skip("Triton's interpreter does not multiply bf16")
     monkeypatch.setattr(decode_ops, "ATTN_BLOCK_N", 16)
     monkeypatch.setattr(decode_ops, "ATTN_SPLIT_KEYS", split_keys)
+    monkeypatch.setattr(decode_ops, "ATTN_SPLIT_BELOW", 1 << 30)  # split at any batch
     max_len, k = 100, split_keys or 32
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=3e-2)
     for slot in (5, k, 2 * k, 2 * k + 7, max_len - 1):

@@ -25,23 +25,45 @@ from r1lab.model.transformer import apply_rope, rms_norm, swiglu
 
 MAX_STOP_IDS = 16  # stop tokens held in a fixed-size device buffer
 # Launch shapes of the decode kernels (measured on an H200: benchmarks/RESULTS.md).
-ATTN_BLOCK_N, ATTN_WARPS = 64, 2  # cached keys per loop step; warps per attention program
-# Cached keys per split-K attention program; 0 (or a cache no longer than one split): one
-# program per (row, KV head) over the whole cache. At GRPO's 256 rows x 2 KV heads that is
-# 512 programs, under 4 per SM of an H200, too few loads in flight to stream the cache at
-# full bandwidth. 128 keys per split gives 3 live splits at the benchmark's mean cache (384
-# keys: 1,536 programs, over 11 per SM) and 5 at its end, while each split's fp32 partial
-# (REP x D, written once and read once by the combine) stays under a tenth of the 64 KB of
-# keys and values it reads at D = 128. benchmarks/decode_kernels.py sweeps it.
-ATTN_SPLIT_KEYS = 128
+# The attention's (cached keys per loop step, warps) by head dim, from the sweep of
+# benchmarks/decode_kernels.py at GRPO's batch (256 rows, a 384-key cache): at D = 128 32
+# keys and 4 warps (31.5 us a layer at 1.5B, 39.7 us at 64 and 2); at D = 64 64 and 2
+# (17.9 us at 0.5B). Other head dims take 64 and 2. ATTN_BLOCK_N / ATTN_WARPS, when set,
+# override them at every head dim (the sweep sets them).
+ATTN_SHAPES = {64: (64, 2), 128: (32, 4)}
+ATTN_BLOCK_N: int | None = None
+ATTN_WARPS: int | None = None
+# Split-K: cached keys per program when the cache is split (0: never split). The single
+# pass runs one program per (row, KV head); at GRPO's 256 rows x 2 KV heads (512 programs)
+# it was faster than every split size swept (64-256 keys: 37-60 us against 31.5 at 1.5B),
+# so it is used whenever it launches at least ATTN_SPLIT_BELOW programs (None: the GPU's
+# SM count). Below that some SMs would idle through the whole cache (a few rows over a
+# long cache, as in evaluation) and splitting it is what keeps them busy.
+ATTN_SPLIT_KEYS = 256
+ATTN_SPLIT_BELOW: int | None = None
 SAMPLE_BLOCK, SAMPLE_SPLITS = 1024, 32  # vocabulary columns per loop step; slices per row
 
 __all__ = ["HAS_TRITON", "MAX_STOP_IDS", "TorchOps", "TritonOps", "attention_partials"]
 
 
-def _split_keys(max_len: int) -> int:
-    """Cached keys per attention split; 0: the single pass (also for a cache of one split)."""
-    return ATTN_SPLIT_KEYS if 0 < ATTN_SPLIT_KEYS < max_len else 0
+def _split_keys(rows: int, n_kv: int, max_len: int, device) -> int:
+    """Cached keys per attention split; 0: the single pass (enough programs to fill the
+    GPU, or a cache of one split)."""
+    if not 0 < ATTN_SPLIT_KEYS < max_len:
+        return 0
+    below = ATTN_SPLIT_BELOW
+    if below is None:
+        dev = torch.device(device)
+        below = (
+            torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
+        )
+    return ATTN_SPLIT_KEYS if rows * n_kv < below else 0
+
+
+def _attention_launch(head_dim: int) -> tuple[int, int]:
+    """(cached keys per loop step, warps) of the attention program at this head dim."""
+    block_n, warps = ATTN_SHAPES.get(head_dim, (64, 2))
+    return ATTN_BLOCK_N or block_n, ATTN_WARPS or warps
 
 
 def _query_block(rep: int) -> int:
@@ -54,7 +76,7 @@ def attention_partials(rows, n_heads, n_kv, head_dim, max_len, device):
     """Scratch of the split-K attention at the current `ATTN_SPLIT_KEYS`: each (row, KV
     head, split, query head)'s running max m, sum l and unnormalised output acc, in fp32;
     None for the single pass. One set serves every layer (they run one after the other)."""
-    split_keys = _split_keys(max_len)
+    split_keys = _split_keys(rows, n_kv, max_len, device)
     if not split_keys:
         return None
     shape = (rows, n_kv, -(-max_len // split_keys), _query_block(n_heads // n_kv))
@@ -83,7 +105,8 @@ class TritonOps:
         split of ATTN_SPLIT_KEYS keys) and then their combine: a grid fixed by max_len,
         whatever the slot, so one captured graph serves every step."""
         rep = e.n_heads // e.n_kv
-        split_keys = _split_keys(e.max_len)
+        split_keys = _split_keys(e.rows, e.n_kv, e.max_len, e.device)
+        block_n, warps = _attention_launch(e.head_dim)
         splits = triton.cdiv(e.max_len, split_keys) if split_keys else 1
         parts = e.attn_partials
         if split_keys and (parts is None or parts[0].shape[2] != splits):
@@ -110,15 +133,15 @@ class TritonOps:
             1.0 / math.sqrt(e.head_dim),
             e.max_len,
             **heads,
-            BLOCK_N=ATTN_BLOCK_N,
+            BLOCK_N=block_n,
             SPLIT_KEYS=split_keys,
             IEEE=e.dtype == torch.float32,
-            num_warps=ATTN_WARPS,
+            num_warps=warps,
         )
         if split_keys:
             kernels.attn_combine_kernel[(qkv.shape[0], e.n_kv)](
                 part_m, part_l, part_acc, e.slot, out, splits, **heads, SPLIT_KEYS=split_keys,
-                SPLITS_P2=triton.next_power_of_2(splits), num_warps=ATTN_WARPS,
+                SPLITS_P2=triton.next_power_of_2(splits), num_warps=warps,
             )  # fmt: skip
 
     def record_and_embed(self, e):
