@@ -36,6 +36,7 @@ import yaml
 from r1lab import distributed
 from r1lab.config import ConfigError, resolve_device, resolve_dtype, write_config
 from r1lab.distributed import NullLog
+from r1lab.engine import fast_generate
 from r1lab.engine.grpo_update import UpdateSettings, update_on_rollout
 from r1lab.model.checkpoint import atomic_write_text, load_model
 from r1lab.model.tokenizer import load_tokenizer, render_prompt
@@ -280,6 +281,9 @@ def train_step(rs: RunState, cfg: Config, step: int) -> tuple[dict, Rollout]:
         world=distributed.world_size(),
         warn_context=step == rs.start + 1,  # prompts beyond the context: said once
     )
+    # the engine's weight copy and KV cache are not needed to train (at 7B they hold ~24 GB
+    # through the update); it is rebuilt at the next rollout, as benchmarks/grpo_step.py times
+    fast_generate.release(sampler)
     check_judged(rollout, step)
     record = rollout_metrics(rollout, cfg.dynamic_sampling)
     record = {"step": step, **merge_metrics(record, len(rollout.sampled))}
