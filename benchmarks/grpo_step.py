@@ -408,6 +408,56 @@ def device_times(prof) -> tuple[dict[str, float], dict[str, float]]:
     return ranges, kernels
 
 
+def mean_completion_len(result: dict, warmup: int) -> float:
+    """Mean completion length over the steady steps, as each tool logs it (r1lab:
+    `mean_completion_len`, TRL: `completions/mean_length`); the maximum if neither."""
+    steps = result["steps"][warmup:] or result["steps"]
+    lengths = [s.get("mean_completion_len", s.get("completions/mean_length")) for s in steps]
+    lengths = [x for x in lengths if x is not None]
+    return sum(lengths) / len(lengths) if lengths else float(result["completion_len"])
+
+
+# bf16 matrix-multiply rate measured on the H200 (issue 14): the MFU denominator
+PEAK_FLOPS = 790e12
+
+
+def training_flops(model: dict, prompt_len: int, completion_len: float, sequences: int) -> float:
+    """Model FLOPs of one update on this workload, counted (not measured): the reference
+    forward plus the policy's forward and backward (2x the forward), i.e. four forwards,
+    whatever either tool recomputes (recomputation is hardware work, not model work).
+
+    A forward: 2 FLOPs per weight of each layer's projections per token (q, k, v, o, gate,
+    up, down; the biases' adds left out); attention 4 x heads x head_dim per token per key
+    (scores and the weighted sum), each token seeing the (L + 1) / 2 keys of a causal
+    sequence of length L on average, at the mean length; the LM head 2 x hidden x vocab on
+    the completion tokens only (the prompt's logits are never needed)."""
+    hidden, ffn, layers = model["hidden"], model["ffn"], model["layers"]
+    head_dim = model.get("head_dim", hidden // model["heads"])
+    q, kv = model["heads"] * head_dim, model["kv"] * head_dim
+    weights = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * ffn
+    length = prompt_len + completion_len
+    tokens = sequences * length
+    forward = 2 * weights * layers * tokens
+    forward += 4 * q * (length + 1) / 2 * layers * tokens
+    forward += 2 * hidden * model["vocab"] * sequences * completion_len
+    return 4 * forward
+
+
+def train_mfu(data: dict) -> dict:
+    """Each tool's training MFU in a combined run: model FLOPs (`training_flops`, at the
+    tool's own mean completion length) over its training seconds and PEAK_FLOPS."""
+    out = {}
+    w = data["workload"]
+    for tool, result in data["results"].items():
+        train_s = (result or {}).get("steady", {}).get("train_s")
+        if not train_s:
+            continue
+        n = mean_completion_len(result, data.get("settings", {}).get("warmup", 1))
+        flops = training_flops(data["model"], w["prompt_len"], n, w["prompts"] * w["group"])
+        out[tool] = round(flops / train_s / PEAK_FLOPS, 3)
+    return out
+
+
 def summarise(result: dict, warmup: int) -> None:
     """Steady-state figures (mean over the steps after `warmup`) added to `result`."""
     steps = result["steps"]
@@ -415,7 +465,7 @@ def summarise(result: dict, warmup: int) -> None:
         return
     total = steady([s["step_s"] for s in steps], warmup)
     rollout = steady([s["rollout_s"] for s in steps], warmup)
-    comps, n = result["completions_per_step"], result["completion_len"]
+    comps, n = result["completions_per_step"], mean_completion_len(result, warmup)
     tokens = comps * (n + result["prompt_len"])
     result["steady"] = {
         "step_s": round(total, 3),
@@ -426,6 +476,7 @@ def summarise(result: dict, warmup: int) -> None:
         "train_tok_per_s": round(tokens / max(total - rollout, 1e-9)),
         "completion_tok_per_s": round(comps * n / total),
         "peak_gb": steps[-1].get("peak_gb"),
+        "mean_completion_len": round(n, 1),
     }
     decode = [s["sampler"]["ms_per_step"] for s in steps[warmup:] if "sampler" in s]
     if decode:
@@ -737,6 +788,7 @@ def orchestrate(args) -> None:
         if data is not None:
             combined["results"][tool] = data
         combined["comparison"] = compare(combined["results"])
+        combined["train_mfu"] = train_mfu(combined)
         write_json(str(out), combined)
     print_table(combined)
 
@@ -775,15 +827,20 @@ def append_results(path: str) -> None:
         ("rollout tokens/s", "rollout_tok_per_s"),
         ("training tokens/s (prompt + completion)", "train_tok_per_s"),
         ("peak memory allocated (GiB)", "peak_gb"),
+        ("mean completion length (tokens)", "mean_completion_len"),
     ]:
-        vals = [res.get(t, {}).get("steady", {}).get(key, "not run") for t in ("r1lab", "trl")]
+        vals = [(res.get(t) or {}).get("steady", {}).get(key, "not run") for t in ("r1lab", "trl")]
         lines.append(f"| {label} | {vals[0]} | {vals[1]} |")
+    mfu = train_mfu(data)
+    vals = [mfu.get(t, "not run") for t in ("r1lab", "trl")]
+    peak = f"{PEAK_FLOPS / 1e12:.0f} TFLOP/s"
+    lines.append(f"| training MFU (model FLOPs / {peak}) | {vals[0]} | {vals[1]} |")
     for tool in ("r1lab", "trl"):
-        steps = res.get(tool, {}).get("steps", [])
+        steps = (res.get(tool) or {}).get("steps", [])
         if steps:
             times = ", ".join(str(s["step_s"]) for s in steps)
             lines.append(f"\n{tool} step times (s, first = warm-up): {times}")
-    r = res.get("r1lab", {})
+    r = res.get("r1lab") or {}
     if r.get("decode_roofline"):
         roof = r["decode_roofline"]
         lines.append(

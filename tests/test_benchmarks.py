@@ -67,3 +67,34 @@ def test_variable_length_workload_stops_early_at_the_calibrated_rate(tmp_path):
     assert stop["p_reached"] == pytest.approx(stop["p"], rel=1e-3) and stop["row_scale"] > 1
     lengths = [s["mean_completion_len"] for s in data["steps"]]  # 16 completions a step
     assert 0.2 * 32 < sum(lengths) / len(lengths) < 0.7 * 32
+
+
+def test_training_flops_count_the_models_own_weights_and_causal_attention():
+    """The MFU numerator against the model itself: its layers' projection weights, every
+    position's causal keys summed one by one, the LM head on completion tokens only; four
+    forwards (reference + policy forward and backward)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from grpo_step import SHAPES, model_config, training_flops
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    from r1lab.model.transformer import Transformer
+
+    shape = SHAPES["tiny"]
+    cfg = model_config(shape)
+    model = Transformer(cfg)
+    projections = sum(
+        m.weight.numel()
+        for layer in model.model.layers
+        for m in layer.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    prompt, completion, sequences = 16, 8, 3
+    length = prompt + completion
+    width = cfg.num_attention_heads * cfg.head_dim
+    attention = sum(4 * width * (pos + 1) for pos in range(length)) * cfg.num_hidden_layers
+    head = 2 * cfg.hidden_size * cfg.vocab_size * completion
+    forward = sequences * (2 * projections * length + attention + head)
+    assert training_flops(shape, prompt, completion, sequences) == pytest.approx(4 * forward)
