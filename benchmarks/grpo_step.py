@@ -796,7 +796,11 @@ def orchestrate(args) -> None:
 def append_results(path: str) -> None:
     """Format a combined JSON run as a RESULTS.md section and append it."""
     data = json.loads(Path(path).read_text())
-    env, res, cmp_ = data["environment"], data["results"], data.get("comparison", {})
+    for result in data["results"].values():  # derived figures, from the steps as logged
+        if result and result.get("steps"):
+            summarise(result, data.get("settings", {}).get("warmup", 1))
+    data["comparison"] = compare(data["results"])
+    env, res, cmp_ = data["environment"], data["results"], data["comparison"]
     w, shape = data["workload"], data["model"]
     lines = [
         f"\n## {data['date']}: GRPO step, {data['shape']} shape",
