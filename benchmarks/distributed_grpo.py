@@ -14,6 +14,10 @@ means over the steps after the first (compilation, autotuning, CUDA graphs).
     python benchmarks/distributed_grpo.py --shape 1.5b --runs 1:32 2:64 --out d15.json
     python benchmarks/distributed_grpo.py --shape 7b --runs 2:32 --steps 3 --out d7.json
     python benchmarks/distributed_grpo.py --shape tiny --device cpu --runs 1:4 2:8 --steps 2
+
+`--prompt-tokens N` replaces the stage's task by prompts of exactly N tokens in the plain
+template (a jsonl task), so a run can do grpo_step.py's work (`--prompt-tokens 128`) and its
+step time be compared with that benchmark's.
 """
 
 from __future__ import annotations
@@ -65,6 +69,51 @@ def base_model(folder: Path, shape: dict, device: str) -> Path:
     return folder
 
 
+def fixed_length_questions(tokenizer, template: str, tokens: int, count: int, seed: int = 0):
+    """`count` distinct questions whose prompts, rendered with `template` and tokenized as
+    `grpo` does (`judging.sample_questions`), are `tokens` long (or one more where the
+    tokenizer merges otherwise): random digits, one at a time, until the length is reached. grpo_step.py's prompts are 128 tokens; the stage's own task, rendered in the
+    R1 template by the benchmark's 300-token tokenizer, gives about 340 (the template's
+    text alone is over 300), hence the plain template here."""
+    import random
+
+    from r1lab.model.tokenizer import render_prompt
+
+    def length(question: str) -> int:
+        return len(tokenizer(render_prompt(template, question, tokenizer))["input_ids"])
+
+    start = "Add up:"
+    if length(start) >= tokens:
+        raise SystemExit(f"--prompt-tokens {tokens}: the {template!r} template alone is longer")
+    rng = random.Random(seed)
+    questions: set[str] = set()
+    while len(questions) < count:
+        question = start
+        while length(question) < tokens:
+            question += f" {rng.randint(0, 9)}"
+        if length(question) > tokens:  # a digit and its space are two tokens: drop a space
+            question = question[:-2] + question[-1]
+        questions.add(question)
+    return sorted(questions)
+
+
+PLAIN = "plain"  # the template of fixed-length prompts: the question alone
+
+
+def write_questions(work: Path, tokens: int, count: int = 512) -> tuple[Path, float]:
+    """A jsonl task of `fixed_length_questions` in the plain template, and the mean prompt
+    length it gives."""
+    from r1lab.model.tokenizer import load_tokenizer, render_prompt
+
+    tokenizer = load_tokenizer(work / "base")
+    questions = fixed_length_questions(tokenizer, PLAIN, tokens, count)
+    path = work / f"questions{tokens}.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": "0"}) + "\n" for q in questions))
+    rendered = [render_prompt(PLAIN, q, tokenizer) for q in questions]
+    mean = sum(len(ids) for ids in tokenizer(rendered)["input_ids"]) / len(questions)
+    return path, mean
+
+
 def logged_steps(metrics: Path) -> list[dict]:
     if not metrics.exists():
         return []
@@ -99,6 +148,11 @@ def run_stage(args, work: Path, nproc: int, questions: int) -> dict:
         save_every=10_000,
         log_samples=0,
         rewards={"pinrewards:spread": 1},
+        **(
+            {"tasks": [{"name": "jsonl", "path": str(args.questions)}], "template": PLAIN}
+            if args.questions
+            else {}
+        ),
         device=args.device,
         dtype="auto",
     )
@@ -170,6 +224,12 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--work", default="/tmp/distributed_grpo")
     ap.add_argument("--timeout", type=float, default=400.0, help="seconds per run")
+    ap.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=None,
+        help="prompts of this many tokens (grpo_step.py's: 128) instead of the task's own",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -179,6 +239,10 @@ def main() -> int:
     base_model(work / "base", SHAPES[args.shape], args.device)
     print(json.dumps({"built_base_s": round(time.perf_counter() - t0, 1)}), flush=True)
     (work / "pinrewards.py").write_text(REWARDS_MODULE)
+    args.questions, prompt_tokens = None, None
+    if args.prompt_tokens:
+        args.questions, prompt_tokens = write_questions(work, args.prompt_tokens)
+        print(json.dumps({"mean_prompt_tokens": round(prompt_tokens, 2)}), flush=True)
     results = []
     for spec in args.runs:
         nproc, questions = (int(x) for x in spec.split(":"))
@@ -186,7 +250,8 @@ def main() -> int:
         results.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
-            report = {"args": vars(args), "shape": SHAPES[args.shape], "runs": results}
+            report = {"args": {**vars(args), "questions": str(args.questions)}}
+            report.update(shape=SHAPES[args.shape], mean_prompt_tokens=prompt_tokens, runs=results)
             Path(args.out).write_text(json.dumps(report, indent=2))
     rates = [r["completions_per_s"] for r in results]
     if len(results) >= 2 and all(rates):

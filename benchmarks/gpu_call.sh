@@ -9,8 +9,8 @@
 # then run with each shape's fastest), bench (1.5b then 0.5b, r1lab and TRL side by side,
 # STEPS timed steps after one warm-up), varlen (the same on the variable-length workload),
 # auto (1.5b then 0.5b, r1lab, checkpoint_layers auto), stage (`r1lab grpo` on a random
-# 0.5b-shaped checkpoint twice: steady step time, and the first step with empty and with
-# warm compile caches), two-gpus (issue 15's comparison: 1.5b on one GPU and on two).
+# 0.5b-shaped checkpoint, 128-token prompts as bench's, twice: steady step time, and the
+# first step with empty and with warm compile caches), two-gpus (issue 15's comparison: 1.5b on one GPU and on two).
 set -u
 OUT=${OUT:-/tmp/out}
 RES=/tmp/res
@@ -65,7 +65,8 @@ for step in "$@"; do
       for run in cold warm; do
         TORCHINDUCTOR_CACHE_DIR=/tmp/stage_cache/inductor TRITON_CACHE_DIR=/tmp/stage_cache/triton \
           python3 benchmarks/distributed_grpo.py --shape 0.5b --runs 1:32 --steps 5 \
-          --work /tmp/stage_$run --out "$RES/stage_$run.json" 2>&1 | cut -c1-600
+          --prompt-tokens 128 --work /tmp/stage_$run --out "$RES/stage_$run.json" 2>&1 \
+          | cut -c1-600
       done ;;
     two-gpus)
       python3 benchmarks/distributed_grpo.py --shape 1.5b --runs 1:32 2:64 --steps 4 \

@@ -37,8 +37,10 @@ def test_distributed_grpo_benchmark_reads_the_stage_metrics(tmp_path):
     run_script("benchmarks/distributed_grpo.py", "--shape", "tiny", "--device", "cpu",
                "--runs", "1:2", "2:4", "--steps", "2", "--max-new-tokens", "8",
                "--micro-batch-size", "4", "--group-size", "4", "--work", str(tmp_path),
-               "--out", str(out))  # fmt: skip
-    runs = json.loads(out.read_text())["runs"]
+               "--prompt-tokens", "96", "--out", str(out))  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["mean_prompt_tokens"] == 96  # grpo_step.py's prompts are one length too
+    runs = report["runs"]
     assert [r["nproc"] for r in runs] == [1, 2] and all(r["status"] == "ok" for r in runs)
     assert [r["completions_per_step"] for r in runs] == [8, 16]
     for r in runs:
