@@ -9,8 +9,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from r1lab.config import StageConfig
+from r1lab.model.lora import LoraSettings
 from r1lab.model.tokenizer import TemplateName
-from r1lab.stages import grpo_lora
 from r1lab.stages.judging import RewardSpec
 from r1lab.stages.task_spec import TaskMixtureList, TaskSpec
 
@@ -86,7 +86,7 @@ class Config(StageConfig):
     aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = (
         "seq-mean-token-mean"
     )
-    lora: grpo_lora.LoraSettings | None = None
+    lora: LoraSettings | None = None
     norm_length: float | None = Field(None, gt=0)
     adv_scale: Literal["group", "batch", "none"] = "group"
     adv_baseline: Literal["mean", "loo"] = "mean"
