@@ -11,6 +11,11 @@
 # auto (1.5b then 0.5b, r1lab, checkpoint_layers auto), stage (`r1lab grpo` on a random
 # 0.5b-shaped checkpoint, 128-token prompts as bench's, twice: steady step time, and the
 # first step with empty and with warm compile caches), two-gpus (issue 15's comparison: 1.5b on one GPU and on two).
+# Wall time of each step on one H200 (2026-11-30; plan calls by it, 600 s a call at most):
+# tests ~135 s, kernels ~40-80 s, bench ~210 s at 1.5b and ~170 s at 0.5b, varlen ~300 s at
+# 1.5b (TRL's 1,024-token rollouts) and more than 150 s at 0.5b, profile ~75 s a shape,
+# auto ~60 s a shape, stage ~60 s a run (warm caches) and more with empty ones. A machine
+# start adds ~30 s.
 set -u
 OUT=${OUT:-/tmp/out}
 RES=/tmp/res
