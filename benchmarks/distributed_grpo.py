@@ -87,14 +87,20 @@ def fixed_length_questions(tokenizer, template: str, tokens: int, count: int, se
         raise SystemExit(f"--prompt-tokens {tokens}: the {template!r} template alone is longer")
     rng = random.Random(seed)
     questions: set[str] = set()
-    while len(questions) < count:
+    for _ in range(20 * count):  # a few digits' room holds few distinct questions
         question = start
         while length(question) < tokens:
             question += f" {rng.randint(0, 9)}"
         if length(question) > tokens:  # a digit and its space are two tokens: drop a space
-            question = question[:-2] + question[-1]
+            shorter = question[:-2] + question[-1]
+            question = shorter if length(shorter) == tokens else question
         questions.add(question)
-    return sorted(questions)
+        if len(questions) == count:
+            return sorted(questions)
+    raise SystemExit(
+        f"--prompt-tokens {tokens}: only {len(questions)} distinct questions of that length "
+        f"in the {template!r} template (asked {count}); ask for longer prompts"
+    )
 
 
 PLAIN = "plain"  # the template of fixed-length prompts: the question alone

@@ -421,10 +421,13 @@ def mean_completion_len(result: dict, warmup: int) -> float:
 PEAK_FLOPS = 790e12
 
 
-def training_flops(model: dict, prompt_len: int, completion_len: float, sequences: int) -> float:
+def training_flops(
+    model: dict, prompt_len: int, completion_len: float, sequences: int, reference: bool = True
+) -> float:
     """Model FLOPs of one update on this workload, counted (not measured): the reference
-    forward plus the policy's forward and backward (2x the forward), i.e. four forwards,
-    whatever either tool recomputes (recomputation is hardware work, not model work).
+    forward (when there is a KL term, `reference`) plus the policy's forward and backward
+    (2x the forward), i.e. four forwards or three, whatever either tool recomputes
+    (recomputation is hardware work, not model work).
 
     A forward: 2 FLOPs per weight of each layer's projections per token (q, k, v, o, gate,
     up, down; the biases' adds left out); attention 4 x heads x head_dim per token per key
@@ -440,7 +443,7 @@ def training_flops(model: dict, prompt_len: int, completion_len: float, sequence
     forward = 2 * weights * layers * tokens
     forward += 4 * q * (length + 1) / 2 * layers * tokens
     forward += 2 * hidden * model["vocab"] * sequences * completion_len
-    return 4 * forward
+    return (4 if reference else 3) * forward
 
 
 def train_mfu(data: dict) -> dict:
@@ -453,7 +456,8 @@ def train_mfu(data: dict) -> dict:
         if not train_s:
             continue
         n = mean_completion_len(result, data.get("settings", {}).get("warmup", 1))
-        flops = training_flops(data["model"], w["prompt_len"], n, w["prompts"] * w["group"])
+        sequences, with_ref = w["prompts"] * w["group"], w.get("beta", 0.0) > 0
+        flops = training_flops(data["model"], w["prompt_len"], n, sequences, with_ref)
         out[tool] = round(flops / train_s / PEAK_FLOPS, 3)
     return out
 

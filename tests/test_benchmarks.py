@@ -40,6 +40,11 @@ def test_distributed_grpo_benchmark_reads_the_stage_metrics(tmp_path):
                "--prompt-tokens", "96", "--out", str(out))  # fmt: skip
     report = json.loads(out.read_text())
     assert report["mean_prompt_tokens"] == 96  # grpo_step.py's prompts are one length too
+    import yaml  # the stage was given those questions, in the template they were sized in
+
+    preset = yaml.safe_load((tmp_path / "tiny" / "p1x2.yaml").read_text())["grpo"]
+    assert preset["template"] == "plain" and preset["tasks"][0]["name"] == "jsonl"
+    assert preset["tasks"][0]["path"] == report["args"]["questions"]
     runs = report["runs"]
     assert [r["nproc"] for r in runs] == [1, 2] and all(r["status"] == "ok" for r in runs)
     assert [r["completions_per_step"] for r in runs] == [8, 16]
@@ -100,3 +105,5 @@ def test_training_flops_count_the_models_own_weights_and_causal_attention():
     head = 2 * cfg.hidden_size * cfg.vocab_size * completion
     forward = sequences * (2 * projections * length + attention + head)
     assert training_flops(shape, prompt, completion, sequences) == pytest.approx(4 * forward)
+    without_kl = training_flops(shape, prompt, completion, sequences, reference=False)
+    assert without_kl == pytest.approx(3 * forward)  # no reference forward when beta is 0

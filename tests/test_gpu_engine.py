@@ -489,3 +489,23 @@ def test_chunked_entropy_matches_full_softmax(device):
     fast_train.chunked_logprobs(h, w, t, temperature=0.8, chunk_size=8).sum().backward()
     assert torch.allclose(grad, h.grad, atol=1e-6)
     assert torch.allclose(lp, logp.gather(1, t[:, None])[:, 0], atol=1e-5)
+
+
+def test_new_split_scratch_drops_the_graphs_captured_over_the_old(device, monkeypatch):
+    """A changed split size reallocates the attention's scratch; a graph captured over the
+    old one would write into freed memory on replay, so the engine's graphs are dropped."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernel needs CUDA or TRITON_INTERPRET=1")
+    monkeypatch.setattr(decode_ops, "ATTN_BLOCK_N", 16)
+    monkeypatch.setattr(decode_ops, "ATTN_SPLIT_BELOW", 1 << 30)
+    e, qkv = _attention_state(device, torch.float32, 6, 128, slot=40, max_len=100)
+    out = torch.empty(qkv.shape[0], e.n_heads * 128, device=device)
+    monkeypatch.setattr(decode_ops, "ATTN_SPLIT_KEYS", 32)
+    TritonOps().rope_attention(e, qkv, out, 0)
+    first = e.attn_partials
+    e.graphs = {"captured": object()}
+    TritonOps().rope_attention(e, qkv, out, 0)  # same split: same scratch, graphs kept
+    assert e.attn_partials is first and e.graphs
+    monkeypatch.setattr(decode_ops, "ATTN_SPLIT_KEYS", 24)
+    TritonOps().rope_attention(e, qkv, out, 0)
+    assert e.attn_partials is not first and e.graphs == {}

@@ -13,6 +13,7 @@ The launch shapes below are module attributes read at every launch, so
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -51,13 +52,15 @@ def _split_keys(rows: int, n_kv: int, max_len: int, device) -> int:
     GPU, or a cache of one split)."""
     if not 0 < ATTN_SPLIT_KEYS < max_len:
         return 0
-    below = ATTN_SPLIT_BELOW
-    if below is None:
-        dev = torch.device(device)
-        below = (
-            torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
-        )
+    below = ATTN_SPLIT_BELOW if ATTN_SPLIT_BELOW is not None else _sm_count(str(device))
     return ATTN_SPLIT_KEYS if rows * n_kv < below else 0
+
+
+@functools.cache
+def _sm_count(device: str) -> int:
+    """Streaming multiprocessors of a CUDA device (0 elsewhere), read once per device."""
+    dev = torch.device(device)
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
 
 
 def _attention_launch(head_dim: int) -> tuple[int, int]:
@@ -111,10 +114,13 @@ class TritonOps:
         parts = e.attn_partials
         if split_keys and (parts is None or parts[0].shape[2] != splits):
             # the split size changed since the engine was built (a benchmark's sweep):
-            # reallocated in the warm-up steps, before any graph capture
+            # reallocated, and the graphs captured over the old scratch are dropped (a
+            # replay would write into freed memory), to be captured again on their next use
             parts = e.attn_partials = attention_partials(
                 e.rows, e.n_heads, e.n_kv, e.head_dim, e.max_len, e.device
             )
+            if getattr(e, "graphs", None):
+                e.graphs.clear()
         part_m, part_l, part_acc = parts if split_keys else (out, out, out)  # unused if 0
         heads = dict(H=e.n_heads, KV=e.n_kv, D=e.head_dim, REP=rep, QB=_query_block(rep))
         kernels.rope_decode_attn_kernel[(qkv.shape[0], e.n_kv, splits)](

@@ -465,6 +465,7 @@ def evaluate_policy(rs: RunState, cfg: Config) -> dict[str, float]:
         seed=cfg.seed,
         progress=False,
     )
+    fast_generate.release(rs.sampler or rs.policy)  # its rows and length are the eval's, not GRPO's
     return {f"eval/{k}": result[k] for k in EVAL_KEYS if result.get(k) is not None}
 
 
