@@ -1,4 +1,4 @@
-"""The training loop's host never waits for the GPU between micro-batches.
+"""The packed training path's host never waits for the GPU between micro-batches.
 
 A micro-batch's indices are built on the host and copied to the GPU; a copy from pageable
 memory waits for all the work already queued, so the host could not prepare the next
