@@ -72,7 +72,8 @@ def base_model(folder: Path, shape: dict, device: str) -> Path:
 def fixed_length_questions(tokenizer, template: str, tokens: int, count: int, seed: int = 0):
     """`count` distinct questions whose prompts, rendered with `template` and tokenized as
     `grpo` does (`judging.sample_questions`), are `tokens` long (or one more where the
-    tokenizer merges otherwise): random digits, one at a time, until the length is reached. grpo_step.py's prompts are 128 tokens; the stage's own task, rendered in the
+    tokenizer merges otherwise): random digits, one at a time, until the length is
+    reached. grpo_step.py's prompts are 128 tokens; the stage's own task, rendered in the
     R1 template by the benchmark's 300-token tokenizer, gives about 340 (the template's
     text alone is over 300), hence the plain template here."""
     import random
@@ -256,7 +257,8 @@ def main() -> int:
         results.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
-            report = {"args": {**vars(args), "questions": str(args.questions)}}
+            questions = str(args.questions) if args.questions else None
+            report = {"args": {**vars(args), "questions": questions}}
             report.update(shape=SHAPES[args.shape], mean_prompt_tokens=prompt_tokens, runs=results)
             Path(args.out).write_text(json.dumps(report, indent=2))
     rates = [r["completions_per_s"] for r in results]

@@ -95,11 +95,11 @@ def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
     memory the copy is queued like a kernel (torch's pinned allocator keeps the staging
     buffer until the copy is done). Elsewhere a plain copy.
     """
-    if device is None or t.device == torch.device(device) or torch.device(device).type != "cuda":
-        return t.to(device) if device is not None else t
-    if t.device.type == "cpu":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    if device is None:
+        return t
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def pack_rollouts(
