@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -204,7 +205,11 @@ def _load_dcp(folder: Path, snapshot: TrainingSnapshot) -> None:
     )
 
     state = _dcp_state(snapshot)
-    dcp.load(state, checkpoint_id=str(folder))
+    with warnings.catch_warnings():
+        # Resuming on one process is intended (a checkpoint from N ranks, read on 1); torch
+        # warns that it "assumes" so. `no_dist=True` would say it, but only from torch 2.7.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder))
     owner = _owner(snapshot)
     for name, part in snapshot.parts.items():
         if isinstance(part, torch.optim.Optimizer):
