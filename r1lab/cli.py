@@ -261,7 +261,14 @@ def error_line(err: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(_help_for(argv)).parse_args(argv)
+    parser = build_parser(_help_for(argv))
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "config" and not any(e.startswith("-") for e in extra):
+        # `config STAGE --preset P k=v`: argparse gives the positional overrides their
+        # (empty) turn right after STAGE, so those after --preset come back unparsed
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     torchrun = os.environ.get("WORLD_SIZE", "1") != "1"  # one of torchrun's processes
     if args.command in STAGES and args.nproc > 1 and not torchrun:
         # --nproc N: the same command under torchrun; N = 1 runs here

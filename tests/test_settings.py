@@ -47,6 +47,15 @@ def test_config_prints_yaml_that_round_trips(tmp_path, capsys):
     assert capsys.readouterr().out == text
 
 
+def test_config_takes_overrides_after_preset_as_the_docs_write_it(capsys):
+    # docs/researchers.md: r1lab config grpo --preset r1-zero group_size=16 > my.yaml
+    assert cli.main(["config", "grpo", "--preset", "r1-zero", "group_size=16"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)["grpo"]
+    assert data["group_size"] == 16 and data["lr"] == 3e-6  # the preset's lr, kept
+    with pytest.raises(SystemExit):  # an unknown flag is still an error
+        cli.main(["config", "grpo", "--preset", "r1-zero", "--bogus", "group_size=16"])
+
+
 def test_config_leaves_a_required_model_empty_and_says_so(capsys):
     assert cli.main(["config", "sft"]) == 0
     text = capsys.readouterr().out
