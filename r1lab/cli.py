@@ -263,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_help_for(argv))
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "config" and not any(e.startswith("-") for e in extra):
-        # `config STAGE --preset P k=v`: argparse gives the positional overrides their
-        # (empty) turn right after STAGE, so those after --preset come back unparsed
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        # argparse fills the positional overrides once, from the first run of positionals,
+        # so key=value words after a flag (`config STAGE --preset P k=v`, `grpo a=1 --out
+        # D b=2`) come back unparsed: they are overrides too, in the order given
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -54,6 +54,9 @@ def test_config_takes_overrides_after_preset_as_the_docs_write_it(capsys):
     assert data["group_size"] == 16 and data["lr"] == 3e-6  # the preset's lr, kept
     with pytest.raises(SystemExit):  # an unknown flag is still an error
         cli.main(["config", "grpo", "--preset", "r1-zero", "--bogus", "group_size=16"])
+    # the same for every command with overrides: those on both sides of a flag, in order
+    assert cli.main(["config", "grpo", "group_size=4", "--preset", "r1-zero", "group_size=16"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["grpo"]["group_size"] == 16
 
 
 def test_config_leaves_a_required_model_empty_and_says_so(capsys):
