@@ -118,7 +118,7 @@ def _drain_collective_threads(pause_s: float = 0.2) -> None:
     A worker releases a finished collective (an FSDP all-gather, say) after the caller has
     already gone on; releasing its tensors takes the GIL. If the interpreter is finalizing by
     then, the thread is cancelled inside C++ and the process aborts with "terminate called
-    without an active exception" after a run that succeeded (seen about once in 20 two-rank
+    without an active exception" after a run that succeeded (3 times in about 35 two-rank
     runs on a loaded 2-core machine). Collecting garbage frees what cycles still hold
     (FSDP's module state), and the pause hands the GIL to any worker still waiting for it."""
     gc.collect()
